@@ -1,0 +1,745 @@
+"""
+nano-llama3: Llama 3.x (3.1 8B/70B/405B, 3.2 1B/3B, 3.3 70B) in one file of PyTorch.
+
+Read it top to bottom:
+  1. config        - the model's shape, read from Meta's params.json or HF's config.json
+  2. tokenizer     - tiktoken BPE with Llama 3's split pattern and 256 special tokens
+  3. model         - RMSNorm, RoPE with llama3 frequency scaling, grouped-query attention, SwiGLU
+  4. checkpoints   - load (Meta or Hugging Face layout) and save, memory-mapped, built on the meta device
+  5. generation    - Meta's sampling loop (greedy, temperature/top-p/top-k), batched and streaming
+  6. LoRA          - low-rank adapters that merge losslessly into the base weights
+  7. finetuning    - packed documents with BOS-aware attention masking, and the training loop
+
+Token-exact with Meta's reference implementation (see reference.py and test_llama.py).
+"""
+
+import codecs
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """Bad input from the user (files, shapes, settings). The message names the problem and the fix."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# 1. Config
+# One dataclass describes every Llama 3.x text model. The fields follow Meta's params.json;
+# the RoPE scaling fields are explicit because Meta's code hard-codes them.
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads means grouped-query attention: each K/V head serves n_heads // n_kv_heads queries
+    vocab_size: int
+    ffn_hidden_dim: int  # SwiGLU width, derived from multiple_of / ffn_dim_multiplier in Meta's params.json
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama 3.1+ stretch the low RoPE frequencies to reach 128k context ("llama3" scaling).
+    # Meta's params.json says only use_scaled_rope, and Meta's reference hard-codes factor 8: right for
+    # 3.1 and 3.3, but Llama 3.2 1B/3B were trained with factor 32 (their HF config.json says so).
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    tie_embeddings: bool = False  # Llama 3.2 1B/3B share the output matrix with the token embedding
+    max_seq_len: int = 2048  # the longest sequence this run will process (a runtime choice, not the checkpoint's)
+    # kept only to write params.json back exactly as Meta does
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+META_REQUIRED = {"dim": int, "n_layers": int, "n_heads": int, "vocab_size": int, "multiple_of": int,
+                 "norm_eps": float, "rope_theta": float}
+META_OPTIONAL = {"n_kv_heads": int, "ffn_dim_multiplier": float, "use_scaled_rope": bool}
+
+
+def check_types(cfg, types, where):
+    for key, want in types.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or float(value).is_integer()))
+        if not ok:
+            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; fix the file")
+
+
+def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
+    # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices, keep the parameter count of a 4*dim MLP),
+    # times an optional multiplier, rounded up to a multiple of multiple_of.
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def args_from_meta_params(params, where="params.json"):
+    missing = [k for k in META_REQUIRED if k not in params]
+    if missing:
+        raise InputError(f"{where} is missing required keys {missing}; is this a Llama 3 params.json?")
+    check_types(params, {**META_REQUIRED, **META_OPTIONAL}, where)
+    unknown = sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL))
+    if unknown:
+        log(f"note: {where} has keys this text-only model does not use: {unknown}")
+    n_heads = int(params["n_heads"])
+    n_kv_heads = int(params.get("n_kv_heads") or n_heads)
+    if params["dim"] % n_heads or n_heads % n_kv_heads:
+        raise InputError(f"{where}: dim ({params['dim']}) must divide by n_heads ({n_heads}) "
+                         f"and n_heads by n_kv_heads ({n_kv_heads})")
+    return ModelArgs(
+        dim=int(params["dim"]), n_layers=int(params["n_layers"]), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=int(params["vocab_size"]),
+        ffn_hidden_dim=meta_ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
+        norm_eps=float(params["norm_eps"]), rope_theta=float(params["rope_theta"]),
+        use_scaled_rope=bool(params.get("use_scaled_rope", False)),
+        multiple_of=int(params["multiple_of"]), ffn_dim_multiplier=params.get("ffn_dim_multiplier"))
+
+
+# -----------------------------------------------------------------------------
+# 2. Tokenizer
+# Byte-level BPE (tiktoken) over the 128,000 ranks in tokenizer.model, then 256 special tokens.
+# User text is always encoded as plain text: "<|eot_id|>" typed by a user is 9 ordinary tokens,
+# so nobody can forge a turn boundary. Special tokens are added only by code, by id.
+
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model wants a tool to run and will continue after
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>", "<|image|>",
+]
+SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(SPECIAL_TOKENS) + 2)]
+
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken panics on much longer inputs
+MAX_NO_WHITESPACES_CHARS = 25_000  # and is quadratic on very long runs of (non-)whitespace: split them
+
+
+class Tokenizer:
+    def __init__(self, model_path):
+        import base64
+        import tiktoken
+
+        ranks = {}
+        for line in Path(model_path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=Path(model_path).name, pat_str=LLAMA3_SPLIT_PATTERN,
+                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.n_words = len(ranks) + len(SPECIAL_TOKENS)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
+
+    def encode(self, s, bos=False, eos=False):
+        assert isinstance(s, str), f"encode takes a str, got {type(s).__name__}"
+        ids = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_long_runs(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                # disallowed_special=() : special-token strings in the text are encoded as plain text
+                ids.extend(self.model.encode(piece, allowed_special=set(), disallowed_special=()))
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.model.decode(list(ids))
+
+    def stream_decoder(self):
+        """A function token_id -> new text. Holds back bytes of a UTF-8 character split across tokens."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda token_id: utf8.decode(self.model.decode_single_token_bytes(token_id))
+
+
+def split_long_runs(s, max_len):
+    """Split s so that no piece holds more than max_len consecutive whitespace or non-whitespace chars (as Meta)."""
+    run_len, run_is_space, start = 0, (s[0].isspace() if s else False), 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if is_space != run_is_space:
+            run_len, run_is_space = 1, is_space
+        else:
+            run_len += 1
+            if run_len > max_len:
+                yield s[start:i]
+                start, run_len = i, 1
+    yield s[start:]
+
+
+# -----------------------------------------------------------------------------
+# 3. Model
+# A decoder-only transformer: pre-norm blocks of attention then SwiGLU, each added to the residual.
+# The arithmetic follows Meta's reference op for op (float32 norms and RoPE, float32 softmax), which is
+# what makes the outputs token-exact.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 even for bf16 activations, then scale in the model's dtype
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(args):
+    """The rotation speed of each pair of head dimensions, with Llama 3.1's long-context scaling."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2)[: args.head_dim // 2].float() / args.head_dim))
+    if not args.use_scaled_rope:
+        return freqs
+    # llama3 scaling: wavelengths longer than the original context are slowed down by `factor`,
+    # short ones are kept, and the band between is interpolated smoothly.
+    factor, low, high, old_ctx = (args.rope_scaling_factor, args.rope_low_freq_factor,
+                                  args.rope_high_freq_factor, args.rope_original_context)
+    wavelen = 2 * math.pi / freqs
+    new_freqs = torch.where(wavelen > old_ctx / low, freqs / factor, freqs)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(in_band, (1 - smooth) * new_freqs / factor + smooth * new_freqs, new_freqs)
+
+
+def precompute_freqs_cis(args, device=None):
+    freqs = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)  # (max_seq_len, head_dim // 2) complex64: e^(i*pos*freq)
+
+
+def apply_rope(x, freqs_cis):
+    # x: (B, T, heads, head_dim). Meta's layout: dimensions (0,1), (2,3), ... are the (real, imag) pairs.
+    # (Hugging Face stores wq/wk with rows permuted so that pairs are (i, i + head_dim/2); we undo that on load.)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, head_dim // 2)
+    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one per layer; exists only inside Transformer.kv_cache()."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos, k, v):  # k, v: (B, n_kv_heads, T, head_dim)
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache = None  # a KVCache while generating, otherwise None
+        self.reference_mode = False  # True: Meta's exact attention arithmetic (see Llama.build)
+
+    def forward(self, x, freqs_cis, start_pos, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+        if self.reference_mode:
+            y = reference_attention(q, k, v, mask)
+        else:
+            # flash / memory-efficient kernels; mask None means "causal" for a fresh sequence, "see all" for one token
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def reference_attention(q, k, v, mask):
+    """Meta's attention, op for op: bf16 scores, additive -inf mask, float32 softmax rounded back."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x, freqs_cis, start_pos, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self.activation_checkpointing = False
+
+    def forward(self, tokens, start_pos=0, mask=None, last_only=False):
+        """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        start_pos > 0 continues a sequence held in the KV cache. mask, if given, is a boolean
+        (B, 1, T, start_pos + T) "may attend" matrix (the finetune loop passes block-diagonal document masks).
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise InputError(f"sequence of {start_pos + T} tokens is longer than max_seq_len {self.args.max_seq_len}; "
+                             f"raise max_seq_len")
+        caching = self.layers[0].attention.cache is not None
+        if start_pos and not caching:
+            raise InputError("start_pos > 0 continues a cached sequence: run it inside `with model.kv_cache(...)`")
+        if caching and T > 1 and start_pos > 0 and mask is None:
+            # new tokens see the whole cache and each other causally: query i sits at position start_pos + i
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, start_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, start_pos, mask)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        out_weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, out_weight).float()  # (B, T, vocab)
+
+    @contextmanager
+    def kv_cache(self, batch_size, max_len):
+        """Allocate a KV cache for one generation; it is freed when the block ends."""
+        a = self.args
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+
+    def set_reference_mode(self, on):
+        for layer in self.layers:
+            layer.attention.reference_mode = on
+
+
+# -----------------------------------------------------------------------------
+# 4. Checkpoints
+# Meta's layout: params.json + consolidated.NN.pth (one shard per model-parallel rank) + tokenizer.model.
+# Weights are memory-mapped and assigned into a model built on the meta device, so that no second copy is
+# ever made: peak memory stays near the size of the weights.
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device):
+    """bf16 on GPUs that support it, float16 on other GPUs, float32 on CPU unless asked."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def torch_load(path):
+    # weights_only: a checkpoint can never run code; mmap: pages are read from disk only when used
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is the file complete?") from None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+
+
+def meta_shard_dim(key):
+    """The dimension along which Meta's model-parallel shards split a weight (None: replicated)."""
+    if key.endswith("norm.weight"):
+        return None
+    if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1  # row-parallel: split along the input features
+    return 0  # column-parallel (wq, wk, wv, w1, w3, output) and the vocab-parallel embedding
+
+
+def merge_meta_shards(shards, args):
+    merged = {}
+    for key in shards[0]:
+        if any(key not in s for s in shards):
+            raise InputError(f"'{key}' is in consolidated.00.pth but not in every shard; the shards do not belong together")
+        dim = meta_shard_dim(key)
+        if dim is None or len(shards) == 1:
+            merged[key] = shards[0][key]
+            continue
+        parts = [s[key] for s in shards]
+        kv_rows = args.n_kv_heads * args.head_dim
+        if key.endswith(("wk.weight", "wv.weight")) and sum(p.shape[0] for p in parts) > kv_rows:
+            # more shards than K/V heads (405B on 16 ranks): consecutive shards hold copies of one head
+            parts = parts[::sum(p.shape[0] for p in parts) // kv_rows]
+        merged[key] = torch.cat(parts, dim=dim)
+    return merged
+
+
+def load_meta_checkpoint(ckpt_dir):
+    """params.json + consolidated.*.pth -> (ModelArgs, state_dict in Meta's names)."""
+    ckpt_dir = Path(ckpt_dir)
+    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not paths:
+        raise InputError(f"no consolidated.*.pth in {ckpt_dir}; point --ckpt_dir at a Llama 3 checkpoint directory")
+    args = args_from_meta_params(read_json(ckpt_dir / "params.json"), str(ckpt_dir / "params.json"))
+    log(f"loading {len(paths)} shard(s) from {ckpt_dir}")
+    shards = []
+    for i, p in enumerate(paths):
+        shards.append(torch_load(p))
+        log(f"  mapped {p.name} ({i + 1}/{len(paths)})")
+    return args, merge_meta_shards(shards, args)
+
+
+def find_tokenizer(ckpt_dir):
+    for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+        if path.exists():
+            return path
+    raise InputError(f"no tokenizer.model in {ckpt_dir} or {Path(ckpt_dir) / 'original'}; "
+                     f"copy it from the original/ folder of the model's download")
+
+
+def load_checkpoint(ckpt_dir):
+    """Read any supported checkpoint directory -> (ModelArgs, state_dict in Meta's names)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder holding params.json")
+    if not (ckpt_dir / "params.json").exists():
+        raise InputError(f"{ckpt_dir} holds no params.json; pass a Llama 3 checkpoint directory")
+    return load_meta_checkpoint(ckpt_dir)
+
+
+def build_model(args, state_dict, device, dtype):
+    """Assign the (memory-mapped) weights into a model built on the meta device."""
+    if "output.weight" not in state_dict:
+        args.tie_embeddings = True
+    elif "tok_embeddings.weight" in state_dict and torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
+        args.tie_embeddings = True  # a tied model saved with a copy of the embedding (Meta's 3.2 1B/3B files)
+        state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"checkpoint does not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, t in state_dict.items():
+        if t.shape != expected[key].shape:
+            raise InputError(f"'{key}' has shape {tuple(t.shape)} but the config implies {tuple(expected[key].shape)}; "
+                             f"the config and the weights are from different models")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True, strict=True)
+    model.freqs_cis = precompute_freqs_cis(args, device)
+    return model.eval()
+
+
+@contextmanager
+def atomic_directory(out_dir):
+    """Write a directory completely or not at all: files go to a temporary sibling, renamed into place at the end.
+    A crash mid-save leaves only the temporary directory, never a directory that looks complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out_dir.exists():  # replace: move the old one aside first so that out_dir is always whole
+        import shutil
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def meta_params(args):
+    """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce ffn_hidden_dim."""
+    multiple_of, multiplier = args.multiple_of, args.ffn_dim_multiplier
+    if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
+        # from a Hugging Face config (which stores the width itself): find Meta's two numbers for it
+        base = int(2 * 4 * args.dim / 3)
+        multiple_of = math.gcd(args.ffn_hidden_dim, 1024)
+        multiplier = round(args.ffn_hidden_dim / base, 4)
+        if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
+            multiplier = args.ffn_hidden_dim / base
+        if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
+            raise InputError(f"FFN width {args.ffn_hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier")
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+              "norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "use_scaled_rope": args.use_scaled_rope}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
+    """Write params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and tokenizer.model."""
+    import shutil
+
+    if "output.weight" not in state_dict:  # Meta's files always carry the output layer, tied or not
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2))
+        for rank in range(n_shards):
+            shard = {}
+            for key, t in state_dict.items():
+                dim = meta_shard_dim(key)
+                shard[key] = (t if dim is None else t.chunk(n_shards, dim=dim)[rank]).clone()
+            torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
+
+
+def random_state_dict(args, seed=0, dtype=torch.bfloat16):
+    """Random weights of a given shape (for tests, benchmarks and the offline demo: it produces gibberish).
+    std 1/sqrt(dim) keeps activations O(1), so greedy outputs are varied and free of near-ties."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            sd[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
+        else:
+            sd[key] = (torch.randn(shape, generator=g) / math.sqrt(args.dim)).to(dtype)
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# 5. Generation
+# Meta's loop, kept exactly: the batch is decoded from the shortest prompt's length on, and positions that are
+# still inside a longer prompt take the prompt's token instead of the sample. Same tensors, same order of random
+# draws, so a seed gives Meta's tokens. It only stops earlier: once every row is finished.
+
+
+def sample_top_p(probs, p, generator=None):
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p (Meta's code)."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mask = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def sample(logits, temperature, top_p, top_k=0, generator=None):
+    """logits (B, vocab) -> next token ids (B,)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator).reshape(-1)
+
+
+def check_sampling(temperature, top_p, top_k):
+    if not temperature >= 0:
+        raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or int(top_k) != top_k:
+        raise InputError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k}")
+
+
+class Llama:
+    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, reference_mode=False):
+        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.args = model.args
+        self.device = model.tok_embeddings.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # seeds sampling as Meta's global seed does
+        self.reference_mode = reference_mode
+        model.set_reference_mode(reference_mode)
+
+    @staticmethod
+    def build(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1,
+              rope_scaling_factor=None, reference_mode=False):
+        """Load a checkpoint (Meta or Hugging Face layout) for generation.
+
+        reference_mode=True reproduces Meta's arithmetic op for op (explicit attention, logits for every position)
+        so that bf16 runs are token-exact with Meta's bf16 reference; the default uses fused attention and
+        computes only the logits it needs, which is faster and token-exact in float32.
+        """
+        t0 = time.time()
+        device = torch.device(device or default_device())
+        dtype = resolve_dtype(dtype, device)
+        args, state_dict = load_checkpoint(ckpt_dir)
+        args.max_seq_len = max_seq_len
+        if rope_scaling_factor is not None:
+            args.rope_scaling_factor = float(rope_scaling_factor)
+        tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
+        if tokenizer.n_words != args.vocab_size:
+            raise InputError(f"tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}; "
+                             f"use the tokenizer.model that came with these weights")
+        model = build_model(args, state_dict, device, dtype)
+        log(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in "
+            f"{time.time() - t0:.1f}s ({device}, {str(dtype).replace('torch.', '')})")
+        return Llama(model, tokenizer, max_batch_size, seed, reference_mode)
+
+    def check_prompts(self, prompt_tokens, max_gen_len):
+        if not prompt_tokens:
+            raise InputError("no prompts given; pass at least one prompt")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise InputError(f"{len(prompt_tokens)} prompts but max_batch_size is {self.max_batch_size}; "
+                             f"raise max_batch_size or pass fewer prompts")
+        longest = max(len(t) for t in prompt_tokens)
+        if longest == 0:
+            raise InputError("a prompt has no tokens; start every prompt with <|begin_of_text|> (encode(..., bos=True))")
+        if longest >= self.args.max_seq_len:
+            raise InputError(f"a prompt of {longest} tokens does not fit max_seq_len {self.args.max_seq_len} "
+                             f"(room is needed for at least one new token); raise max_seq_len or shorten the prompt")
+        if max_gen_len < 1:
+            raise InputError(f"max_gen_len must be at least 1, got {max_gen_len}")
+
+    @torch.inference_mode()
+    def generate_steps(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False):
+        """Meta's decoding loop as a generator. Yields (tokens, token_logprobs, cur_pos, done) after each step:
+        tokens (B, total_len) holds prompts and generated ids up to cur_pos."""
+        self.check_prompts(prompt_tokens, max_gen_len)
+        check_sampling(temperature, top_p, top_k)
+        bsz, pad_id = len(prompt_tokens), self.tokenizer.pad_id
+        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=self.device)
+        min_len, max_len = min(len(t) for t in prompt_tokens), max(len(t) for t in prompt_tokens)
+        total_len = min(self.args.max_seq_len, max_gen_len + max_len)
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        in_prompt = tokens != pad_id
+        token_logprobs = torch.zeros(tokens.shape, device=self.device) if logprobs else None
+        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=self.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        # every position's logits only when they are asked for, or to copy Meta's arithmetic exactly
+        last_only = not logprobs and not self.reference_mode
+        with self.model.kv_cache(bsz, total_len):
+            prev_pos = 0
+            for cur_pos in range(min_len, total_len):
+                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=last_only)
+                next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+                next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                if logprobs:
+                    token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
+                        logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=pad_id)
+                generating = ~in_prompt[:, cur_pos]
+                done |= generating & (torch.isin(next_token, stop_tokens) | (cur_pos + 1 - prompt_lens >= max_gen_len))
+                yield tokens, token_logprobs, cur_pos, done
+                prev_pos = cur_pos
+                if done.all():
+                    break
+
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False, echo=False):
+        """prompt_tokens: list of lists of ids. Returns (generated ids per prompt, logprobs per prompt or None).
+        The prompt is included only with echo; the stop token is never included."""
+        for tokens, token_logprobs, _, _ in self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs):
+            pass
+        out_tokens, out_logprobs = [], []
+        for i, prompt in enumerate(prompt_tokens):
+            start, end = (0 if echo else len(prompt)), len(prompt) + max_gen_len
+            toks = tokens[i, start:end].tolist()
+            probs = token_logprobs[i, start:end].tolist() if logprobs else None
+            for stop in self.tokenizer.stop_tokens:
+                if stop in toks[len(prompt) - start:]:
+                    cut = toks.index(stop, len(prompt) - start)
+                    toks, probs = toks[:cut], (probs[:cut] if logprobs else None)
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
+        """One prompt; yields (token_id, text) as each token is generated. Text is decoded incrementally, so a
+        character split across tokens appears whole, once its last byte has arrived. The stop token is not yielded."""
+        to_text, n = self.tokenizer.stream_decoder(), len(prompt_tokens)
+        for tokens, _, cur_pos, done in self.generate_steps([prompt_tokens], max_gen_len, temperature, top_p, top_k):
+            if cur_pos < n:
+                continue
+            token = tokens[0, cur_pos].item()
+            if token in self.tokenizer.stop_tokens:
+                return
+            yield token, to_text(token)
+
+    def text_completion(self, prompts, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None, logprobs=False, echo=False):
+        """Complete each prompt string. Returns [{"generation": str, "tokens": [ids], "logprobs": [...]?}]."""
+        if max_gen_len is None:
+            max_gen_len = self.args.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        return [{"generation": self.tokenizer.decode(t), "tokens": t, **({"logprobs": lp} if logprobs else {})}
+                for t, lp in zip(tokens, lps or [None] * len(tokens))]
