@@ -243,18 +243,20 @@ def apply_rope(x, freqs_cis):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one per layer; exists only inside Transformer.kv_cache()."""
+    """Keys and values of the positions seen so far, one per layer; exists only inside Transformer.kv_cache().
+    Layout (B, max_len, n_kv_heads, head_dim) as in Meta's code: same strides, so the same matmul kernels and
+    bit-identical float32 results."""
 
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        shape = (batch_size, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start_pos, k, v):  # k, v: (B, n_kv_heads, T, head_dim)
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, start_pos, k, v):  # k, v: (B, T, n_kv_heads, head_dim)
+        end = start_pos + k.shape[1]
+        self.k[:, start_pos:end] = k
+        self.v[:, start_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
 
 
 class Attention(nn.Module):
@@ -266,7 +268,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None  # a KVCache while generating, otherwise None
-        self.reference_mode = False  # True: Meta's exact attention arithmetic (see Llama.build)
+        self.fused = True  # SDPA kernels; False: Meta's explicit arithmetic, bit-identical to it (see Llama.build)
 
     def forward(self, x, freqs_cis, start_pos, mask):
         B, T, _ = x.shape
@@ -274,23 +276,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
-        if self.reference_mode:
-            y = reference_attention(q, k, v, mask)
+            k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, n_kv_heads, head_dim)
+        if not self.fused:
+            y = meta_attention(q, k, v, mask)
         else:
-            # flash / memory-efficient kernels; mask None means "causal" for a fresh sequence, "see all" for one token
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            # fused kernels (flash / memory-efficient); without a mask: causal for T > 1, everything for T == 1
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, heads, T, head_dim) -> (B, T, dim)
 
 
-def reference_attention(q, k, v, mask):
-    """Meta's attention, op for op: bf16 scores, additive -inf mask, float32 softmax rounded back."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+def meta_attention(q, k, v, mask):
+    """Meta's attention, op for op (and layout for layout): explicit scores, additive -inf mask, float32 softmax.
+    q: (B, T, heads, head_dim); k, v: (B, S, n_kv_heads, head_dim)."""
+    B, S, n_kv, hd = k.shape
+    n_rep = q.shape[2] // n_kv
+    # GQA: each K/V head serves n_rep query heads
+    k = k[:, :, :, None, :].expand(B, S, n_kv, n_rep, hd).reshape(B, S, n_kv * n_rep, hd)
+    v = v[:, :, :, None, :].expand(B, S, n_kv, n_rep, hd).reshape(B, S, n_kv * n_rep, hd)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, head_dim)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd)
     T, S = q.shape[2], k.shape[2]
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -376,9 +382,9 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.attention.cache = None
 
-    def set_reference_mode(self, on):
+    def set_fused_attention(self, fused):
         for layer in self.layers:
-            layer.attention.reference_mode = on
+            layer.attention.fused = fused
 
 
 # -----------------------------------------------------------------------------
@@ -621,22 +627,24 @@ def check_sampling(temperature, top_p, top_k):
 
 
 class Llama:
-    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, reference_mode=False):
+    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.args = model.args
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)  # seeds sampling as Meta's global seed does
-        self.reference_mode = reference_mode
-        model.set_reference_mode(reference_mode)
+        self.fast = fast
+        model.set_fused_attention(fast)
 
     @staticmethod
     def build(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1,
-              rope_scaling_factor=None, reference_mode=False):
+              rope_scaling_factor=None, fast=False):
         """Load a checkpoint (Meta or Hugging Face layout) for generation.
 
-        reference_mode=True reproduces Meta's arithmetic op for op (explicit attention, logits for every position)
-        so that bf16 runs are token-exact with Meta's bf16 reference; the default uses fused attention and
-        computes only the logits it needs, which is faster and token-exact in float32.
+        By default the arithmetic is Meta's, op for op and layout for layout (explicit attention, logits for every
+        position): float32 and bf16 runs are bit-identical to Meta's reference, so even long sampled runs give
+        Meta's tokens. fast=True uses fused attention kernels (SDPA: flash attention on GPU, O(T) memory for long
+        prompts) and computes only the logits it needs; its logits agree with the default to ~1e-5 in float32,
+        so greedy output is the same, but sampling from a nearly flat distribution can drift after many tokens.
         """
         t0 = time.time()
         device = torch.device(device or default_device())
@@ -652,7 +660,7 @@ class Llama:
         model = build_model(args, state_dict, device, dtype)
         log(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in "
             f"{time.time() - t0:.1f}s ({device}, {str(dtype).replace('torch.', '')})")
-        return Llama(model, tokenizer, max_batch_size, seed, reference_mode)
+        return Llama(model, tokenizer, max_batch_size, seed, fast)
 
     def check_prompts(self, prompt_tokens, max_gen_len):
         if not prompt_tokens:
@@ -686,8 +694,8 @@ class Llama:
         token_logprobs = torch.zeros(tokens.shape, device=self.device) if logprobs else None
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        # every position's logits only when they are asked for, or to copy Meta's arithmetic exactly
-        last_only = not logprobs and not self.reference_mode
+        # Meta computes logits for every position; the last one alone is enough unless logprobs are asked for
+        last_only = self.fast and not logprobs
         with self.model.kv_cache(bsz, total_len):
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
@@ -743,3 +751,52 @@ class Llama:
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
         return [{"generation": self.tokenizer.decode(t), "tokens": t, **({"logprobs": lp} if logprobs else {})}
                 for t, lp in zip(tokens, lps or [None] * len(tokens))]
+
+
+# -----------------------------------------------------------------------------
+# Command line: checkpoint utilities.
+#   python llama.py random DIR [--shape tiny|1B|3B|8B]     a random-weight checkpoint (gibberish; for trying the code)
+
+SHAPES = {  # real Llama 3.x shapes, and a tiny one for trying things out
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden_dim=768, multiple_of=256, tie_embeddings=True),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
+               ffn_dim_multiplier=1.5, tie_embeddings=True),
+    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
+               ffn_dim_multiplier=1.0, tie_embeddings=True),
+    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, multiple_of=1024,
+               ffn_dim_multiplier=1.3),
+}
+
+
+def bundled_tokenizer():
+    """The real Llama 3 tokenizer.model shipped inside Meta's llama-models package (a test dependency)."""
+    try:
+        import llama_models
+    except ImportError:
+        raise InputError("no tokenizer given and llama-models is not installed; pass --tokenizer PATH") from None
+    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="nano-llama3 checkpoint utilities")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("random", help="write a random-weight checkpoint of a real shape (its output is gibberish)")
+    r.add_argument("out_dir")
+    r.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    r.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: the one in llama-models)")
+    r.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.command == "random":
+        args = ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
+        log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
+        save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir, a.tokenizer or bundled_tokenizer())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
