@@ -477,6 +477,116 @@ def load_meta_checkpoint(ckpt_dir):
     return args, merge_meta_shards(shards, args)
 
 
+# Hugging Face's layout: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
+# Same tensors under other names, except that HF permutes the rows of wq and wk: its rotary code pairs
+# dimension i with i + head_dim/2 ("rotate_half"), where Meta pairs 2i with 2i+1 (complex numbers).
+
+HF_REQUIRED = {"hidden_size": int, "intermediate_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+               "vocab_size": int, "rms_norm_eps": float}
+HF_OPTIONAL = {"num_key_value_heads": int, "head_dim": int, "rope_theta": float, "tie_word_embeddings": bool,
+               "max_position_embeddings": int}
+
+
+def args_from_hf_config(cfg, where="config.json"):
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+        raise InputError(f"{where} describes {archs or cfg.get('model_type')}, not a Llama model (LlamaForCausalLM); "
+                         f"this code runs Llama 3.x only")
+    missing = [k for k in HF_REQUIRED if k not in cfg]
+    if missing:
+        raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
+    check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes both inside rope_parameters
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is None:
+        raise InputError(f"{where} has no rope_theta; is the file complete?")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise InputError(f"{where}: rope_type {rope_type!r} is not Llama 3's ('llama3' or none)")
+    n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv_heads or cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise InputError(f"{where}: hidden_size {dim}, {n_heads} heads, {n_kv_heads} KV heads and head_dim "
+                         f"{cfg.get('head_dim')} do not fit together as in Llama 3")
+    scaled = rope_type == "llama3"
+    return ModelArgs(
+        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=cfg["vocab_size"], ffn_hidden_dim=cfg["intermediate_size"], norm_eps=float(cfg["rms_norm_eps"]),
+        rope_theta=float(rope_theta), use_scaled_rope=scaled,
+        rope_scaling_factor=float(rope.get("factor", 8.0)) if scaled else 8.0,
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def hf_names(n_layers):
+    """Meta name -> HF name, for every weight."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(n_layers):
+        for meta, hf in per_layer.items():
+            names[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf}.weight"
+    return names
+
+
+def permute_rows_to_hf(w, n_heads):
+    # per head, rows (0,1),(2,3),... -> rows (0, h/2),(1, h/2+1),...
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_rows_from_hf(w, n_heads):
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def load_hf_checkpoint(ckpt_dir):
+    """config.json + *.safetensors -> (ModelArgs, state_dict in Meta's names)."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    args = args_from_hf_config(read_json(ckpt_dir / "config.json"), str(ckpt_dir / "config.json"))
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map") or {}
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (ckpt_dir / f).exists():
+                raise InputError(f"{index.name} lists {f} but it is not in {ckpt_dir}; download it again")
+    else:
+        files = ["model.safetensors"]
+    hf_to_meta = {hf: meta for meta, hf in hf_names(args.n_layers).items()}
+    state_dict = {}
+    log(f"loading {len(files)} safetensors file(s) from {ckpt_dir}")
+    for i, f in enumerate(files):
+        try:
+            handle = safe_open(ckpt_dir / f, framework="pt")  # memory-mapped: tensors are read when used
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as e:
+            raise InputError(f"cannot read {ckpt_dir / f}: {str(e).splitlines()[0]}; the file is truncated or "
+                             f"corrupt, download it again") from None
+        for name, t in tensors.items():
+            if name not in hf_to_meta:
+                raise InputError(f"{f} holds '{name}', which is not a Llama weight for this config.json")
+            state_dict[hf_to_meta[name]] = t
+        log(f"  mapped {f} ({i + 1}/{len(files)})")
+    for key, n_heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+        for i in range(args.n_layers):
+            name = f"layers.{i}.attention.{key}.weight"
+            if name in state_dict:
+                if state_dict[name].shape[0] % (2 * n_heads):
+                    break  # wrong shape: build_model names the tensor and the shapes
+                state_dict[name] = permute_rows_from_hf(state_dict[name], n_heads)
+    return args, state_dict
+
+
 def find_tokenizer(ckpt_dir):
     for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
         if path.exists():
@@ -486,22 +596,41 @@ def find_tokenizer(ckpt_dir):
 
 
 def load_checkpoint(ckpt_dir):
-    """Read any supported checkpoint directory -> (ModelArgs, state_dict in Meta's names)."""
+    """Read a checkpoint directory in either layout -> (ModelArgs, state_dict in Meta's names).
+    Accepts a Meta directory, an HF directory, or an HF repository root that also has Meta's files in original/."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder holding params.json")
-    if not (ckpt_dir / "params.json").exists():
-        raise InputError(f"{ckpt_dir} holds no params.json; pass a Llama 3 checkpoint directory")
-    return load_meta_checkpoint(ckpt_dir)
+        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder holding the weights")
+    has_safetensors = any(ckpt_dir.glob("*.safetensors")) or (ckpt_dir / "model.safetensors.index.json").exists()
+    if (ckpt_dir / "config.json").exists() and has_safetensors:
+        if (ckpt_dir / "original" / "params.json").exists():
+            log(f"{ckpt_dir} has both layouts: using the safetensors (HF), not original/ (Meta)")
+        args, state_dict = load_hf_checkpoint(ckpt_dir)
+        return args, resolve_tied_output(args, state_dict)
+    for d in (ckpt_dir, ckpt_dir / "original"):
+        if (d / "params.json").exists():
+            args, state_dict = load_meta_checkpoint(d)
+            return args, resolve_tied_output(args, state_dict)
+    if (ckpt_dir / "config.json").exists():
+        raise InputError(f"{ckpt_dir} has config.json but no *.safetensors weights; download the .safetensors files")
+    raise InputError(f"{ckpt_dir} holds neither layout: expected params.json + consolidated.*.pth (Meta) "
+                     f"or config.json + *.safetensors (Hugging Face)")
+
+
+def resolve_tied_output(args, state_dict):
+    """Tied when there is no separate output matrix, or when it is a copy of the embedding (Meta's 3.2 1B/3B
+    files). Sets args.tie_embeddings and drops the copy."""
+    output, embedding = state_dict.get("output.weight"), state_dict.get("tok_embeddings.weight")
+    tied = output is None or (embedding is not None and output.shape == embedding.shape and torch.equal(output, embedding))
+    if args.tie_embeddings and not tied:
+        log("note: the config says tied embeddings but the checkpoint has its own output matrix: using it")
+    args.tie_embeddings = tied
+    return {k: v for k, v in state_dict.items() if not (tied and k == "output.weight")}
 
 
 def build_model(args, state_dict, device, dtype):
     """Assign the (memory-mapped) weights into a model built on the meta device."""
-    if "output.weight" not in state_dict:
-        args.tie_embeddings = True
-    elif "tok_embeddings.weight" in state_dict and torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
-        args.tie_embeddings = True  # a tied model saved with a copy of the embedding (Meta's 3.2 1B/3B files)
-        state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+    state_dict = resolve_tied_output(args, state_dict)
     with torch.device("meta"):
         model = Transformer(args)
     expected = model.state_dict()
@@ -542,14 +671,14 @@ def meta_params(args):
     """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce ffn_hidden_dim."""
     multiple_of, multiplier = args.multiple_of, args.ffn_dim_multiplier
     if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
-        # from a Hugging Face config (which stores the width itself): find Meta's two numbers for it
-        base = int(2 * 4 * args.dim / 3)
-        multiple_of = math.gcd(args.ffn_hidden_dim, 1024)
-        multiplier = round(args.ffn_hidden_dim / base, 4)
-        if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
-            multiplier = args.ffn_hidden_dim / base
-        if meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
+        # from a Hugging Face config, which stores the width itself: find Meta's two numbers, the plainest first
+        ratio = args.ffn_hidden_dim / int(2 * 4 * args.dim / 3)
+        candidates = [(m, r) for r in (None, round(ratio, 1), round(ratio, 2), round(ratio, 4), ratio)
+                      for m in (256, 1024, 4096, 32, 64, 128, 512, 2048) if args.ffn_hidden_dim % m == 0]
+        fits = [(m, r) for m, r in candidates if meta_ffn_hidden_dim(args.dim, m, r) == args.ffn_hidden_dim]
+        if not fits:
             raise InputError(f"FFN width {args.ffn_hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier")
+        multiple_of, multiplier = fits[0]
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
               "norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "use_scaled_rope": args.use_scaled_rope}
@@ -560,6 +689,9 @@ def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
     """Write params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and tokenizer.model."""
     import shutil
 
+    if args.use_scaled_rope and args.rope_scaling_factor != 8.0:
+        log(f"note: params.json cannot record the RoPE scaling factor {args.rope_scaling_factor:g} (readers assume 8): "
+            f"pass --rope_scaling_factor {args.rope_scaling_factor:g} when loading {out_dir}")
     if "output.weight" not in state_dict:  # Meta's files always carry the output layer, tied or not
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     with atomic_directory(out_dir) as tmp:
@@ -572,6 +704,72 @@ def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
             torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
+
+
+def hf_config(args):
+    """config.json as the Llama 3.x repositories on the Hugging Face hub have it."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+           "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+           "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+           "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+           "max_position_embeddings": 131072 if args.use_scaled_rope else 8192,
+           "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+           "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+    if args.use_scaled_rope:
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                               "low_freq_factor": args.rope_low_freq_factor,
+                               "high_freq_factor": args.rope_high_freq_factor,
+                               "original_max_position_embeddings": args.rope_original_context}
+    return cfg
+
+
+def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
+    """Write config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with an
+    index) and the tokenizer under original/, as the HF hub repositories are laid out."""
+    import shutil
+    from safetensors.torch import save_file
+
+    names = hf_names(args.n_layers)
+    tensors = {}
+    for key, t in state_dict.items():
+        if key == "output.weight" and args.tie_embeddings:
+            continue  # tied: HF stores the embedding only
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = permute_rows_to_hf(t, args.n_heads if key.endswith("wq.weight") else args.n_kv_heads)
+        tensors[names[key]] = t.contiguous()
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config(args), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
+             "temperature": 0.6, "top_p": 0.9}, indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "original").mkdir()
+        shutil.copyfile(tokenizer_path, tmp / "original" / "tokenizer.model")
+    log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
+
+
+def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout):
+    if layout not in ("meta", "hf"):
+        raise InputError(f"unknown layout {layout!r}; use 'meta' or 'hf'")
+    (save_meta_checkpoint if layout == "meta" else save_hf_checkpoint)(args, state_dict, out_dir, tokenizer_path)
 
 
 def random_state_dict(args, seed=0, dtype=torch.bfloat16):
@@ -755,6 +953,7 @@ class Llama:
 
 # -----------------------------------------------------------------------------
 # Command line: checkpoint utilities.
+#   python llama.py convert SRC DST --to hf|meta           convert a checkpoint between Meta's and HF's layouts
 #   python llama.py random DIR [--shape tiny|1B|3B|8B]     a random-weight checkpoint (gibberish; for trying the code)
 
 SHAPES = {  # real Llama 3.x shapes, and a tiny one for trying things out
@@ -782,16 +981,28 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description="nano-llama3 checkpoint utilities")
     sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert a checkpoint between Meta's and Hugging Face's layouts (lossless)")
+    c.add_argument("src", help="checkpoint directory in either layout")
+    c.add_argument("dst", help="output directory (written atomically)")
+    c.add_argument("--to", choices=["hf", "meta"], required=True)
+    c.add_argument("--rope_scaling_factor", type=float, default=None,
+                   help="the llama3 RoPE factor of a Meta source, which params.json cannot record (32 for 3.2 1B/3B)")
     r = sub.add_parser("random", help="write a random-weight checkpoint of a real shape (its output is gibberish)")
     r.add_argument("out_dir")
     r.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     r.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: the one in llama-models)")
     r.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.command == "convert":
+        args, state_dict = load_checkpoint(a.src)
+        if a.rope_scaling_factor is not None:
+            args.rope_scaling_factor = a.rope_scaling_factor
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
     if a.command == "random":
         args = ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
         log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
         save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir, a.tokenizer or bundled_tokenizer())
+
 
 
 if __name__ == "__main__":

@@ -398,3 +398,212 @@ def test_generate_py_bad_input_exits_2(ckpt_gqa, argv, message):
 def test_generate_py_missing_dir_exits_2(tmp_path):
     r = run_generate_py("--ckpt_dir", tmp_path / "missing", "--prompt", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout, transformers
+
+def write_hf_checkpoint(path, rope_factor=32.0, tied=True, n_kv_heads=2, shard_size="5GB", seed=0):
+    """A tiny random checkpoint written by transformers itself (an independent writer of the HF format)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = None if rope_factor is None else {"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=n_kv_heads, vocab_size=VOCAB, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=rope, tie_word_embeddings=tied, max_position_embeddings=131072)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(64))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size=shard_size)
+    (Path(path) / "original").mkdir()
+    (Path(path) / "original" / "tokenizer.model").write_bytes(META_TOKENIZER.read_bytes())
+    return Path(path)
+
+
+def hf_reference(path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+HF_CASES = {"tied_factor32_gqa": dict(rope_factor=32.0, tied=True),
+            "untied_factor8_sharded": dict(rope_factor=8.0, tied=False, shard_size="10MB"),
+            "no_scaling_mha": dict(rope_factor=None, tied=False, n_kv_heads=4)}
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CASES))
+def hf_ckpt(request, tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp(request.param) / "hf", **HF_CASES[request.param])
+
+
+def test_hf_logits_match_transformers(hf_ckpt):
+    hf = hf_reference(hf_ckpt)
+    ours = llama.Llama.build(hf_ckpt, max_seq_len=512, device="cpu")
+    # rope frequencies straight from transformers' own llama3 implementation
+    torch.testing.assert_close(llama.rope_frequencies(ours.args), hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    tokens = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    for fast in (False, True):
+        ours.model.set_fused_attention(fast)
+        with torch.inference_mode():
+            torch.testing.assert_close(ours.model(tokens), expected, atol=1e-4, rtol=1e-4)
+            with ours.model.kv_cache(2, 300):  # through the KV cache: prefill, then one token at a time
+                steps = [ours.model(tokens[:, :280], 0)] + [ours.model(tokens[:, t:t + 1], t) for t in range(280, 300)]
+            torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
+    if "shard" in hf_ckpt.parent.name:
+        assert (hf_ckpt / "model.safetensors.index.json").exists()
+
+
+def hf_greedy(hf, prompt_tokens, n):
+    out = hf.generate(torch.tensor([prompt_tokens]), max_new_tokens=n, do_sample=False, eos_token_id=[128001, 128008, 128009],
+                      pad_token_id=128004, attention_mask=torch.ones(1, len(prompt_tokens), dtype=torch.long))
+    new = out[0, len(prompt_tokens):].tolist()
+    return next((new[:i] for i, t in enumerate(new) if t in (128001, 128008, 128009)), new)
+
+
+def test_hf_greedy_matches_transformers(hf_ckpt):
+    hf = hf_reference(hf_ckpt)
+    ours = llama.Llama.build(hf_ckpt, max_seq_len=512, device="cpu")
+    for prompt in PROMPTS:
+        tokens = ours.tokenizer.encode(prompt, bos=True)
+        assert ours.generate([tokens], 20, temperature=0)[0][0] == hf_greedy(hf, tokens, 20)
+
+
+def test_meta_converted_to_hf_gives_same_tokens_in_transformers(ckpt_gqa, tmp_path):
+    llama.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
+    hf = hf_reference(tmp_path / "hf")  # transformers reads the config.json and safetensors we wrote
+    from_meta = llama.Llama.build(ckpt_gqa, max_seq_len=512, device="cpu")
+    from_hf = llama.Llama.build(tmp_path / "hf", max_seq_len=512, device="cpu")
+    for prompt in PROMPTS:
+        tokens = from_meta.tokenizer.encode(prompt, bos=True)
+        expected = from_meta.generate([tokens], 16, temperature=0)[0][0]
+        assert hf_greedy(hf, tokens, 16) == expected == from_hf.generate([tokens], 16, temperature=0)[0][0]
+
+
+def assert_same_tensors(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_round_trips_are_bitwise(ckpt_gqa, ckpt_mha, tmp_path):
+    from safetensors.torch import load_file
+
+    for i, meta_dir in enumerate((ckpt_gqa, ckpt_mha)):  # Meta -> HF -> Meta
+        llama.main(["convert", str(meta_dir), str(tmp_path / f"hf{i}"), "--to", "hf"])
+        llama.main(["convert", str(tmp_path / f"hf{i}"), str(tmp_path / f"meta{i}"), "--to", "meta"])
+        assert_same_tensors(llama.load_meta_checkpoint(meta_dir)[1], llama.load_meta_checkpoint(tmp_path / f"meta{i}")[1])
+        assert json.loads((tmp_path / f"meta{i}" / "params.json").read_text())["dim"] == llama.load_checkpoint(meta_dir)[0].dim
+    hf_dir = write_hf_checkpoint(tmp_path / "hf_src", rope_factor=32.0, tied=True)  # HF -> Meta -> HF
+    llama.main(["convert", str(hf_dir), str(tmp_path / "meta_mid"), "--to", "meta"])
+    # Meta's params.json cannot hold the RoPE factor 32 of Llama 3.2: it must be given back when converting
+    llama.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf"])
+    assert llama.load_checkpoint(tmp_path / "hf_back")[0].rope_scaling_factor == 8.0
+    llama.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf", "--rope_scaling_factor", "32"])
+    assert_same_tensors(load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf_back" / "model.safetensors"))
+    assert llama.load_checkpoint(tmp_path / "hf_back")[0] == llama.load_checkpoint(hf_dir)[0]
+
+
+def test_hf_sharded_save(ckpt_gqa, tmp_path):
+    args, sd = llama.load_checkpoint(ckpt_gqa)
+    llama.save_hf_checkpoint(args, sd, tmp_path / "sharded", META_TOKENIZER, max_shard_bytes=4 * 2**20)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert_same_tensors(llama.load_checkpoint(tmp_path / "sharded")[1], sd)
+
+
+def test_hf_repo_root_with_original_prefers_safetensors(hf_ckpt, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(hf_ckpt, root)
+    args, sd = llama.load_checkpoint(hf_ckpt)
+    llama.save_meta_checkpoint(args, sd, root / "original", META_TOKENIZER)
+    model = llama.Llama.build(root, max_seq_len=64, device="cpu")
+    assert "using the safetensors" in capsys.readouterr().err
+    meta_only = tmp_path / "meta_only"
+    shutil.copytree(root / "original", meta_only / "original")  # a folder holding only original/: Meta's files
+    tokens = [[128000, 3923, 374]]
+    assert llama.Llama.build(meta_only, max_seq_len=64, device="cpu").generate(tokens, 8, temperature=0) == \
+        model.generate(tokens, 8, temperature=0)
+
+
+def test_save_is_atomic(ckpt_gqa, tmp_path, monkeypatch):
+    args, sd = llama.load_checkpoint(ckpt_gqa)
+    calls = []
+
+    def crash(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+    assert calls and not (tmp_path / "out").exists()  # nothing that looks complete
+    monkeypatch.undo()
+    llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+    llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)  # overwriting works too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bad_hf_checkpoints(hf_ckpt, tmp_path):
+    import shutil
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(hf_ckpt, d)
+        edit(d)
+        return d
+
+    def edit_config(d, change):
+        cfg = json.loads((d / "config.json").read_text())
+        change(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    other = broken("other", lambda d: edit_config(d, lambda c: c.update(architectures=["MistralForCausalLM"],
+                                                                        model_type="mistral")))
+    with pytest.raises(InputError, match="not a Llama model"):
+        llama.Llama.build(other)
+    missing = broken("missing", lambda d: edit_config(d, lambda c: c.pop("hidden_size")))
+    with pytest.raises(InputError, match="hidden_size"):
+        llama.Llama.build(missing)
+    shape = broken("shape", lambda d: edit_config(d, lambda c: c.update(intermediate_size=256)))
+    with pytest.raises(InputError, match="shape"):
+        llama.Llama.build(shape)
+    files = sorted(hf_ckpt.glob("*.safetensors"))
+    truncated = broken("truncated", lambda d: (d / files[0].name).write_bytes(files[0].read_bytes()[:5000]))
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        llama.Llama.build(truncated)
+    if len(files) > 1:
+        lost = broken("lost", lambda d: (d / files[-1].name).unlink())
+        with pytest.raises(InputError, match=f"lists {files[-1].name} but it is not in"):
+            llama.Llama.build(lost)
+    no_tok = broken("no_tok", lambda d: shutil.rmtree(d / "original"))
+    with pytest.raises(InputError, match="no tokenizer.model"):
+        llama.Llama.build(no_tok)
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match="neither layout"):
+        llama.Llama.build(tmp_path / "neither")
+
+
+def test_hf_config_of_every_release():
+    # config.json of meta-llama/Llama-3.2-1B (transformers 4 style), and the same in transformers 5's style
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+           "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+           "vocab_size": 128256, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
+           "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    a = llama.args_from_hf_config(cfg)
+    assert (a.rope_scaling_factor, a.use_scaled_rope, a.tie_embeddings, a.ffn_hidden_dim) == (32.0, True, True, 8192)
+    v5 = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = {**cfg["rope_scaling"], "rope_theta": 500000.0}
+    assert llama.args_from_hf_config(v5) == a
+    llama30 = {k: v for k, v in cfg.items() if k != "rope_scaling"}
+    assert not llama.args_from_hf_config(llama30).use_scaled_rope
+    assert llama.args_from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "factor": 8.0}}).rope_scaling_factor == 8
