@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="override the llama3 RoPE factor of a Meta checkpoint (Meta uses 8; Llama 3.2 1B/3B "
                         "were trained with 32; HF checkpoints carry the right one)")
+    p.add_argument("--lora", default=None, metavar="RUN_DIR",
+                   help="apply what a finetune run saved in RUN_DIR (LoRA adapters, norm weights) to --ckpt_dir")
     p.add_argument("--fast", action="store_true",
                    help="fused attention (flash on GPU) and last-position logits: faster prefill and long prompts; "
                         "default is Meta's exact arithmetic, bit-identical to its reference")
@@ -58,7 +60,7 @@ def main(argv=None):
     prompts = clean_prompts(a.prompt)
     model = llama.Llama.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size,
                               device=a.device, dtype=a.dtype, seed=a.seed,
-                              rope_scaling_factor=a.rope_scaling_factor, fast=a.fast)
+                              rope_scaling_factor=a.rope_scaling_factor, fast=a.fast, finetuned=a.lora)
     tok = model.tokenizer
     prompt_tokens = [tok.encode(p, bos=True) for p in prompts]
     llama.log(f"generating up to {a.max_new_tokens} tokens for {len(prompts)} prompt(s), "

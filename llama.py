@@ -237,8 +237,9 @@ def precompute_freqs_cis(args, device=None):
 def apply_rope(x, freqs_cis):
     # x: (B, T, heads, head_dim). Meta's layout: dimensions (0,1), (2,3), ... are the (real, imag) pairs.
     # (Hugging Face stores wq/wk with rows permuted so that pairs are (i, i + head_dim/2); we undo that on load.)
+    # freqs_cis: (T, head_dim // 2), or (B, T, head_dim // 2) when positions differ per row (packed documents)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, head_dim // 2)
-    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    out = torch.view_as_real(xc * freqs_cis[..., None, :]).flatten(3)
     return out.type_as(x)
 
 
@@ -280,6 +281,10 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, n_kv_heads, head_dim)
         if not self.fused:
             y = meta_attention(q, k, v, mask)
+        elif not isinstance(mask, (torch.Tensor, type(None))):  # a flex-attention BlockMask (document masking, CUDA)
+            from torch.nn.attention.flex_attention import flex_attention
+            y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             # fused kernels (flash / memory-efficient); without a mask: causal for T > 1, everything for T == 1
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -340,11 +345,12 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
         self.activation_checkpointing = False
 
-    def forward(self, tokens, start_pos=0, mask=None, last_only=False):
+    def forward(self, tokens, start_pos=0, mask=None, last_only=False, positions=None):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         start_pos > 0 continues a sequence held in the KV cache. mask, if given, is a boolean
-        (B, 1, T, start_pos + T) "may attend" matrix (the finetune loop passes block-diagonal document masks).
+        (B, 1, T, start_pos + T) "may attend" matrix, or a flex-attention BlockMask; positions (B, T) are the RoPE
+        positions when they are not start_pos, start_pos + 1, ... (the finetune loop passes both for packed documents).
         """
         B, T = tokens.shape
         if start_pos + T > self.args.max_seq_len:
@@ -356,7 +362,7 @@ class Transformer(nn.Module):
         if caching and T > 1 and start_pos > 0 and mask is None:
             # new tokens see the whole cache and each other causally: query i sits at position start_pos + i
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T] if positions is None else self.freqs_cis[positions]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -366,8 +372,8 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        out_weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, out_weight).float()  # (B, T, vocab)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return logits.float()  # (B, T, vocab)
 
     @contextmanager
     def kv_cache(self, batch_size, max_len):
@@ -583,7 +589,8 @@ def load_hf_checkpoint(ckpt_dir):
             if name in state_dict:
                 if state_dict[name].shape[0] % (2 * n_heads):
                     break  # wrong shape: build_model names the tensor and the shapes
-                state_dict[name] = permute_rows_from_hf(state_dict[name], n_heads)
+                # in place: the mapping is private copy-on-write, so the file is untouched and no second copy stays
+                state_dict[name].copy_(permute_rows_from_hf(state_dict[name], n_heads))
     return args, state_dict
 
 
@@ -835,7 +842,7 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1,
-              rope_scaling_factor=None, fast=False):
+              rope_scaling_factor=None, fast=False, finetuned=None):
         """Load a checkpoint (Meta or Hugging Face layout) for generation.
 
         By default the arithmetic is Meta's, op for op and layout for layout (explicit attention, logits for every
@@ -856,6 +863,17 @@ class Llama:
             raise InputError(f"tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}; "
                              f"use the tokenizer.model that came with these weights")
         model = build_model(args, state_dict, device, dtype)
+        if finetuned:  # a finetune run's output dir: its adapters / norms, merged (in float32) for full speed
+            run_json = Path(finetuned) / "checkpoint" / "run.json"
+            if not run_json.exists():
+                raise InputError(f"{finetuned} holds no finetune checkpoint (checkpoint/run.json); pass a finetune --out_dir")
+            run = read_json(run_json)
+            if "lora" in run["mode"]:
+                apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"])
+            model = merge_lora(load_trained(model, finetuned))
+            for p in model.parameters():
+                p.data, p.requires_grad = p.data.to(dtype), False
+            log(f"applied the {run['mode']} weights of {finetuned} (step {run['step']})")
         log(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in "
             f"{time.time() - t0:.1f}s ({device}, {str(dtype).replace('torch.', '')})")
         return Llama(model, tokenizer, max_batch_size, seed, fast)
@@ -952,8 +970,438 @@ class Llama:
 
 
 # -----------------------------------------------------------------------------
+# 6. LoRA
+# A frozen weight W gets a trainable low-rank update: y = W x + (alpha / rank) * B A x, with A (rank, in) and
+# B (out, rank). B starts at zero, so before training the model is exactly the base model; afterwards
+# W + (alpha / rank) B A merges back (computed in float32) and the model is plain Linear layers again.
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))  # float32: trained
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b)
+        return self.base(x) + (self.scale * update).to(x.dtype)
+
+    def merged(self):
+        w = self.base.weight
+        merged = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        merged.weight.data = (w.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())).to(w.dtype)
+        return merged
+
+
+def apply_lora(model, targets, rank, alpha, dropout=0.0):
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise InputError(f"unknown LoRA target(s) {unknown or targets}; choose among {', '.join(LORA_TARGETS)}")
+    if rank < 1:
+        raise InputError(f"LoRA rank must be at least 1, got {rank}")
+    if "output" in targets and model.output is None:  # tied: give the output layer its own module, same weight
+        model.output = nn.Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
+        model.output.weight = model.tok_embeddings.weight
+    for module in [model] + [m for layer in model.layers for m in (layer.attention, layer.feed_forward)]:
+        for name in targets:
+            if isinstance(getattr(module, name, None), nn.Linear):
+                setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight; the result has no LoRA modules left."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
+
+
+def set_trainable(model, mode):
+    """mode: full | lora | norm | lora+norm. Frozen weights get no gradient (and so no gradient buffers)."""
+    if mode not in ("full", "lora", "norm", "lora+norm"):
+        raise InputError(f"unknown mode {mode!r}; use full, lora, norm or lora+norm")
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "full" or ("lora" in mode and ".lora_" in f".{name}")
+                         or ("norm" in mode and name.endswith("norm.weight")))
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trained weights are kept in float32; frozen ones stay in the load dtype
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(model):
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -----------------------------------------------------------------------------
+# 7. Finetuning
+# Training sequences are fixed-length windows of a stream of documents, each <|begin_of_text|> ... <|end_of_text|>.
+# Llama 3 was trained so that a token never attends past the BOS of its own document: the causal mask is
+# block-diagonal, and RoPE positions restart at 0 at each BOS, so each document is computed exactly as if it
+# were alone (the tests check this). A document cut at the window's start is a document of its own, seen without
+# its beginning; one cut at the end simply stops. Nothing is learned across a boundary: targets that are a BOS
+# (predicting the next document from the end of the last) carry no loss.
+
+
+def document_mask(tokens, bos_id, flex=False):
+    """tokens (B, T) -> (positions (B, T), mask). Built from O(T) document ids: a dense (B, 1, T, T) boolean mask
+    for scaled-dot-product attention, or, with flex=True (CUDA), a sparse flex-attention BlockMask."""
+    B, T = tokens.shape
+    idx = torch.arange(T, device=tokens.device).expand(B, T)
+    is_bos = tokens == bos_id
+    doc = is_bos.cumsum(1)  # (B, T) document id of each token
+    positions = idx - torch.where(is_bos, idx, 0).cummax(1).values  # distance from the document's BOS
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+        same_doc_causal = lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (q >= kv)  # noqa: E731
+        return positions, create_block_mask(same_doc_causal, B, None, T, T, device=tokens.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+    return positions, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def token_losses(model, x, y, bos_id, loss_mask=None, flex=False):
+    """Per-token cross-entropy (B, T) and the weights (B, T) that say which tokens count."""
+    positions, mask = document_mask(x, bos_id, flex)
+    logits = model(x, mask=mask, positions=positions)
+    losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    weights = (y != bos_id) if loss_mask is None else (y != bos_id) & loss_mask
+    return losses, weights
+
+
+def download(url, path):
+    """Download with a progress line, resuming a partial download (HTTP Range) and caching the result."""
+    import urllib.request
+
+    path = Path(path)
+    if path.exists():
+        return path
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request) as r:
+        if have and r.status != 206:
+            have = 0  # the server ignored the range: start over
+        total = have + int(r.headers.get("Content-Length", 0))
+        with open(part, "ab" if have else "wb") as f:
+            done, t0 = have, time.time()
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {path.name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB "
+                      f"({(done - have) / 1e6 / max(time.time() - t0, 1e-9):.1f} MB/s)", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    part.rename(path)
+    return path
+
+
+TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+
+
+def read_documents(path):
+    """.txt: documents separated by blank lines (TinyStories: by <|endoftext|> lines); .jsonl: a "text" field."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data file {path} does not exist; pass --data tinystories or a .txt / .jsonl file")
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputError(f"{path} line {i}: expected a JSON object with a \"text\" field") from None
+    else:
+        text = path.read_text(encoding="utf-8")
+        docs = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.split("\n\n")
+    docs = [d.strip() for d in docs if d.strip()]
+    if not docs:
+        raise InputError(f"{path} holds no text; give it documents separated by blank lines")
+    return docs
+
+
+_worker_tokenizer = None
+
+
+def _encode_documents(args):
+    global _worker_tokenizer
+    tokenizer_path, docs = args
+    if _worker_tokenizer is None:
+        _worker_tokenizer = Tokenizer(tokenizer_path)
+    import numpy as np
+    return np.array([t for d in docs for t in _worker_tokenizer.encode(d, bos=True, eos=True)], dtype=np.uint32)
+
+
+def tokenize_to_bin(docs, tokenizer_path, out_path, workers=None):
+    """Tokenize documents in parallel (with progress) into a uint32 file: BOS doc EOS BOS doc EOS ..."""
+    import multiprocessing as mp
+    import numpy as np
+
+    chunks = [(str(tokenizer_path), docs[i:i + 1000]) for i in range(0, len(docs), 1000)]
+    tmp = Path(str(out_path) + ".tmp")
+    with open(tmp, "wb") as f, mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
+        n = 0
+        for i, arr in enumerate(pool.imap(_encode_documents, chunks)):
+            f.write(arr.tobytes())
+            n += len(arr)
+            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of {Path(out_path).name}: {n:,} tokens")
+    tmp.rename(out_path)
+    return np.memmap(out_path, dtype=np.uint32, mode="r")
+
+
+def prepare_data(data, tokenizer_path, data_dir):
+    """--data tinystories | FILE -> (train, val) token arrays (np.memmap), tokenized once and cached."""
+    import numpy as np
+
+    data_dir = Path(data_dir)
+    out = [data_dir / "train.bin", data_dir / "val.bin"]
+    if all(p.exists() for p in out):
+        return [np.memmap(p, dtype=np.uint32, mode="r") for p in out]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if data == "tinystories":
+        splits = [read_documents(download(TINYSTORIES.format(s), data_dir / f"tinystories-{s}.txt")) for s in ("train", "valid")]
+    else:
+        docs = read_documents(data)
+        n_val = max(1, len(docs) // 20) if len(docs) > 1 else 0
+        splits = [docs[:len(docs) - n_val] or docs, docs[len(docs) - n_val:] or docs]  # last 5% for validation
+    return [tokenize_to_bin(docs, tokenizer_path, p) for docs, p in zip(splits, out)]
+
+
+def get_batch(tokens, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
+    """The batch of one step, drawn from (seed, step) alone: resuming needs only the step, and the ranks of a
+    DDP run take disjoint slices of the same global batch, so N processes see what one process would."""
+    if len(tokens) <= seq_len + 1:
+        raise InputError(f"the data has {len(tokens)} tokens, too few for sequences of {seq_len}; "
+                         f"use more data or a smaller --seq_len")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world,), generator=g)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
+    window = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts]).to(device)
+    return window[:, :-1], window[:, 1:]  # inputs, targets (B, T)
+
+
+def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense, for MFU
+
+
+def save_training_state(out_dir, model, optimizer, step, run_config):
+    """trainable weights (safetensors) + optimizer, step, RNG states and the run's config, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(Path(out_dir) / "checkpoint") as tmp:
+        save_file(trainable_state_dict(model), tmp / "trainable.safetensors", metadata={"format": "pt"})
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "state.pt")
+        (tmp / "run.json").write_text(json.dumps({**run_config, "step": step}, indent=2))
+
+
+def load_trained(model, out_dir):
+    """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model built like the run's."""
+    from safetensors.torch import load_file
+
+    path = Path(out_dir) / "checkpoint" / "trainable.safetensors"
+    if not path.exists():
+        raise InputError(f"no finetune checkpoint at {path}; pass the --out_dir of a finetune run")
+    saved, params = load_file(path), dict(model.named_parameters())
+    missing = sorted(set(saved) - set(params))
+    if missing:
+        raise InputError(f"{path} holds weights this model does not have ({missing[:3]}); wrong base model or mode")
+    for name, t in saved.items():
+        if params[name].shape != t.shape:
+            raise InputError(f"{path}: '{name}' has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}; "
+                             f"the run used another base model")
+        params[name].data = t.to(params[name].device)
+    return model
+
+
+def model_for_run(run, device, dtype, ckpt_dir=None):
+    """The base checkpoint of a finetune run, with the run's LoRA modules in place (weights not loaded yet)."""
+    args, state_dict = load_checkpoint(ckpt_dir or run["ckpt_dir"])
+    context = 131072 if args.use_scaled_rope else 8192  # Llama 3.1+ / Llama 3.0
+    if not 2 <= run["seq_len"] <= context:
+        raise InputError(f"--seq_len {run['seq_len']} must be between 2 and the model's context of {context} tokens")
+    args.max_seq_len = max(run["seq_len"], 256)
+    model = build_model(args, state_dict, device, dtype)
+    if "lora" in run["mode"]:
+        apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
+    set_trainable(model, run["mode"])
+    return model
+
+
+def finetune(cfg):
+    """The training loop. cfg: the namespace finetune.py parses (see its --help for every field)."""
+    import numpy as np
+
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(cfg.device or default_device())
+    if distributed:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    main_process = rank == 0
+    say = log if main_process else (lambda msg: None)
+    out_dir = Path(cfg.out_dir)
+    run = {k: getattr(cfg, k) for k in ("ckpt_dir", "mode", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                                         "seq_len", "data", "seed")}
+    run["ckpt_dir"] = str(Path(cfg.ckpt_dir).resolve())
+    if cfg.resume:
+        saved = read_json(out_dir / "checkpoint" / "run.json") if (out_dir / "checkpoint" / "run.json").exists() else None
+        if saved is None:
+            raise InputError(f"--resume: no checkpoint in {out_dir}; start without --resume")
+        different = [k for k in ("ckpt_dir", "mode", "lora_rank", "lora_targets") if saved[k] != run[k]]
+        if different:
+            raise InputError(f"--resume: {out_dir} was trained with other {different} "
+                             f"({', '.join(f'{k}={saved[k]}' for k in different)}); use a new --out_dir")
+    if cfg.mode not in ("full", "lora", "norm", "lora+norm"):
+        raise InputError(f"unknown mode {cfg.mode!r}; use full, lora, norm or lora+norm")
+    if "lora" in cfg.mode:  # check the LoRA settings before the (long) load
+        apply_lora(Transformer(ModelArgs(8, 0, 1, 1, 8, 8)), cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    # bf16 weights with bf16 autocast on GPU; float32 on CPU unless asked (trainable weights are float32 either way)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model = model_for_run(run, device, dtype)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    tokenizer = Tokenizer(find_tokenizer(cfg.ckpt_dir))
+    data_dir = out_dir / "data" if cfg.data != "tinystories" else Path(cfg.data_dir) / "tinystories"
+    if main_process:
+        train_data, val_data = prepare_data(cfg.data, find_tokenizer(cfg.ckpt_dir), data_dir)
+    if distributed:
+        torch.distributed.barrier()
+    train_data, val_data = [np.memmap(data_dir / f, dtype=np.uint32, mode="r") for f in ("train.bin", "val.bin")]
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    say(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({cfg.mode}); "
+        f"{len(train_data):,} training tokens; {world} process(es) on {device}")
+    decay = [p for p in params if p.dim() >= 2]  # weight decay on matrices only, never on norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step = 0
+    if cfg.resume:
+        load_trained(model, out_dir)
+        state = torch.load(out_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        say(f"resumed {out_dir} at step {step}")
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
+    flex = device.type == "cuda"
+    log_path = out_dir / "log.jsonl"
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = [l for l in (log_path.read_text().splitlines() if log_path.exists() and cfg.resume else [])
+                if json.loads(l)["step"] <= step]  # a resumed run rewrites what came after its checkpoint
+        log_path.write_text("".join(l + "\n" for l in kept))
+
+    def write_log(record):
+        if main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def all_sum(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if distributed:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def evaluate():
+        model.eval()
+        total, count = 0.0, 0.0
+        with torch.no_grad(), autocast:
+            for i in range(cfg.eval_batches):
+                x, y = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank, world, device)
+                losses, weights = token_losses(model, x, y, tokenizer.bos_id, flex=flex)
+                total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
+        model.train()
+        total, count = all_sum(total, count)
+        return total / max(count, 1)
+
+    def sample_text():
+        g = Llama(model, tokenizer, max_batch_size=1, seed=cfg.seed, fast=True)
+        model.eval()
+        out = g.text_completion(["Once upon a time"], temperature=0.8, max_gen_len=48)[0]["generation"]
+        model.train()
+        return out
+
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.time()
+            lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [get_batch(train_data, step * cfg.grad_accum + i, cfg.batch_size, cfg.seq_len, cfg.seed, rank,
+                                 world, device) for i in range(cfg.grad_accum)]
+            # normalise by the tokens of the whole step on all ranks, so that N processes x M micro-batches give
+            # exactly the gradient of one big batch (DDP averages over ranks: multiply back by world)
+            n_tokens = all_sum(sum((y != tokenizer.bos_id).sum().item() for _, y in batches))[0]
+            loss_sum = 0.0
+            for i, (x, y) in enumerate(batches):
+                sync = not distributed or i == cfg.grad_accum - 1
+                with autocast, (train_model.no_sync() if not sync else torch.enable_grad()):
+                    losses, weights = token_losses(train_model, x, y, tokenizer.bos_id, flex=flex)
+                    loss = (losses * weights).sum()
+                    (loss * world / n_tokens).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = all_sum(loss_sum)[0] / n_tokens
+            dt = time.time() - t0
+            tokens_per_s = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world / dt
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+            line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
+            if device.type == "cuda":
+                peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+                if peak:  # 6 flops per parameter per token (forward + backward), times the processes
+                    record["mfu"] = 6 * sum(p.numel() for p in model.parameters()) * tokens_per_s / (peak * world)
+                    line += f" | MFU {100 * record['mfu']:.1f}%"
+            say(line)
+            write_log(record)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val_loss = evaluate()
+                say(f"step {step} | val loss {val_loss:.4f}")
+                write_log({"step": step, "val_loss": val_loss})
+            if cfg.sample_every and step % cfg.sample_every == 0 and main_process:
+                say(f"sample: {sample_text()!r}")
+            if main_process and (step % cfg.save_every == 0 or step == cfg.max_steps or step == cfg.stop_at):
+                save_training_state(out_dir, model, optimizer, step, run)
+            if step == cfg.stop_at:
+                say(f"stopped at step {step} as asked (--stop_at); continue with --resume")
+                break
+    except KeyboardInterrupt:
+        if main_process:
+            say(f"\ninterrupted: saving step {step} to {out_dir} (continue with --resume)")
+            save_training_state(out_dir, model, optimizer, step, run)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    return model
+
+
+# -----------------------------------------------------------------------------
 # Command line: checkpoint utilities.
 #   python llama.py convert SRC DST --to hf|meta           convert a checkpoint between Meta's and HF's layouts
+#   python llama.py export RUN_DIR DST --to hf|meta        merge a finetune run into its base: a full checkpoint
 #   python llama.py random DIR [--shape tiny|1B|3B|8B]     a random-weight checkpoint (gibberish; for trying the code)
 
 SHAPES = {  # real Llama 3.x shapes, and a tiny one for trying things out
@@ -987,6 +1435,11 @@ def main(argv=None):
     c.add_argument("--to", choices=["hf", "meta"], required=True)
     c.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="the llama3 RoPE factor of a Meta source, which params.json cannot record (32 for 3.2 1B/3B)")
+    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint")
+    e.add_argument("run_dir", help="the --out_dir of a finetune run")
+    e.add_argument("dst", help="output directory (written atomically)")
+    e.add_argument("--to", choices=["hf", "meta"], required=True)
+    e.add_argument("--dtype", default="bfloat16", help="dtype of the written weights (default bfloat16)")
     r = sub.add_parser("random", help="write a random-weight checkpoint of a real shape (its output is gibberish)")
     r.add_argument("out_dir")
     r.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -998,6 +1451,13 @@ def main(argv=None):
         if a.rope_scaling_factor is not None:
             args.rope_scaling_factor = a.rope_scaling_factor
         save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
+    if a.command == "export":
+        run = read_json(Path(a.run_dir) / "checkpoint" / "run.json")
+        model = merge_lora(load_trained(model_for_run(run, "cpu", torch.float32), a.run_dir))  # merged in float32
+        dtype = resolve_dtype(a.dtype, "cpu")
+        state_dict = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
+        args = model.args
+        save_checkpoint(args, resolve_tied_output(args, state_dict), a.dst, find_tokenizer(run["ckpt_dir"]), a.to)
     if a.command == "random":
         args = ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
         log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")

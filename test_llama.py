@@ -607,3 +607,226 @@ def test_hf_config_of_every_release():
     llama30 = {k: v for k, v in cfg.items() if k != "rope_scaling"}
     assert not llama.args_from_hf_config(llama30).use_scaled_rope
     assert llama.args_from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "factor": 8.0}}).rope_scaling_factor == 8
+
+
+# ----------------------------------------------------------------------------- finetuning
+
+def make_corpus(path, n_docs=400, seed=0):
+    """A small generated corpus with learnable structure: documents separated by blank lines."""
+    import random
+
+    rng = random.Random(seed)
+    names, things, colors = ["Tom", "Lily", "Max", "Sue", "Ben"], ["ball", "cat", "kite", "apple", "boat"], ["red", "blue", "green"]
+    docs = []
+    for _ in range(n_docs):
+        n, t, c = rng.choice(names), rng.choice(things), rng.choice(colors)
+        docs.append(f"{n} had a {c} {t}. {n} loved the {c} {t} very much. One day the {t} was lost. "
+                    f"{n} looked for the {t} and found it. {n} was happy." + " The end." * rng.randint(0, 2))
+    Path(path).write_text("\n\n".join(docs))
+    return Path(path)
+
+
+def train(ckpt, data, out, *extra):
+    import finetune
+
+    argv = ["--ckpt_dir", str(ckpt), "--data", str(data), "--out_dir", str(out), "--seq_len", "64", "--batch_size", "4",
+            "--grad_accum", "1", "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0", "--save_every", "100",
+            "--device", "cpu", *map(str, extra)]
+    return llama.finetune(finetune.parse_args(argv))
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "stories.txt")
+
+
+def tiny_model(ckpt):
+    return llama.build_model(*llama.load_checkpoint(ckpt), "cpu", torch.float32)
+
+
+def packed_example(tok):
+    docs = [tok.encode(t, bos=True, eos=True) for t in ("First document here.", "A second, longer document about cats.",
+                                                        "Third.")]
+    cut = tok.encode("the tail of a document cut by the window", eos=True)  # no BOS: starts mid-document
+    return cut, docs, torch.tensor([cut + sum(docs, [])])
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_packed_sequence_equals_documents_alone(ckpt_gqa, flex):
+    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer(META_TOKENIZER)
+    cut, docs, packed = packed_example(tok)
+    x, y = packed[:, :-1], packed[:, 1:]
+    with torch.no_grad():
+        losses, weights = llama.token_losses(model, x, y, tok.bos_id, flex=flex)
+        positions, mask = llama.document_mask(x, tok.bos_id, flex=flex)
+        packed_logits = model(x, mask=mask, positions=positions)
+        start = 0
+        for doc in [cut] + docs:
+            alone = model(torch.tensor([doc]))  # plain causal attention, positions from 0
+            n = min(len(doc), x.shape[1] - start)
+            torch.testing.assert_close(packed_logits[:, start:start + n], alone[:, :n], atol=1e-5, rtol=1e-5)
+            alone_losses = F_cross_entropy(alone[0, :-1], torch.tensor(doc[1:]))
+            torch.testing.assert_close(losses[0, start:start + len(doc) - 1], alone_losses, atol=1e-5, rtol=1e-5)
+            start += len(doc)
+    assert not weights[y == tok.bos_id].any() and weights[y != tok.bos_id].all()  # no loss across a boundary
+
+
+def F_cross_entropy(logits, targets):
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def test_no_gradient_flows_between_documents(ckpt_gqa):
+    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer(META_TOKENIZER)
+    cut, docs, packed = packed_example(tok)
+    x, y = packed[:, :-1], packed[:, 1:]
+    embeddings = []
+    def keep(module, inputs, out):
+        out.retain_grad()
+        embeddings.append(out)
+
+    model.tok_embeddings.register_forward_hook(keep)
+    losses, weights = llama.token_losses(model, x, y, tok.bos_id)
+    a = len(cut) + len(docs[0])  # document 1 (the second) spans [a, b)
+    b = a + len(docs[1])
+    losses[0, a:b - 1].sum().backward()  # the loss of one document only
+    grad = embeddings[0].grad[0]
+    assert torch.count_nonzero(grad[:a]) == 0 and torch.count_nonzero(grad[b:]) == 0  # exactly zero elsewhere
+    assert grad[a:b - 1].abs().sum(-1).min() > 0  # and flowing within
+
+
+def test_lora_starts_as_base_and_merges_exactly(ckpt_gqa):
+    base = tiny_model(ckpt_gqa)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(tokens)
+        model = llama.apply_lora(tiny_model(ckpt_gqa), list(llama.LORA_TARGETS), rank=4, alpha=8)
+        assert torch.equal(model(tokens), expected)  # B = 0: exactly the base model
+        for m in model.modules():
+            if isinstance(m, llama.LoRALinear):
+                m.lora_b.normal_(0, 0.05)
+        unmerged = model(tokens)
+        assert (unmerged - expected).abs().max() > 1e-2
+        merged = llama.merge_lora(model)
+        assert not any(isinstance(m, llama.LoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(tokens), unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lora", "norm", "lora+norm", "full"])
+def test_only_selected_parameters_change(ckpt_gqa, corpus, tmp_path, mode):
+    base = dict(tiny_model(ckpt_gqa).named_parameters())
+    model = train(ckpt_gqa, corpus, tmp_path / mode, "--mode", mode, "--max_steps", 1, "--lr", 1e-2,
+                  "--lora_targets", "wq,wv,w2")
+    changed, unchanged = set(), set()
+    for name, p in model.named_parameters():
+        base_name = name.replace(".base.", ".")
+        if ".lora_a" in name:  # A is random from the start; B moves away from zero when LoRA trains
+            continue
+        if ".lora_b" in name:
+            (changed if p.abs().sum() > 0 else unchanged).add(name)
+        else:
+            (changed if not torch.equal(p.float(), base[base_name].float()) else unchanged).add(name)
+        assert p.requires_grad == (name in changed or (".lora_" in name)) or not p.requires_grad
+    expect = {"lora": lambda n: ".lora_b" in n, "norm": lambda n: n.endswith("norm.weight"),
+              "lora+norm": lambda n: ".lora_b" in n or n.endswith("norm.weight"), "full": lambda n: True}[mode]
+    assert changed == {n for n in changed | unchanged if expect(n)}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in model.parameters()) and (mode == "full" or frozen)
+
+
+def test_training_lowers_validation_loss(ckpt_gqa, corpus, tmp_path):
+    train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora+norm", "--lora_targets", "wq,wk,wv,wo,w1,w2,w3,output",
+          "--max_steps", 40, "--lr", 3e-3, "--eval_every", 10, "--eval_batches", 4)
+    log = read_log(tmp_path / "run")
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 40 and all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
+    assert val[-1] < val[0] - 2.0, val  # a clear margin
+
+
+def test_resume_reproduces_uninterrupted_losses(ckpt_gqa, corpus, tmp_path):
+    common = ("--mode", "lora+norm", "--max_steps", 10, "--lr", 3e-3, "--lora_dropout", 0.1, "--eval_every", 5)
+    train(ckpt_gqa, corpus, tmp_path / "whole", *common)
+    train(ckpt_gqa, corpus, tmp_path / "pieces", *common, "--stop_at", 4)
+    assert [r["step"] for r in read_log(tmp_path / "pieces")] == [1, 2, 3, 4]
+    train(ckpt_gqa, corpus, tmp_path / "pieces", *common, "--resume")
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("tokens_per_s",)} for r in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "pieces")) == strip(read_log(tmp_path / "whole"))
+
+
+def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
+    common = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--seq_len", 64, "--grad_accum", 1, "--max_steps", 4,
+              "--mode", "lora+norm", "--lr", 3e-3, "--eval_every", 2, "--eval_batches", 2, "--sample_every", 0,
+              "--device", "cpu"]
+    one = subprocess.run([sys.executable, str(HERE / "finetune.py"), *map(str, common), "--batch_size", "4",
+                          "--out_dir", str(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+                          str(HERE / "finetune.py"), *map(str, common), "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
+        assert a["step"] == b["step"]
+        key = "loss" if "loss" in a else "val_loss"
+        assert math.isclose(a[key], b[key], rel_tol=1e-5), (a, b)
+
+
+def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
+    train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora+norm", "--max_steps", 8, "--lr", 1e-2,
+          "--lora_targets", "wq,wv,output")
+    prompt = "Tom had a"
+    tuned = llama.Llama.build(ckpt_gqa, max_seq_len=128, device="cpu", finetuned=tmp_path / "run")
+    expected = tuned.text_completion([prompt], temperature=0, max_gen_len=12)[0]["tokens"]
+    assert expected != ours(ckpt_gqa, [prompt], max_gen_len=12)[0]  # the run changed the model
+    for layout in ("hf", "meta"):
+        llama.main(["export", str(tmp_path / "run"), str(tmp_path / f"merged_{layout}"), "--to", layout, "--dtype", "float32"])
+        merged = llama.Llama.build(tmp_path / f"merged_{layout}", max_seq_len=128, device="cpu")
+        assert merged.args.tie_embeddings is False  # LoRA on the output unties it from the embedding
+        assert merged.text_completion([prompt], temperature=0, max_gen_len=12)[0]["tokens"] == expected
+    r = run_generate_py("--ckpt_dir", ckpt_gqa, "--lora", tmp_path / "run", "--prompt", prompt, "--max_new_tokens", 12,
+                        "--temperature", 0)
+    assert r.returncode == 0 and r.stdout == prompt + tuned.tokenizer.decode(expected) + "\n", r.stderr
+
+
+def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
+    import numpy as np
+
+    tok = llama.Tokenizer(META_TOKENIZER)
+    train_bin, val_bin = llama.prepare_data(str(corpus), META_TOKENIZER, tmp_path / "data")
+    docs = llama.read_documents(corpus)
+    expected = [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
+    assert np.concatenate([train_bin, val_bin]).tolist() == expected and train_bin.dtype == np.uint32
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d}) for d in docs[:50]))
+    assert llama.read_documents(jsonl) == docs[:50]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "missing.txt"], "does not exist"),
+    (["--data", "EMPTY"], "holds no text"),
+    (["--seq_len", "200000"], "context"),
+    (["--mode", "bitfit"], "unknown mode"),
+    (["--lora_targets", "wq,attn"], "unknown LoRA target"),
+    (["--lora_rank", "0"], "rank must be at least 1"),
+])
+def test_finetune_bad_input(ckpt_gqa, corpus, tmp_path, argv, message):
+    import finetune
+
+    (tmp_path / "EMPTY").write_text("\n\n  \n")
+    argv = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("missing.txt", str(tmp_path / "missing.txt")) for a in argv]
+    base = ["--ckpt_dir", str(ckpt_gqa), "--data", str(corpus), "--out_dir", str(tmp_path / "o"), "--device", "cpu"]
+    with pytest.raises(InputError, match=message):
+        llama.finetune(finetune.parse_args(base + argv))
+
+
+def test_finetune_resume_from_other_mode_fails(ckpt_gqa, corpus, tmp_path):
+    train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "norm", "--max_steps", 1)
+    with pytest.raises(InputError, match="other"):
+        train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora", "--max_steps", 2, "--resume")
+    r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa), "--data",
+                        str(tmp_path / "nothing.txt"), "--out_dir", str(tmp_path / "x"), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr

@@ -1,0 +1,234 @@
+"""
+Benchmarks: llama.py against Hugging Face transformers on the same random-weight checkpoint, in one run,
+with the same prompt and thread count, plus the machine's memory bandwidth and the decode roofline it implies.
+
+    python bench.py                                  # Llama 3.2 1B shape, float32 and bf16
+    python bench.py --shape 8B --dtypes bfloat16 --new_tokens 16 --skip_batch8 --skip_prefill
+    python bench.py --json                           # the same figures as JSON
+
+Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout; never committed).
+Every measurement runs in a fresh process so that its peak resident memory (ru_maxrss) is its own.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llama
+
+HERE = Path(__file__).parent
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def make_checkpoint(shape, out_dir):
+    """Random bf16 weights of a real shape, in HF's layout, written one ~2 GB shard at a time (bounded memory)."""
+    from safetensors.torch import save_file
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **llama.SHAPES[shape])
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in llama.Transformer(args).state_dict().items()}
+    names, std = llama.hf_names(args.n_layers), args.dim ** -0.5
+    llama.log(f"making a random {shape}-shaped checkpoint in {out_dir} (once)")
+    with llama.atomic_directory(out_dir) as tmp:
+        shard, size, weight_map, n = {}, 0, {}, 0
+        for i, (key, s) in enumerate(shapes.items()):
+            t = torch.empty(s, dtype=torch.bfloat16)
+            t.fill_(1.0) if key.endswith("norm.weight") else t.normal_(0, std)
+            shard[names[key]], size = t, size + t.numel() * 2
+            if size > 2 * 2**30 or i == len(shapes) - 1:
+                n += 1
+                save_file(shard, tmp / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
+                weight_map.update({name: f"model-{n:05d}.safetensors" for name in shard})
+                shard, size = {}, 0
+                llama.log(f"  wrote shard {n}")
+        total = sum(s.numel() * 2 for s in shapes.values())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+        (tmp / "config.json").write_text(json.dumps(llama.hf_config(args)))
+        (tmp / "original").mkdir()
+        (tmp / "original" / "tokenizer.model").write_bytes(llama.bundled_tokenizer().read_bytes())
+    return out_dir
+
+
+def weight_bytes(args, dtype_bytes):
+    with torch.device("meta"):
+        n = sum(p.numel() for p in llama.Transformer(args).parameters())
+    return n * dtype_bytes
+
+
+def decode_bytes_per_token(args, dtype_bytes):
+    """Bytes of weights read to decode one token: every matrix, but only one row of an untied embedding."""
+    n = weight_bytes(args, dtype_bytes)
+    return n if args.tie_embeddings else n - (args.vocab_size - 1) * args.dim * dtype_bytes
+
+
+def read_bandwidth(gib=2, repeats=5):
+    """GB/s of reading a tensor far larger than the caches (best of a few: the machine is shared)."""
+    x = torch.ones(gib * 2**30 // 4, dtype=torch.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ----------------------------------------------------------------------------- one measurement, in a child process
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def prompt_ids(n, batch=1):
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.full((batch, 1), 128000), torch.randint(1000, 100000, (batch, n - 1), generator=g)], 1)
+
+
+def child(impl, ckpt, dtype_name, a):
+    torch.set_num_threads(a.threads)
+    dtype = llama.DTYPES[dtype_name]
+    out = {}
+    t0 = time.perf_counter()
+    if impl == "transformers":
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    else:
+        g = llama.Llama.build(ckpt, max_seq_len=1024, max_batch_size=8, device="cpu", dtype=dtype, fast=impl == "ours_fast")
+    out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, peak_rss_gb()
+
+    def decode(batch, prompt_len, new):
+        """-> (seconds to the first new token, tokens/s of the rest, new tokens per row)"""
+        ids = prompt_ids(prompt_len, batch)
+        if impl == "transformers":
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            total = time.perf_counter() - t
+            return ttft, (new - 1) * batch / max(total - ttft, 1e-9), new
+        t, t_first, steps = time.perf_counter(), None, 0
+        for _, _, cur_pos, _ in g.generate_steps(ids.tolist(), new, temperature=0):
+            t_first = t_first or time.perf_counter()
+            steps += 1
+        end = time.perf_counter()
+        return t_first - t, (steps - 1) * batch / max(end - t_first, 1e-9), steps
+
+    with torch.inference_mode():
+        decode(1, 8, 4)  # warm-up
+        out["ttft_s"], out["decode_b1_tok_s"], out["decode_b1_tokens"] = decode(1, a.prompt_len, a.new_tokens)
+        if not a.skip_batch8:
+            _, out["decode_b8_tok_s"], _ = decode(8, a.prompt_len, a.new_tokens)
+        if not a.skip_prefill:
+            ids = prompt_ids(a.prefill_len)
+            t = time.perf_counter()
+            if impl == "transformers":
+                hf(ids, logits_to_keep=1)
+            else:
+                with g.model.kv_cache(1, a.prefill_len):
+                    g.model(ids, 0, last_only=g.fast)
+            out["prefill_tok_s"] = a.prefill_len / (time.perf_counter() - t)
+    out["peak_rss_gb"] = peak_rss_gb()
+    print(json.dumps(out))
+
+
+def run_child(impl, ckpt, dtype, a):
+    cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
+           "--threads", str(a.threads), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
+           "--prefill_len", str(a.prefill_len)] + ["--skip_batch8"] * a.skip_batch8 + ["--skip_prefill"] * a.skip_prefill
+    llama.log(f"measuring {impl} {dtype} ...")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        llama.log(f"  {impl} {dtype} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- report
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(llama.SHAPES), default="1B")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
+    p.add_argument("--impls", default="ours,ours_fast,transformers", help="comma-separated implementations")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prefill_len", type=int, default=512)
+    p.add_argument("--skip_batch8", action="store_true")
+    p.add_argument("--skip_prefill", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_ckpt", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._child:
+        return child(a._child, a._ckpt, a.dtypes, a)
+
+    ckpt = make_checkpoint(a.shape, HERE / "bench_ckpt" / a.shape)
+    args = llama.load_checkpoint(ckpt)[0]
+    impls = [i for i in a.impls.split(",") if i != "transformers" or has_transformers()]
+    bandwidth = read_bandwidth()
+    machine = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
+               "read_bandwidth_gb_s": round(bandwidth, 1), "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
+    results = {"machine": machine, "runs": {}}
+    for dtype in a.dtypes.split(","):
+        nbytes = 4 if dtype == "float32" else 2
+        roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
+        runs = {impl: run_child(impl, ckpt, dtype, a) for impl in impls}
+        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline, **runs}
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
+def has_transformers():
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def print_table(results):
+    m = results["machine"]
+    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}; "
+          f"read bandwidth {m['read_bandwidth_gb_s']} GB/s")
+    cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1 tok/s"),
+            ("decode_b8_tok_s", "decode b8 tok/s"), ("prefill_tok_s", "prefill tok/s")]
+    for dtype, r in results["runs"].items():
+        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline {r['roofline_tok_s']:.1f} tok/s")
+        print(f"  {'':14}" + "".join(f"{name:>17}" for _, name in cols))
+        for impl in ("ours", "ours_fast", "transformers"):
+            if r.get(impl):
+                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>17.2f}" for k, _ in cols))
+        ours, hf = r.get("ours"), r.get("transformers")
+        if ours:
+            print(f"  ours / roofline (decode b1): {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
+                  f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
+        if ours and hf:
+            ratios = [f"{name} {ours[k] / hf[k]:.2f}x" for k, name in cols[3:] if k in ours and k in hf]
+            print(f"  ours / transformers: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
