@@ -5,8 +5,11 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
     python generate.py --ckpt_dir DIR --prompt "Once upon a time" --temperature 0.8 --top_p 0.95 --max_new_tokens 200
     python generate.py --ckpt_dir DIR --prompt "A" --prompt "B"          # several prompts: one batch
     python generate.py --ckpt_dir DIR --temperature 0 --dtype bfloat16   # greedy, in bf16
+    python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."   # terminal chat
+    python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --prompt "What is RoPE?"      # one answer, no prompt
 
 One prompt is streamed to the terminal as it is generated; several run as one batch and are printed when done.
+In the chat, /reset clears the history, /exit or Ctrl-D leaves, and Ctrl-C stops the reply being written.
 Bad input exits with status 2 and a one-line message.
 """
 
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="override the llama3 RoPE factor of a Meta checkpoint (Meta uses 8; Llama 3.2 1B/3B "
                         "were trained with 32; HF checkpoints carry the right one)")
+    p.add_argument("--chat", action="store_true", help="chat with an instruct model (Llama 3 chat format)")
+    p.add_argument("--system", default=None, help="system prompt for --chat (kept when old turns are dropped)")
     p.add_argument("--lora", default=None, metavar="RUN_DIR",
                    help="apply what a finetune run saved in RUN_DIR (LoRA adapters, norm weights) to --ckpt_dir")
     p.add_argument("--fast", action="store_true",
@@ -54,13 +59,15 @@ def clean_prompts(prompts):
 
 def main(argv=None):
     a = parse_args(argv)
-    if not a.prompt:
-        raise llama.InputError("no prompts given; pass --prompt \"...\" (repeat it for a batch)")
+    if not a.prompt and not a.chat:
+        raise llama.InputError("no prompts given; pass --prompt \"...\" (repeat it for a batch), or --chat")
     llama.check_sampling(a.temperature, a.top_p, a.top_k)
-    prompts = clean_prompts(a.prompt)
+    prompts = a.prompt if a.chat else clean_prompts(a.prompt)
     model = llama.Llama.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size,
                               device=a.device, dtype=a.dtype, seed=a.seed,
                               rope_scaling_factor=a.rope_scaling_factor, fast=a.fast, finetuned=a.lora)
+    if a.chat:
+        return chat(model, a)
     tok = model.tokenizer
     prompt_tokens = [tok.encode(p, bos=True) for p in prompts]
     llama.log(f"generating up to {a.max_new_tokens} tokens for {len(prompts)} prompt(s), "
@@ -84,6 +91,59 @@ def main(argv=None):
         print(f"{prompt}{tok.decode(out)}\n" + "-" * 40)
     n = sum(len(o) for o in outputs)
     llama.log(f"{n} tokens in {time.time() - t0:.2f}s ({n / (time.time() - t0):.1f} tokens/s over the batch)")
+
+
+def chat(model, a):
+    """A terminal chat. The history is re-encoded each turn; when it no longer fits in max_seq_len with room for
+    a reply, the oldest turns are dropped (never the system prompt). --prompt messages are answered in turn, no input."""
+    tok, max_len = model.tokenizer, model.args.max_seq_len
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    history = []
+
+    def reply():
+        nonlocal history
+        tokens = tok.encode_dialog_prompt(system + history)
+        while len(tokens) + a.max_new_tokens > max_len and len(history) > 1:
+            history = history[2:] if len(history) > 2 else history[1:]  # the oldest user message and its answer
+            print(f"[the conversation is too long for max_seq_len {max_len}: dropped the oldest turn]", file=sys.stderr)
+            tokens = tok.encode_dialog_prompt(system + history)
+        if len(tokens) >= max_len:
+            print(f"[that message is too long for max_seq_len {max_len}; raise --max_seq_len]", file=sys.stderr)
+            history.pop()
+            return
+        text = ""
+        try:
+            for _, piece in model.stream(tokens, min(a.max_new_tokens, max_len - len(tokens)), a.temperature, a.top_p, a.top_k):
+                text += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stops this reply, not the chat
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": text})
+
+    if a.prompt:
+        for message in a.prompt:
+            history.append({"role": "user", "content": message})
+            reply()
+        return
+    print("chat: /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = []
+            print("[history cleared]", file=sys.stderr)
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+            reply()
 
 
 if __name__ == "__main__":

@@ -172,10 +172,50 @@ class Tokenizer:
     def decode(self, ids):
         return self.model.decode(list(ids))
 
+    # The chat format of the instruct models: <|begin_of_text|> then, per message,
+    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, and an open assistant header to answer in.
+    # An assistant message that called a tool ends with <|eom_id|> (end of message: the tool's answer comes next).
+    ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+
+    def encode_header(self, role):
+        return ([self.special_tokens["<|start_header_id|>"]] + self.encode(self.ROLES[role])
+                + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n"))
+
+    def encode_message(self, message):
+        eom = message["role"] == "assistant" and message.get("stop_reason") == "end_of_message"
+        return self.encode_header(message["role"]) + self.encode(message["content"]) + [self.eom_id if eom else self.eot_id]
+
+    def encode_dialog_prompt(self, messages, where="dialog"):
+        """Prompt token ids for the assistant's next message (the format of Meta's ChatFormat)."""
+        check_dialog(messages, where)
+        return [self.bos_id] + [t for m in messages for t in self.encode_message(m)] + self.encode_header("assistant")
+
+    def encode_dialog_for_training(self, messages, where="dialog"):
+        """(tokens, train_on): the whole conversation, and which tokens carry loss (assistant content and its
+        closing <|eot_id|>/<|eom_id|>; never the headers, the system prompt or the user's words)."""
+        check_dialog(messages, where)
+        tokens, train_on = [self.bos_id], [False]
+        for m in messages:
+            header, body = self.encode_header(m["role"]), self.encode_message(m)[len(self.encode_header(m["role"])):]
+            tokens += header + body
+            train_on += [False] * len(header) + [m["role"] == "assistant"] * len(body)
+        return tokens, train_on
+
     def stream_decoder(self):
         """A function token_id -> new text. Holds back bytes of a UTF-8 character split across tokens."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return lambda token_id: utf8.decode(self.model.decode_single_token_bytes(token_id))
+
+
+def check_dialog(messages, where="dialog"):
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: a dialog is a non-empty list of {{\"role\": ..., \"content\": ...}} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in Tokenizer.ROLES:
+            raise InputError(f"{where}, message {i}: role must be one of {', '.join(Tokenizer.ROLES)}, "
+                             f"got {m.get('role') if isinstance(m, dict) else m!r}")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"{where}, message {i}: content must be a string, got {type(m.get('content')).__name__}")
 
 
 def split_long_runs(s, max_len):
@@ -929,23 +969,28 @@ class Llama:
                 if done.all():
                     break
 
-    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False, echo=False):
-        """prompt_tokens: list of lists of ids. Returns (generated ids per prompt, logprobs per prompt or None).
-        The prompt is included only with echo; the stop token is never included."""
+    def complete(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False, echo=False):
+        """-> per prompt: (token ids, logprobs or None, the stop token that ended it or None)."""
         for tokens, token_logprobs, _, _ in self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs):
             pass
-        out_tokens, out_logprobs = [], []
+        results = []
         for i, prompt in enumerate(prompt_tokens):
             start, end = (0 if echo else len(prompt)), len(prompt) + max_gen_len
             toks = tokens[i, start:end].tolist()
             probs = token_logprobs[i, start:end].tolist() if logprobs else None
-            for stop in self.tokenizer.stop_tokens:
-                if stop in toks[len(prompt) - start:]:
-                    cut = toks.index(stop, len(prompt) - start)
-                    toks, probs = toks[:cut], (probs[:cut] if logprobs else None)
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, (out_logprobs if logprobs else None)
+            new = toks[len(prompt) - start:]
+            cut = next((j for j, t in enumerate(new) if t in self.tokenizer.stop_tokens), None)
+            stop = None if cut is None else new[cut]
+            if cut is not None:
+                toks, probs = toks[:len(prompt) - start + cut], (probs[:len(prompt) - start + cut] if logprobs else None)
+            results.append((toks, probs, stop))
+        return results
+
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False, echo=False):
+        """prompt_tokens: list of lists of ids. Returns (generated ids per prompt, logprobs per prompt or None).
+        The prompt is included only with echo; the stop token is never included."""
+        results = self.complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        return [r[0] for r in results], ([r[1] for r in results] if logprobs else None)
 
     def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
         """One prompt; yields (token_id, text) as each token is generated. Text is decoded incrementally, so a
@@ -958,6 +1003,23 @@ class Llama:
             if token in self.tokenizer.stop_tokens:
                 return
             yield token, to_text(token)
+
+    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None, logprobs=False):
+        """Answer each dialog (a list of {"role", "content"} messages ending with a user or tool message).
+        Returns [{"generation": {"role": "assistant", "content": str, "stop_reason": ...}, "tokens": [...]}]."""
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, f"dialog {i}")
+            if dialog[-1]["role"] not in ("user", "tool", "ipython"):
+                raise InputError(f"dialog {i} ends with a {dialog[-1]['role']} message; a reply needs a user (or tool) "
+                                 f"message last")
+        if max_gen_len is None:
+            max_gen_len = self.args.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode_dialog_prompt(d) for d in dialogs]
+        reasons = {self.tokenizer.eot_id: "end_of_turn", self.tokenizer.eom_id: "end_of_message",
+                   self.tokenizer.eos_id: "end_of_turn", None: "out_of_tokens"}
+        return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(toks), "stop_reason": reasons[stop]},
+                 "tokens": toks, **({"logprobs": probs} if logprobs else {})}
+                for toks, probs, stop in self.complete(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)]
 
     def text_completion(self, prompts, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None, logprobs=False, echo=False):
         """Complete each prompt string. Returns [{"generation": str, "tokens": [ids], "logprobs": [...]?}]."""
@@ -1071,8 +1133,12 @@ def token_losses(model, x, y, bos_id, loss_mask=None, flex=False):
     positions, mask = document_mask(x, bos_id, flex)
     logits = model(x, mask=mask, positions=positions)
     losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-    weights = (y != bos_id) if loss_mask is None else (y != bos_id) & loss_mask
-    return losses, weights
+    return losses, token_weights(y, bos_id, loss_mask)
+
+
+def token_weights(y, bos_id, loss_mask=None):
+    """Which targets count: never a BOS (that would be learning across documents); only masked-in ones if a mask."""
+    return (y != bos_id) if loss_mask is None else (y != bos_id) & loss_mask
 
 
 def download(url, path):
@@ -1106,7 +1172,8 @@ TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/ma
 
 
 def read_documents(path):
-    """.txt: documents separated by blank lines (TinyStories: by <|endoftext|> lines); .jsonl: a "text" field."""
+    """.txt: documents separated by blank lines (TinyStories: by <|endoftext|> lines); .jsonl: one JSON object per
+    line, {"text": "..."} for a document or {"messages": [{"role", "content"}, ...]} for a conversation."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"data file {path} does not exist; pass --data tinystories or a .txt / .jsonl file")
@@ -1115,13 +1182,20 @@ def read_documents(path):
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise InputError(f"{path} line {i}: expected a JSON object with a \"text\" field") from None
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path} line {i}: malformed JSON ({e.msg})") from None
+                if isinstance(record, dict) and "messages" in record:
+                    check_dialog(record["messages"], f"{path} line {i}")
+                    docs.append(record["messages"])
+                elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                    docs.append(record["text"])
+                else:
+                    raise InputError(f"{path} line {i}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}")
     else:
         text = path.read_text(encoding="utf-8")
         docs = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.split("\n\n")
-    docs = [d.strip() for d in docs if d.strip()]
+    docs = [d.strip() if isinstance(d, str) else d for d in docs if not isinstance(d, str) or d.strip()]
     if not docs:
         raise InputError(f"{path} holds no text; give it documents separated by blank lines")
     return docs
@@ -1136,34 +1210,51 @@ def _encode_documents(args):
     if _worker_tokenizer is None:
         _worker_tokenizer = Tokenizer(tokenizer_path)
     import numpy as np
-    return np.array([t for d in docs for t in _worker_tokenizer.encode(d, bos=True, eos=True)], dtype=np.uint32)
+    tokens, train_on = [], []
+    for d in docs:
+        ids, mask = ((_worker_tokenizer.encode(d, bos=True, eos=True), None) if isinstance(d, str)
+                     else _worker_tokenizer.encode_dialog_for_training(d))
+        tokens += ids
+        train_on += [True] * len(ids) if mask is None else mask
+    return np.array(tokens, dtype=np.uint32), np.array(train_on, dtype=np.uint8)
 
 
 def tokenize_to_bin(docs, tokenizer_path, out_path, workers=None):
-    """Tokenize documents in parallel (with progress) into a uint32 file: BOS doc EOS BOS doc EOS ..."""
+    """Tokenize documents in parallel (with progress) into a uint32 file: BOS doc EOS BOS doc EOS ...
+    Conversations also get OUT.mask.bin: one byte per token, 1 where the token carries loss."""
     import multiprocessing as mp
-    import numpy as np
 
     chunks = [(str(tokenizer_path), docs[i:i + 1000]) for i in range(0, len(docs), 1000)]
-    tmp = Path(str(out_path) + ".tmp")
-    with open(tmp, "wb") as f, mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
+    chat = any(not isinstance(d, str) for d in docs)
+    out_path, mask_path = Path(out_path), Path(out_path).with_suffix(".mask.bin")
+    tmp, mask_tmp = Path(f"{out_path}.tmp"), Path(f"{mask_path}.tmp")
+    with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm, mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
         n = 0
-        for i, arr in enumerate(pool.imap(_encode_documents, chunks)):
-            f.write(arr.tobytes())
-            n += len(arr)
-            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of {Path(out_path).name}: {n:,} tokens")
-    tmp.rename(out_path)
-    return np.memmap(out_path, dtype=np.uint32, mode="r")
+        for i, (ids, train_on) in enumerate(pool.imap(_encode_documents, chunks)):
+            f.write(ids.tobytes())
+            fm.write(train_on.tobytes() if chat else b"")
+            n += len(ids)
+            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of {out_path.name}: {n:,} tokens")
+    mask_tmp.rename(mask_path) if chat else mask_tmp.unlink()
+    tmp.rename(out_path)  # last: the .bin existing means the split is complete
+    return load_bin(out_path)
+
+
+def load_bin(path):
+    """-> (tokens, loss mask or None) as read-only np.memmaps."""
+    import numpy as np
+
+    mask = Path(path).with_suffix(".mask.bin")
+    return (np.memmap(path, dtype=np.uint32, mode="r"),
+            np.memmap(mask, dtype=np.uint8, mode="r") if mask.exists() else None)
 
 
 def prepare_data(data, tokenizer_path, data_dir):
-    """--data tinystories | FILE -> (train, val) token arrays (np.memmap), tokenized once and cached."""
-    import numpy as np
-
+    """--data tinystories | FILE -> (train, val), each (tokens, loss mask or None), tokenized once and cached."""
     data_dir = Path(data_dir)
     out = [data_dir / "train.bin", data_dir / "val.bin"]
     if all(p.exists() for p in out):
-        return [np.memmap(p, dtype=np.uint32, mode="r") for p in out]
+        return [load_bin(p) for p in out]
     data_dir.mkdir(parents=True, exist_ok=True)
     if data == "tinystories":
         splits = [read_documents(download(TINYSTORIES.format(s), data_dir / f"tinystories-{s}.txt")) for s in ("train", "valid")]
@@ -1174,9 +1265,11 @@ def prepare_data(data, tokenizer_path, data_dir):
     return [tokenize_to_bin(docs, tokenizer_path, p) for docs, p in zip(splits, out)]
 
 
-def get_batch(tokens, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
+def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
     """The batch of one step, drawn from (seed, step) alone: resuming needs only the step, and the ranks of a
-    DDP run take disjoint slices of the same global batch, so N processes see what one process would."""
+    DDP run take disjoint slices of the same global batch, so N processes see what one process would.
+    data: (tokens, loss mask or None) -> inputs (B, T), targets (B, T), loss mask of the targets (B, T) or None."""
+    tokens, mask = data
     if len(tokens) <= seq_len + 1:
         raise InputError(f"the data has {len(tokens)} tokens, too few for sequences of {seq_len}; "
                          f"use more data or a smaller --seq_len")
@@ -1184,7 +1277,9 @@ def get_batch(tokens, step, batch_size, seq_len, seed, rank=0, world=1, device="
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world,), generator=g)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
     window = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts]).to(device)
-    return window[:, :-1], window[:, 1:]  # inputs, targets (B, T)
+    loss_mask = None if mask is None else torch.stack(
+        [torch.from_numpy(mask[s + 1:s + seq_len + 1].astype(bool)) for s in starts]).to(device)
+    return window[:, :-1], window[:, 1:], loss_mask
 
 
 def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
@@ -1243,8 +1338,6 @@ def model_for_run(run, device, dtype, ckpt_dir=None):
 
 def finetune(cfg):
     """The training loop. cfg: the namespace finetune.py parses (see its --help for every field)."""
-    import numpy as np
-
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(cfg.device or default_device())
@@ -1282,11 +1375,11 @@ def finetune(cfg):
         train_data, val_data = prepare_data(cfg.data, find_tokenizer(cfg.ckpt_dir), data_dir)
     if distributed:
         torch.distributed.barrier()
-    train_data, val_data = [np.memmap(data_dir / f, dtype=np.uint32, mode="r") for f in ("train.bin", "val.bin")]
+    train_data, val_data = load_bin(data_dir / "train.bin"), load_bin(data_dir / "val.bin")
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     say(f"training {n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ({cfg.mode}); "
-        f"{len(train_data):,} training tokens; {world} process(es) on {device}")
+        f"{len(train_data[0]):,} training tokens; {world} process(es) on {device}")
     decay = [p for p in params if p.dim() >= 2]  # weight decay on matrices only, never on norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -1327,8 +1420,8 @@ def finetune(cfg):
         total, count = 0.0, 0.0
         with torch.no_grad(), autocast:
             for i in range(cfg.eval_batches):
-                x, y = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank, world, device)
-                losses, weights = token_losses(model, x, y, tokenizer.bos_id, flex=flex)
+                x, y, loss_mask = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank, world, device)
+                losses, weights = token_losses(model, x, y, tokenizer.bos_id, loss_mask, flex)
                 total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
         model.train()
         total, count = all_sum(total, count)
@@ -1352,12 +1445,12 @@ def finetune(cfg):
                                  world, device) for i in range(cfg.grad_accum)]
             # normalise by the tokens of the whole step on all ranks, so that N processes x M micro-batches give
             # exactly the gradient of one big batch (DDP averages over ranks: multiply back by world)
-            n_tokens = all_sum(sum((y != tokenizer.bos_id).sum().item() for _, y in batches))[0]
+            n_tokens = all_sum(sum(token_weights(y, tokenizer.bos_id, m).sum().item() for _, y, m in batches))[0]
             loss_sum = 0.0
-            for i, (x, y) in enumerate(batches):
+            for i, (x, y, loss_mask) in enumerate(batches):
                 sync = not distributed or i == cfg.grad_accum - 1
                 with autocast, (train_model.no_sync() if not sync else torch.enable_grad()):
-                    losses, weights = token_losses(train_model, x, y, tokenizer.bos_id, flex=flex)
+                    losses, weights = token_losses(train_model, x, y, tokenizer.bos_id, loss_mask, flex)
                     loss = (losses * weights).sum()
                     (loss * world / n_tokens).backward()
                 loss_sum += loss.item()
