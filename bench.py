@@ -7,7 +7,7 @@ with the same prompt and thread count, plus the machine's memory bandwidth and t
     python bench.py --json                           # the same figures as JSON
 
 Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout; never committed).
-Every measurement runs in a fresh process so that its peak resident memory (ru_maxrss) is its own.
+Every measurement runs in a fresh process so that its peak resident memory (VmHWM) is its own.
 """
 
 import argparse
@@ -87,7 +87,11 @@ def read_bandwidth(gib=2, repeats=5):
 # ----------------------------------------------------------------------------- one measurement, in a child process
 
 def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    """This process's peak resident memory. VmHWM, not ru_maxrss: ru_maxrss carries the parent's peak over fork+exec."""
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def prompt_ids(n, batch=1):
@@ -95,9 +99,49 @@ def prompt_ids(n, batch=1):
     return torch.cat([torch.full((batch, 1), 128000), torch.randint(1000, 100000, (batch, n - 1), generator=g)], 1)
 
 
+def lora_step_child(impl, ckpt, dtype, a):
+    """Tokens/s and peak memory of LoRA training steps: rank 8 on every attention and MLP projection,
+    batch 1 x 512 tokens, AdamW; ours against transformers + peft."""
+    tokens = prompt_ids(a.prefill_len + 1)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if impl == "transformers":
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype), LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                  "up_proj", "down_proj"]))
+        model.config.use_cache = False
+        loss_fn = lambda: model(input_ids=x, labels=tokens[:, :-1].clone()).loss  # noqa: E731 (HF shifts labels itself)
+    else:
+        args, sd = llama.load_checkpoint(ckpt)
+        args.max_seq_len = a.prefill_len
+        model = llama.apply_lora(llama.build_model(args, sd, "cpu", dtype), ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
+        llama.set_trainable(model, "lora")
+        model.activation_checkpointing = a.activation_checkpointing
+
+        def loss_fn():
+            losses, weights = llama.token_losses(model, x, y, 128000)
+            return (losses * weights).sum() / weights.sum()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for _ in range(a.lora_steps + 1):  # the first step is a warm-up
+        t = time.perf_counter()
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return {"lora_step_tok_s": a.prefill_len / (sum(times[1:]) / len(times[1:])), "lora_peak_rss_gb": peak_rss_gb()}
+
+
 def child(impl, ckpt, dtype_name, a):
     torch.set_num_threads(a.threads)
     dtype = llama.DTYPES[dtype_name]
+    if a._lora:
+        print(json.dumps(lora_step_child(impl, ckpt, dtype, a)))
+        return
     out = {}
     t0 = time.perf_counter()
     if impl == "transformers":
@@ -144,11 +188,13 @@ def child(impl, ckpt, dtype_name, a):
     print(json.dumps(out))
 
 
-def run_child(impl, ckpt, dtype, a):
+def run_child(impl, ckpt, dtype, a, lora=False):
     cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
            "--threads", str(a.threads), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
-           "--prefill_len", str(a.prefill_len)] + ["--skip_batch8"] * a.skip_batch8 + ["--skip_prefill"] * a.skip_prefill
-    llama.log(f"measuring {impl} {dtype} ...")
+           "--prefill_len", str(a.prefill_len), "--lora_steps", str(a.lora_steps)] + ["--skip_batch8"] * a.skip_batch8 \
+        + ["--skip_prefill"] * a.skip_prefill + ["--activation_checkpointing"] * a.activation_checkpointing \
+        + ["--_lora"] * lora
+    llama.log(f"measuring {impl} {dtype}{' LoRA step' if lora else ''} ...")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         llama.log(f"  {impl} {dtype} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
@@ -169,7 +215,12 @@ def main():
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--skip_batch8", action="store_true")
     p.add_argument("--skip_prefill", action="store_true")
+    p.add_argument("--lora_steps", type=int, default=3, help="timed LoRA training steps (after one warm-up)")
+    p.add_argument("--skip_lora", action="store_true")
+    p.add_argument("--skip_decode", action="store_true", help="only the LoRA step")
+    p.add_argument("--activation_checkpointing", action="store_true", help="for our LoRA step")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -186,12 +237,23 @@ def main():
     for dtype in a.dtypes.split(","):
         nbytes = 4 if dtype == "float32" else 2
         roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
-        runs = {impl: run_child(impl, ckpt, dtype, a) for impl in impls}
+        runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls}
+        for impl in ("ours", "transformers"):
+            if impl in impls and not a.skip_lora and (impl == "ours" or has_peft()):
+                runs[impl] = {**(runs[impl] or {}), **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
         results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline, **runs}
     if a.json:
         print(json.dumps(results, indent=2))
     else:
         print_table(results)
+
+
+def has_peft():
+    try:
+        import peft  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def has_transformers():
@@ -214,19 +276,21 @@ def print_table(results):
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}; "
           f"read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1 tok/s"),
-            ("decode_b8_tok_s", "decode b8 tok/s"), ("prefill_tok_s", "prefill tok/s")]
+            ("decode_b8_tok_s", "decode b8 tok/s"), ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
+            ("lora_peak_rss_gb", "LoRA peak GB")]
     for dtype, r in results["runs"].items():
         print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline {r['roofline_tok_s']:.1f} tok/s")
-        print(f"  {'':14}" + "".join(f"{name:>17}" for _, name in cols))
+        print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in cols))
         for impl in ("ours", "ours_fast", "transformers"):
             if r.get(impl):
-                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>17.2f}" for k, _ in cols))
+                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}" for k, _ in cols))
         ours, hf = r.get("ours"), r.get("transformers")
-        if ours:
+        if ours and "decode_b1_tok_s" in ours:
             print(f"  ours / roofline (decode b1): {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
                   f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
         if ours and hf:
             ratios = [f"{name} {ours[k] / hf[k]:.2f}x" for k, name in cols[3:] if k in ours and k in hf]
+            ratios[-1:] = [r.replace("x", "x (lower is better)") for r in ratios[-1:] if "LoRA peak" in r] or ratios[-1:]
             print(f"  ours / transformers: " + ", ".join(ratios))
 
 
