@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--system", default=None, help="system prompt for --chat (kept when old turns are dropped)")
     p.add_argument("--lora", default=None, metavar="RUN_DIR",
                    help="apply what a finetune run saved in RUN_DIR (LoRA adapters, norm weights) to --ckpt_dir")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decoding step (static KV cache): for GPUs, after a warm-up")
     p.add_argument("--fast", action="store_true",
                    help="fused attention (flash on GPU) and last-position logits: faster prefill and long prompts; "
                         "default is Meta's exact arithmetic, bit-identical to its reference")
@@ -65,7 +67,8 @@ def main(argv=None):
     prompts = a.prompt if a.chat else clean_prompts(a.prompt)
     model = llama.Llama.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size,
                               device=a.device, dtype=a.dtype, seed=a.seed,
-                              rope_scaling_factor=a.rope_scaling_factor, fast=a.fast, finetuned=a.lora)
+                              rope_scaling_factor=a.rope_scaling_factor, fast=a.fast, finetuned=a.lora,
+                              compile=a.compile)
     if a.chat:
         return chat(model, a)
     tok = model.tokenizer

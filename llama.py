@@ -294,6 +294,11 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, start_pos, k, v):  # k, v: (B, T, n_kv_heads, head_dim)
+        if torch.is_tensor(start_pos):  # static shapes (compiled decoding): write in place, return the whole cache
+            idx = start_pos + torch.arange(k.shape[1], device=k.device)
+            self.k.index_copy_(1, idx, k)
+            self.v.index_copy_(1, idx, v)
+            return self.k, self.v
         end = start_pos + k.shape[1]
         self.k[:, start_pos:end] = k
         self.v[:, start_pos:end] = v
@@ -388,11 +393,14 @@ class Transformer(nn.Module):
     def forward(self, tokens, start_pos=0, mask=None, last_only=False, positions=None):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
-        start_pos > 0 continues a sequence held in the KV cache. mask, if given, is a boolean
+        start_pos > 0 continues a sequence held in the KV cache; a tensor start_pos keeps every shape static for
+        torch.compile (attention then runs over the whole cache, masked past the position). mask, if given, is a boolean
         (B, 1, T, start_pos + T) "may attend" matrix, or a flex-attention BlockMask; positions (B, T) are the RoPE
         positions when they are not start_pos, start_pos + 1, ... (the finetune loop passes both for packed documents).
         """
         B, T = tokens.shape
+        if torch.is_tensor(start_pos):
+            return self.forward_static(tokens, start_pos, last_only)
         if start_pos + T > self.args.max_seq_len:
             raise InputError(f"sequence of {start_pos + T} tokens is longer than max_seq_len {self.args.max_seq_len}; "
                              f"raise max_seq_len")
@@ -415,18 +423,32 @@ class Transformer(nn.Module):
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         return logits.float()  # (B, T, vocab)
 
+    def forward_static(self, tokens, start_pos, last_only):
+        """The same computation with static shapes: what torch.compile turns into one graph for every position."""
+        T, S = tokens.shape[1], self.layers[0].attention.cache.k.shape[1]
+        positions = start_pos + torch.arange(T, device=tokens.device)  # (T,)
+        mask = torch.arange(S, device=tokens.device)[None, :] <= positions[:, None]  # (T, S): the cache so far
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, self.freqs_cis[positions], start_pos, mask)
+        h = self.norm(h[:, -1:] if last_only else h)
+        return (F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)).float()
+
     @contextmanager
-    def kv_cache(self, batch_size, max_len):
-        """Allocate a KV cache for one generation; it is freed when the block ends."""
+    def kv_cache(self, batch_size, max_len, keep=False):
+        """Allocate a KV cache for one generation; it is freed when the block ends. keep=True (compiled decoding)
+        keeps it for the next generation of the same size instead: a new cache would mean a new compilation."""
         a = self.args
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+        old = self.layers[0].attention.cache
+        if not (keep and old is not None and old.k.shape[:2] == (batch_size, max_len)):
+            for layer in self.layers:
+                layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
         try:
             yield
         finally:
             for layer in self.layers:
-                layer.attention.cache = None
+                layer.attention.cache = layer.attention.cache if keep else None
 
     def set_fused_attention(self, fused):
         for layer in self.layers:
@@ -911,8 +933,10 @@ def check_sampling(temperature, top_p, top_k):
 
 
 class Llama:
-    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
+    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False, compile=False):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        # compile: one-token decoding steps as a torch.compile'd static-shape graph (for GPUs; see forward_static)
+        self.decode_step = torch.compile(model, dynamic=False) if compile else None
         self.args = model.args
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)  # seeds sampling as Meta's global seed does
@@ -921,7 +945,7 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1,
-              rope_scaling_factor=None, fast=False, finetuned=None):
+              rope_scaling_factor=None, fast=False, finetuned=None, compile=False):
         """Load a checkpoint (Meta or Hugging Face layout) for generation.
 
         By default the arithmetic is Meta's, op for op and layout for layout (explicit attention, logits for every
@@ -957,7 +981,7 @@ class Llama:
             pack_for_cpu_inference(model)
         log(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in "
             f"{time.time() - t0:.1f}s ({device}, {str(dtype).replace('torch.', '')})")
-        return Llama(model, tokenizer, max_batch_size, seed, fast)
+        return Llama(model, tokenizer, max_batch_size, seed, fast, compile)
 
     def check_prompts(self, prompt_tokens, max_gen_len):
         if not prompt_tokens:
@@ -993,10 +1017,15 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         # Meta computes logits for every position; the last one alone is enough unless logprobs are asked for
         last_only = self.fast and not logprobs
-        with self.model.kv_cache(bsz, total_len):
+        compiled = self.decode_step is not None
+        with self.model.kv_cache(bsz, self.args.max_seq_len if compiled else total_len, keep=compiled):
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
-                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=last_only)
+                if compiled and prev_pos > 0:  # one token at a time, same shapes every step
+                    logits = self.decode_step(tokens[:, prev_pos:cur_pos], torch.tensor(prev_pos, device=self.device),
+                                              last_only=last_only)
+                else:
+                    logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=last_only)
                 next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
                 next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token

@@ -995,3 +995,39 @@ def test_ctrl_c_stops_the_reply_not_the_chat(ckpt_gqa):
     assert p.wait(timeout=120) == 0
     reader.join(timeout=10)
     assert "[stopped]" in "".join(out) and "Traceback" not in p.stderr.read()
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_static_shape_decoding_matches(ckpt_gqa, fast):
+    # the path torch.compile uses on GPUs (--compile): a tensor position, attention over the whole masked cache
+    model = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", fast=fast).model
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(tokens)
+        with model.kv_cache(2, 64):
+            steps = [model(tokens[:, :12], 0)] + [model(tokens[:, t:t + 1], torch.tensor(t)) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_generation_matches_eager(ckpt_gqa):
+    eager = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu")
+    compiled = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", compile=True)
+    prompts = [[128000, 791, 6864, 315], [128000, 9906]]
+    expected = eager.generate(prompts, 10, temperature=0)[0]
+    assert compiled.generate(prompts, 10, temperature=0)[0] == expected
+    assert compiled.generate(prompts, 10, temperature=0)[0] == expected  # the kept cache is reused correctly
+    assert compiled.model.layers[0].attention.cache is not None  # (kept on purpose: no recompilation)
+
+
+def test_bf16_packed_weights_are_bit_identical(ckpt_gqa):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 support, so generation does not pack weights")
+    packed = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", dtype="bfloat16").model
+    assert any(isinstance(m, llama.PackedLinear) for m in packed.modules())
+    plain = llama.build_model(*llama.load_checkpoint(ckpt_gqa), "cpu", torch.bfloat16)
+    plain.set_fused_attention(False)  # the same attention arithmetic as Llama.build's default
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(packed(tokens), plain(tokens))
