@@ -116,7 +116,9 @@ def lora_step_child(impl, ckpt, dtype, a):
     else:
         args, sd = llama.load_checkpoint(ckpt)
         args.max_seq_len = a.prefill_len
-        model = llama.apply_lora(llama.build_model(args, sd, "cpu", dtype), ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
+        model = llama.build_model(args, sd, "cpu", dtype, consume=True)
+        del sd
+        model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
         model.activation_checkpointing = a.activation_checkpointing
 

@@ -736,8 +736,10 @@ def pack_for_cpu_inference(model):
     return model
 
 
-def build_model(args, state_dict, device, dtype):
-    """Assign the (memory-mapped) weights into a model built on the meta device."""
+def build_model(args, state_dict, device, dtype, consume=False):
+    """Assign the (memory-mapped) weights into a model built on the meta device. consume=True: the caller hands the
+    state dict over, so each source tensor's pages are dropped as soon as it is converted (to another dtype or
+    device): converting bf16 weights to float32 then peaks near the float32 copy alone, not both."""
     state_dict = resolve_tied_output(args, state_dict)
     with torch.device("meta"):
         model = Transformer(args)
@@ -749,7 +751,12 @@ def build_model(args, state_dict, device, dtype):
         if t.shape != expected[key].shape:
             raise InputError(f"'{key}' has shape {tuple(t.shape)} but the config implies {tuple(expected[key].shape)}; "
                              f"the config and the weights are from different models")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True, strict=True)
+    converted = {}
+    for key, t in state_dict.items():
+        converted[key] = t.to(device=device, dtype=dtype)
+        if consume and converted[key].data_ptr() != t.data_ptr():
+            release_pages(t)
+    model.load_state_dict(converted, assign=True, strict=True)
     model.freqs_cis = precompute_freqs_cis(args, device)
     return model.eval()
 
@@ -965,7 +972,8 @@ class Llama:
         if tokenizer.n_words != args.vocab_size:
             raise InputError(f"tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}; "
                              f"use the tokenizer.model that came with these weights")
-        model = build_model(args, state_dict, device, dtype)
+        model = build_model(args, state_dict, device, dtype, consume=True)
+        del state_dict
         if finetuned:  # a finetune run's output dir: its adapters / norms, merged (in float32) for full speed
             run_json = Path(finetuned) / "checkpoint" / "run.json"
             if not run_json.exists():
@@ -977,9 +985,10 @@ class Llama:
             for p in model.parameters():
                 p.data, p.requires_grad = p.data.to(dtype), False
             log(f"applied the {run['mode']} weights of {finetuned} (step {run['step']})")
+        n_params = sum(p.numel() for p in model.parameters())
         if device.type == "cpu" and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             pack_for_cpu_inference(model)
-        log(f"loaded {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in "
+        log(f"loaded {n_params / 1e9:.2f}B parameters in "
             f"{time.time() - t0:.1f}s ({device}, {str(dtype).replace('torch.', '')})")
         return Llama(model, tokenizer, max_batch_size, seed, fast, compile)
 
@@ -1401,7 +1410,7 @@ def model_for_run(run, device, dtype, ckpt_dir=None):
     if not 2 <= run["seq_len"] <= context:
         raise InputError(f"--seq_len {run['seq_len']} must be between 2 and the model's context of {context} tokens")
     args.max_seq_len = max(run["seq_len"], 256)
-    model = build_model(args, state_dict, device, dtype)
+    model = build_model(args, state_dict, device, dtype, consume=True)
     if "lora" in run["mode"]:
         apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
     set_trainable(model, run["mode"])
