@@ -12,7 +12,6 @@ Every measurement runs in a fresh process so that its peak resident memory (VmHW
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -293,7 +292,7 @@ def print_table(results):
         if ours and hf:
             ratios = [f"{name} {ours[k] / hf[k]:.2f}x" for k, name in cols[3:] if k in ours and k in hf]
             ratios[-1:] = [r.replace("x", "x (lower is better)") for r in ratios[-1:] if "LoRA peak" in r] or ratios[-1:]
-            print(f"  ours / transformers: " + ", ".join(ratios))
+            print("  ours / transformers: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":
