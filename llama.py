@@ -327,7 +327,6 @@ class Attention(nn.Module):
         if not self.fused:
             y = meta_attention(q, k, v, mask)
         elif not isinstance(mask, (torch.Tensor, type(None))):  # a flex-attention BlockMask (document masking, CUDA)
-            from torch.nn.attention.flex_attention import flex_attention
             y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
@@ -353,6 +352,20 @@ def meta_attention(q, k, v, mask):
     if mask is not None:
         scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention(q, k, v, **kwargs):
+    """Flex attention skips the masked-out blocks, but only once compiled (on GPUs); eagerly it is a reference."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention as eager
+    if not q.is_cuda:
+        return eager(q, k, v, **kwargs)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(eager, dynamic=False)
+    return _compiled_flex_attention(q, k, v, **kwargs)
 
 
 class FeedForward(nn.Module):
@@ -1140,12 +1153,16 @@ class LoRALinear(nn.Module):
         return merged
 
 
-def apply_lora(model, targets, rank, alpha, dropout=0.0):
+def check_lora(targets, rank):
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
         raise InputError(f"unknown LoRA target(s) {unknown or targets}; choose among {', '.join(LORA_TARGETS)}")
     if rank < 1:
         raise InputError(f"LoRA rank must be at least 1, got {rank}")
+
+
+def apply_lora(model, targets, rank, alpha, dropout=0.0):
+    check_lora(targets, rank)
     if "output" in targets and model.output is None:  # tied: give the output layer its own module, same weight
         model.output = nn.Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
         model.output.weight = model.tok_embeddings.weight
@@ -1334,8 +1351,15 @@ def prepare_data(data, tokenizer_path, data_dir):
     """--data tinystories | FILE -> (train, val), each (tokens, loss mask or None), tokenized once and cached."""
     data_dir = Path(data_dir)
     out = [data_dir / "train.bin", data_dir / "val.bin"]
-    if all(p.exists() for p in out):
-        return [load_bin(p) for p in out]
+    source = data if data == "tinystories" else Path(data)
+    if source != data and not source.exists():
+        raise InputError(f"data file {source} does not exist; pass --data tinystories or a .txt / .jsonl file")
+    stamp = {"source": str(source)} if source == data else {"source": str(source.resolve()), "bytes": source.stat().st_size,
+                                                              "mtime": source.stat().st_mtime}
+    if all(p.exists() for p in out) and (data_dir / "source.json").exists() and read_json(data_dir / "source.json") == stamp:
+        return [load_bin(p) for p in out]  # tokenized before, from this very file
+    for p in out:
+        p.unlink(missing_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     if data == "tinystories":
         splits = [read_documents(download(TINYSTORIES.format(s), data_dir / f"tinystories-{s}.txt")) for s in ("train", "valid")]
@@ -1343,7 +1367,9 @@ def prepare_data(data, tokenizer_path, data_dir):
         docs = read_documents(data)
         n_val = max(1, len(docs) // 20) if len(docs) > 1 else 0
         splits = [docs[:len(docs) - n_val] or docs, docs[len(docs) - n_val:] or docs]  # last 5% for validation
-    return [tokenize_to_bin(docs, tokenizer_path, p) for docs, p in zip(splits, out)]
+    result = [tokenize_to_bin(docs, tokenizer_path, p) for docs, p in zip(splits, out)]
+    (data_dir / "source.json").write_text(json.dumps(stamp))
+    return result
 
 
 def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
@@ -1443,8 +1469,8 @@ def finetune(cfg):
                              f"({', '.join(f'{k}={saved[k]}' for k in different)}); use a new --out_dir")
     if cfg.mode not in ("full", "lora", "norm", "lora+norm"):
         raise InputError(f"unknown mode {cfg.mode!r}; use full, lora, norm or lora+norm")
-    if "lora" in cfg.mode:  # check the LoRA settings before the (long) load
-        apply_lora(Transformer(ModelArgs(8, 0, 1, 1, 8, 8)), cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    if "lora" in cfg.mode:  # before the (long) load
+        check_lora(cfg.lora_targets, cfg.lora_rank)
     # bf16 weights with bf16 autocast on GPU; float32 on CPU unless asked (trainable weights are float32 either way)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

@@ -804,6 +804,13 @@ def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": d}) for d in docs[:50]))
     assert llama.read_documents(jsonl) == docs[:50]
+    (train_again, _), _ = llama.prepare_data(str(corpus), META_TOKENIZER, tmp_path / "data")  # cached
+    assert np.array_equal(train_again, train_bin)
+    edited = tmp_path / "edited.txt"
+    edited.write_text("A new story.\n\nAnother one.")
+    (train_new, _), (val_new, _) = llama.prepare_data(str(edited), META_TOKENIZER, tmp_path / "data")  # a new source
+    assert np.concatenate([train_new, val_new]).tolist() == tok.encode("A new story.", bos=True, eos=True) + \
+        tok.encode("Another one.", bos=True, eos=True)
 
 
 @pytest.mark.parametrize("argv,message", [
