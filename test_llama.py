@@ -1038,3 +1038,15 @@ def test_bf16_packed_weights_are_bit_identical(ckpt_gqa):
     tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         assert torch.equal(packed(tokens), plain(tokens))
+
+
+def test_top_k_sampling(ckpt_gqa):
+    model = llama.Llama.build(ckpt_gqa, max_seq_len=128, max_batch_size=2, device="cpu", seed=4)
+    prompts = [[128000, 791, 6864], [128000, 9906]]
+    greedy = model.generate(prompts, 16, temperature=0)[0]
+    assert model.generate(prompts, 16, temperature=1.0, top_p=1.0, top_k=1)[0] == greedy  # top-1 is greedy
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
+    top5 = torch.topk(logits, 5).indices
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # every draw is one of the k likeliest
+        assert (llama.sample(logits, 1.5, 1.0, top_k=5, generator=g)[:, None] == top5).any(-1).all()
