@@ -1050,3 +1050,36 @@ def test_top_k_sampling(ckpt_gqa):
     g = torch.Generator().manual_seed(0)
     for _ in range(20):  # every draw is one of the k likeliest
         assert (llama.sample(logits, 1.5, 1.0, top_k=5, generator=g)[:, None] == top5).any(-1).all()
+
+
+def test_download_resumes_and_caches(tmp_path):
+    import http.server
+    import threading
+
+    payload = os.urandom(3_000_000)
+    requests = []
+
+    class RangeHandler(http.server.BaseHTTPRequestHandler):  # a server that honours Range, like the HF hub
+        def do_GET(self):
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+            requests.append(start)
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/stories.txt"
+        (tmp_path / "stories.txt.part").write_bytes(payload[:1_234_567])  # a download broken off earlier
+        path = llama.download(url, tmp_path / "stories.txt")
+        assert path.read_bytes() == payload and requests == [1_234_567]  # only the missing bytes were fetched
+        assert not (tmp_path / "stories.txt.part").exists()
+        llama.download(url, tmp_path / "stories.txt")
+        assert requests == [1_234_567]  # cached: no second request
+    finally:
+        server.shutdown()
