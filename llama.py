@@ -1250,18 +1250,24 @@ def download(url, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request) as r:
-        if have and r.status != 206:
-            have = 0  # the server ignored the range: start over
-        total = have + int(r.headers.get("Content-Length", 0))
-        with open(part, "ab" if have else "wb") as f:
-            done, t0 = have, time.time()
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {path.name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB "
-                      f"({(done - have) / 1e6 / max(time.time() - t0, 1e-9):.1f} MB/s)", end="", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            if have and r.status != 206:
+                have = 0  # the server ignored the range: start over
+            total = have + int(r.headers.get("Content-Length", 0))
+            with open(part, "ab" if have else "wb") as f:
+                done, t0 = have, time.time()
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    print(f"\rdownloading {path.name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB "
+                          f"({(done - have) / 1e6 / max(time.time() - t0, 1e-9):.1f} MB/s)", end="", file=sys.stderr)
+    except OSError as e:  # URLError, HTTPError, timeouts, a broken connection: what arrived stays in the .part file
+        raise InputError(f"cannot download {url} ({getattr(e, 'reason', e)}); check the connection and run again "
+                         f"(it resumes), or pass --data FILE") from None
     print(file=sys.stderr)
+    if total > have and done < total:  # the connection closed early: never call a partial file complete
+        raise InputError(f"download of {url} stopped at {done:,} of {total:,} bytes; run again to resume")
     part.rename(path)
     return path
 

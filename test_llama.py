@@ -1083,3 +1083,6 @@ def test_download_resumes_and_caches(tmp_path):
         assert requests == [1_234_567]  # cached: no second request
     finally:
         server.shutdown()
+    server.server_close()
+    with pytest.raises(InputError, match="cannot download"):  # nothing listens there any more
+        llama.download(url, tmp_path / "other.txt")
