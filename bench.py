@@ -230,7 +230,7 @@ def main():
 
     ckpt = make_checkpoint(a.shape, HERE / "bench_ckpt" / a.shape)
     args = llama.load_checkpoint(ckpt)[0]
-    impls = [i for i in a.impls.split(",") if i != "transformers" or has_transformers()]
+    impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
     bandwidth = read_bandwidth()
     machine = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
                "read_bandwidth_gb_s": round(bandwidth, 1), "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
@@ -240,7 +240,7 @@ def main():
         roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
         runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls}
         for impl in ("ours", "transformers"):
-            if impl in impls and not a.skip_lora and (impl == "ours" or has_peft()):
+            if impl in impls and not a.skip_lora and (impl == "ours" or installed("peft")):
                 runs[impl] = {**(runs[impl] or {}), **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
         results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline, **runs}
     if a.json:
@@ -249,20 +249,9 @@ def main():
         print_table(results)
 
 
-def has_peft():
-    try:
-        import peft  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def has_transformers():
-    try:
-        import transformers  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def installed(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 def cpu_name():

@@ -430,22 +430,22 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, start_pos, mask, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis, start_pos, mask)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
-        return logits.float()  # (B, T, vocab)
+        return self.head(h, last_only)
+
+    def head(self, h, last_only=False):
+        """Final norm and output matrix (the embedding itself when tied) -> float32 logits (B, T or 1, vocab)."""
+        h = self.norm(h[:, -1:] if last_only else h)
+        return (F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)).float()
 
     def forward_static(self, tokens, start_pos, last_only):
         """The same computation with static shapes: what torch.compile turns into one graph for every position."""
         T, S = tokens.shape[1], self.layers[0].attention.cache.k.shape[1]
         positions = start_pos + torch.arange(T, device=tokens.device)  # (T,)
         mask = torch.arange(S, device=tokens.device)[None, :] <= positions[:, None]  # (T, S): the cache so far
-        h = self.tok_embeddings(tokens)
+        freqs_cis, h = self.freqs_cis[positions], self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, self.freqs_cis[positions], start_pos, mask)
-        h = self.norm(h[:, -1:] if last_only else h)
-        return (F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)).float()
+            h = layer(h, freqs_cis, start_pos, mask)
+        return self.head(h, last_only)
 
     @contextmanager
     def kv_cache(self, batch_size, max_len, keep=False):
@@ -988,13 +988,8 @@ class Llama:
         model = build_model(args, state_dict, device, dtype, consume=True)
         del state_dict
         if finetuned:  # a finetune run's output dir: its adapters / norms, merged (in float32) for full speed
-            run_json = Path(finetuned) / "checkpoint" / "run.json"
-            if not run_json.exists():
-                raise InputError(f"{finetuned} holds no finetune checkpoint (checkpoint/run.json); pass a finetune --out_dir")
-            run = read_json(run_json)
-            if "lora" in run["mode"]:
-                apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"])
-            model = merge_lora(load_trained(model, finetuned))
+            run = read_run(finetuned)
+            model = merge_lora(load_trained(apply_run_lora(model, run), finetuned))
             for p in model.parameters():
                 p.data, p.requires_grad = p.data.to(dtype), False
             log(f"applied the {run['mode']} weights of {finetuned} (step {run['step']})")
@@ -1416,6 +1411,21 @@ def save_training_state(out_dir, model, optimizer, step, run_config):
         (tmp / "run.json").write_text(json.dumps({**run_config, "step": step}, indent=2))
 
 
+def read_run(out_dir):
+    """The settings a finetune run saved with its checkpoint (checkpoint/run.json)."""
+    path = Path(out_dir) / "checkpoint" / "run.json"
+    if not path.exists():
+        raise InputError(f"{out_dir} holds no finetune checkpoint ({path.name} missing); pass a finetune --out_dir")
+    return read_json(path)
+
+
+def apply_run_lora(model, run):
+    """Give a model the LoRA modules of a finetune run (if it used LoRA), so that its saved weights fit."""
+    if "lora" in run["mode"]:
+        apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
+    return model
+
+
 def load_trained(model, out_dir):
     """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model built like the run's."""
     from safetensors.torch import load_file
@@ -1442,9 +1452,7 @@ def model_for_run(run, device, dtype, ckpt_dir=None):
     if not 2 <= run["seq_len"] <= context:
         raise InputError(f"--seq_len {run['seq_len']} must be between 2 and the model's context of {context} tokens")
     args.max_seq_len = max(run["seq_len"], 256)
-    model = build_model(args, state_dict, device, dtype, consume=True)
-    if "lora" in run["mode"]:
-        apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
+    model = apply_run_lora(build_model(args, state_dict, device, dtype, consume=True), run)
     set_trainable(model, run["mode"])
     return model
 
@@ -1466,9 +1474,9 @@ def finetune(cfg):
                                          "seq_len", "data", "seed")}
     run["ckpt_dir"] = str(Path(cfg.ckpt_dir).resolve())
     if cfg.resume:
-        saved = read_json(out_dir / "checkpoint" / "run.json") if (out_dir / "checkpoint" / "run.json").exists() else None
-        if saved is None:
+        if not (out_dir / "checkpoint" / "run.json").exists():
             raise InputError(f"--resume: no checkpoint in {out_dir}; start without --resume")
+        saved = read_run(out_dir)
         different = [k for k in ("ckpt_dir", "mode", "lora_rank", "lora_targets") if saved[k] != run[k]]
         if different:
             raise InputError(f"--resume: {out_dir} was trained with other {different} "
@@ -1658,7 +1666,7 @@ def main(argv=None):
             args.rope_scaling_factor = a.rope_scaling_factor
         save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
     if a.command == "export":
-        run = read_json(Path(a.run_dir) / "checkpoint" / "run.json")
+        run = read_run(a.run_dir)
         model = merge_lora(load_trained(model_for_run(run, "cpu", torch.float32), a.run_dir))  # merged in float32
         dtype = resolve_dtype(a.dtype, "cpu")
         state_dict = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
