@@ -765,7 +765,10 @@ def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
     one = subprocess.run([sys.executable, str(HERE / "finetune.py"), *map(str, common), "--batch_size", "4",
                           "--out_dir", str(tmp_path / "one")], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    import reference  # its free_port: a fixed port can still be held by an earlier run
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          reference.free_port(),
                           str(HERE / "finetune.py"), *map(str, common), "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
