@@ -716,6 +716,85 @@ def test_lora_starts_as_base_and_merges_exactly(ckpt_gqa):
         torch.testing.assert_close(merged(tokens), unmerged, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_backward_against_numerical_gradients(dropout):
+    # the hand-written backward of LoRAProduct against finite differences (float64), base weight frozen and trained
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    keep = torch.tensor([2.0, 0.0, 2.0, 2.0, 0.0], dtype=torch.float64)  # a fixed dropout mask (p = 0.5)
+    a, b = (torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(2, 5), (4, 2)])
+    for trained in (False, True):
+        w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=trained)
+        f = lambda x, w, a, b: llama.LoRAProduct.apply(x, x * keep if dropout else x, w, a, b, 1.5)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, w, a, b))
+        x_a = x * keep if dropout else x
+        torch.testing.assert_close(f(x, w, a, b), x @ w.t() + 1.5 * (x_a @ a.t()) @ b.t())
+
+
+def test_head_cross_entropy_against_full_logits(monkeypatch):
+    # chunked over tokens and weight slices: the losses and gradients of the whole (N, vocab) logits
+    monkeypatch.setattr(llama.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
+    monkeypatch.setattr(llama.HeadCrossEntropy, "weight_rows", 64)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w, t = torch.randn(300, 16, dtype=torch.float64, generator=g), torch.randint(0, 300, (37,), generator=g)
+    losses = llama.HeadCrossEntropy.apply(h, w, t)
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="none")
+    torch.testing.assert_close(losses, ref)
+    up = torch.rand(37, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(losses, h, up)[0], torch.autograd.grad(ref, h, up)[0])
+    assert torch.autograd.gradcheck(lambda h: llama.HeadCrossEntropy.apply(h, w, t), (h,))
+
+
+def lora_model(ckpt, targets, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = llama.apply_lora(llama.build_model(*llama.load_checkpoint(ckpt), "cpu", dtype), targets, rank=4, alpha=8)
+    llama.set_trainable(model, "lora")
+    for m in model.modules():
+        if isinstance(m, llama.LoRALinear):
+            m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch):
+    # the training path (chunked head, hand-written LoRA backward) against plain autograd through whole logits
+    tok = llama.Tokenizer(META_TOKENIZER)
+    x, y = packed_example(tok)[2][:, :-1], packed_example(tok)[2][:, 1:]
+    targets, up = ["wq", "wv", "w1", "w2"], torch.linspace(0, 1, y.shape[1])
+
+    model = lora_model(ckpt_gqa, targets)
+    losses, _ = llama.token_losses(model, x, y, tok.bos_id)
+    (losses[0] * up).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(llama.LoRALinear, "forward", lambda m, x: m.base(x) + m.scale * (x @ m.lora_a.t()) @ m.lora_b.t())
+    model = lora_model(ckpt_gqa, targets)
+    positions, mask = llama.document_mask(x, tok.bos_id)
+    ref = F_cross_entropy(model(x, mask=mask, positions=positions)[0], y[0])
+    (ref * up).sum().backward()
+    torch.testing.assert_close(losses[0], ref.detach(), atol=1e-5, rtol=1e-5)
+    assert len(grads) == 2 * len(targets) * 2  # A and B of each target in both layers
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_lora_step_close_to_float32(ckpt_gqa):
+    # bf16 weights (products in float32 on CPUs): the loss and adapter gradients of the float32 model, to bf16 precision
+    tok = llama.Tokenizer(META_TOKENIZER)
+    x, y = packed_example(tok)[2][:, :-1], packed_example(tok)[2][:, 1:]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = lora_model(ckpt_gqa, ["wq", "wo", "w2", "w3"], dtype)
+        losses, weights = llama.token_losses(model, x, y, tok.bos_id)
+        loss = (losses * weights).sum() / weights.sum()
+        loss.backward()
+        out.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (loss32, g32), (loss16, g16) = out
+    assert abs(loss16 - loss32) < 1e-2 * abs(loss32)
+    assert (g16 - g32).norm() < 5e-2 * g32.norm()
+
+
 @pytest.mark.parametrize("mode", ["lora", "norm", "lora+norm", "full"])
 def test_only_selected_parameters_change(ckpt_gqa, corpus, tmp_path, mode):
     base = dict(tiny_model(ckpt_gqa).named_parameters())
