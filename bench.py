@@ -72,15 +72,44 @@ def decode_bytes_per_token(args, dtype_bytes):
     return n if args.tie_embeddings else n - (args.vocab_size - 1) * args.dim * dtype_bytes
 
 
-def read_bandwidth(gib=2, repeats=5):
-    """GB/s of reading a tensor far larger than the caches (best of a few: the machine is shared)."""
-    x = torch.ones(gib * 2**30 // 4, dtype=torch.float32)
-    best = 0.0
+def best_time(fn, repeats=5):
+    fn()
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    return best
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)  # best of a few: the machine is shared
+
+
+def read_bandwidth(gib=2):
+    """GB/s of reading far more memory than the caches hold: the faster of a sum and of float32 matrix-vector
+    products (they read at different rates; the machine can do at least the better one)."""
+    x = torch.ones(gib * 2**30 // 4, dtype=torch.float32)
+    total = x.numel() * 4 / best_time(x.sum) / 1e9
+    mats, v = x.view(-1, 4096, 2048), torch.ones(1, 2048)  # 64 MB matrices: each fits the cache, all of them do not
+    matvec = x.numel() * 4 / best_time(lambda: [torch.nn.functional.linear(v, m) for m in mats]) / 1e9
+    return max(total, matvec)
+
+
+def kernel_rates():
+    """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product (weights pre-packed
+    for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a 512 x 2048 x 8192 matrix product
+    (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
+    mats = [llama.PackedLinear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
+    v = torch.ones(1, 2048, dtype=torch.bfloat16)
+    rates = {"bf16_matvec_gb_s": 32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
+    x, w = torch.randn(512, 2048), torch.randn(8192, 2048)
+    rates["f32_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: torch.nn.functional.linear(x, w)) / 1e9
+    packed, xb = mats[0], x.bfloat16()
+    rates["bf16_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: packed(xb)) / 1e9
+    return rates
+
+
+def matmul_params(args):
+    """Parameters in matrix products per token: every layer's matrices and the output layer."""
+    untied_embedding = 0 if args.tie_embeddings else args.vocab_size * args.dim  # a lookup, not a product
+    return weight_bytes(args, 1) - untied_embedding - (2 * args.n_layers + 1) * args.dim  # and not the norms
 
 
 # ----------------------------------------------------------------------------- one measurement, in a child process
@@ -231,18 +260,26 @@ def main():
     ckpt = make_checkpoint(a.shape, HERE / "bench_ckpt" / a.shape)
     args = llama.load_checkpoint(ckpt)[0]
     impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
-    bandwidth = read_bandwidth()
+    llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
+    bandwidth, rates = read_bandwidth(), kernel_rates()
     machine = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
-               "read_bandwidth_gb_s": round(bandwidth, 1), "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
+               "read_bandwidth_gb_s": round(bandwidth, 1), **{k: round(v, 1) for k, v in rates.items()},
+               "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
     results = {"machine": machine, "runs": {}}
     for dtype in a.dtypes.split(","):
         nbytes = 4 if dtype == "float32" else 2
         roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
+        gemm = max(rates["f32_gemm_gflop_s"], rates["bf16_gemm_gflop_s"]) * 1e9  # either may be used for bf16 weights
+        matvec = bandwidth if dtype == "float32" else rates["bf16_matvec_gb_s"]
+        ceilings = {"decode_kernel_tok_s": matvec * 1e9 / decode_bytes_per_token(args, nbytes),
+                    "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
+                    "lora_step_tok_s": gemm / (4 * matmul_params(args))}  # forward + input gradients, frozen weights
         runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls}
         for impl in ("ours", "transformers"):
             if impl in impls and not a.skip_lora and (impl == "ours" or installed("peft")):
                 runs[impl] = {**(runs[impl] or {}), **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
-        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline, **runs}
+        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline,
+                                  "ceilings": ceilings, **runs}
     if a.json:
         print(json.dumps(results, indent=2))
     else:
@@ -265,23 +302,33 @@ def print_table(results):
     m = results["machine"]
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}; "
           f"read bandwidth {m['read_bandwidth_gb_s']} GB/s")
+    print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix product "
+          f"{m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
     cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1 tok/s"),
             ("decode_b8_tok_s", "decode b8 tok/s"), ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
             ("lora_peak_rss_gb", "LoRA peak GB")]
     for dtype, r in results["runs"].items():
-        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline {r['roofline_tok_s']:.1f} tok/s")
+        c = r["ceilings"]
+        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline {r['roofline_tok_s']:.1f} tok/s "
+              f"(with the fastest matrix-vector kernel: {c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
+              f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
         print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in cols))
         for impl in ("ours", "ours_fast", "transformers"):
             if r.get(impl):
                 print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}" for k, _ in cols))
         ours, hf = r.get("ours"), r.get("transformers")
         if ours and "decode_b1_tok_s" in ours:
-            print(f"  ours / roofline (decode b1): {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
+            fast = r.get("ours_fast") or ours
+            print(f"  decode b1 / roofline: ours {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}, ours_fast "
+                  f"{fast['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
                   f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
         if ours and hf:
             ratios = [f"{name} {ours[k] / hf[k]:.2f}x" for k, name in cols[3:] if k in ours and k in hf]
             ratios[-1:] = [r.replace("x", "x (lower is better)") for r in ratios[-1:] if "LoRA peak" in r] or ratios[-1:]
             print("  ours / transformers: " + ", ".join(ratios))
+        if r.get("ours_fast") and hf and "decode_b1_tok_s" in hf:
+            print("  ours_fast / transformers: " + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x" for k, name in
+                                                         cols[3:6] if k in r["ours_fast"] and k in hf))
 
 
 if __name__ == "__main__":

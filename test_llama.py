@@ -731,6 +731,39 @@ def test_lora_backward_against_numerical_gradients(dropout):
         torch.testing.assert_close(f(x, w, a, b), x @ w.t() + 1.5 * (x_a @ a.t()) @ b.t())
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_bf16_lora_product_is_the_float32_product_rounded(dropout):
+    # bf16 inputs multiplied in float32 through the scratch buffers: the float32 results of the same inputs, rounded
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
+    keep = (torch.rand(16, generator=g) > 0.3).bfloat16() * 2
+    w = (torch.randn(24, 16, generator=g) / 4).bfloat16()
+    a, b = (torch.randn(s, generator=g, requires_grad=True) for s in [(4, 16), (24, 4)])
+    up = torch.randn(2, 9, 24, generator=g).bfloat16()
+    x_a = x * keep if dropout else x
+    y = llama.LoRAProduct.apply(x, x_a, w, a, b, 2.0)
+    grads = torch.autograd.grad(y, (x, a, b), up)
+    x32 = x.detach().float().requires_grad_()
+    x32_a = x32 * keep.float() if dropout else x32
+    y32 = x32 @ w.float().t() + 2.0 * (x32_a @ a.t()) @ b.t()
+    ref = torch.autograd.grad(y32, (x32, a, b), up.float())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.bfloat16())
+    # rounded once to bf16 (twice with dropout: the base's and the adapter's shares arrive separately)
+    torch.testing.assert_close(grads[0].float(), ref[0], atol=2 ** -7 * ref[0].abs().max().item() * dropout, rtol=2 ** -7)
+    torch.testing.assert_close(grads[1], ref[1]), torch.testing.assert_close(grads[2], ref[2])
+
+
+def test_swiglu_backward_equals_autograd():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(llama.SwiGLU.apply, (a, b))
+    a, b = (t.detach().bfloat16().requires_grad_() for t in (a, b))  # bf16: bit for bit what autograd computes
+    up = torch.randn(3, 7, generator=g).bfloat16()
+    ours = torch.autograd.grad(llama.SwiGLU.apply(a, b), (a, b), up)
+    ref = torch.autograd.grad(torch.nn.functional.silu(a) * b, (a, b), up)
+    assert all(torch.equal(x, y) for x, y in zip(ours, ref))
+
+
 def test_head_cross_entropy_against_full_logits(monkeypatch):
     # chunked over tokens and weight slices: the losses and gradients of the whole (N, vocab) logits
     monkeypatch.setattr(llama.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
