@@ -247,9 +247,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 even for bf16 activations, then scale in the model's dtype
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Normalise in float32 even for bf16 activations, then scale in the model's dtype (Meta's ops exactly). The
+    backward is written out so that training keeps x itself and one number per row, not autograd's float32 copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # x.float(), but float64 stays (gradcheck)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        d_normed = (grad * weight).to(rstd.dtype)
+        dx = rstd * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
+        d_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), d_weight, None
 
 
 def rope_frequencies(args):

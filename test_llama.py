@@ -753,6 +753,20 @@ def test_bf16_lora_product_is_the_float32_product_rounded(dropout):
     torch.testing.assert_close(grads[1], ref[1]), torch.testing.assert_close(grads[2], ref[2])
 
 
+def test_rms_norm_backward_against_numerical_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: llama.RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    # bf16 activations, float32 weight (norm tuning): autograd's gradients through Meta's ops, to bf16 precision
+    xb, up = x.detach().bfloat16().requires_grad_(), torch.randn(2, 3, 8, generator=g)
+    ours = torch.autograd.grad(llama.RMSNormFunction.apply(xb, w.detach().float().requires_grad_(), 1e-5), xb, up)
+    wf = w.detach().float().requires_grad_()
+    ref = torch.autograd.grad((xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(xb) * wf,
+                              xb, up)
+    torch.testing.assert_close(ours[0].float(), ref[0].float(), atol=1e-2, rtol=1e-2)
+
+
 def test_swiglu_backward_equals_autograd():
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
