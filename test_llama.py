@@ -1215,3 +1215,18 @@ def test_download_resumes_and_caches(tmp_path):
     server.server_close()
     with pytest.raises(InputError, match="cannot download"):  # nothing listens there any more
         llama.download(url, tmp_path / "other.txt")
+
+
+def test_bench_runs_and_reports():
+    # bench.py end to end on the tiny shape (a few tokens): every figure it reports is there and positive
+    r = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--dtypes", "float32", "--prompt_len", "8",
+                        "--new_tokens", "4", "--prefill_len", "16", "--lora_steps", "1", "--skip_batch8", "--json"],
+                       cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout)
+    assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["f32_gemm_gflop_s"] > 0
+    run = results["runs"]["float32"]
+    assert run["roofline_tok_s"] > 0 and all(v > 0 for v in run["ceilings"].values())
+    for impl in ("ours", "ours_fast", "transformers"):
+        assert run[impl]["decode_b1_tok_s"] > 0 and run[impl]["prefill_tok_s"] > 0 and run[impl]["peak_rss_gb"] > 0
+    assert run["ours"]["lora_step_tok_s"] > 0 and run["ours"]["lora_peak_rss_gb"] > 0
