@@ -429,7 +429,7 @@ class TransformerBlock(nn.Module):
 # Training on CPUs. Products with frozen bf16 weights run in float32 (matmul_dtype); their float32 operands and
 # results live in a few reused buffers (scratch), and freed memory goes back to the OS before each training step
 # and before the output layer's logits (release_freed_memory). Without the last two, glibc's heap holds on to the
-# float32 temporaries between the activations, and a LoRA step's peak memory is 1.2 GB higher (1B, bf16, 512 tokens).
+# float32 temporaries between the activations, and a LoRA step's peak memory is ~1 GB higher (1B, bf16, 512 tokens).
 
 def matmul_dtype(x):
     """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs without AMX tiles, where oneDNN's
