@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, help="weights' dtype (default: bf16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default=None, help="weights' dtype (default: bf16 on GPU, float32 on CPU; on CPU, bfloat16 makes LoRA "
+                                                "training faster in half the memory)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute activations: less memory")
     a = p.parse_args(argv)
     a.lora_targets = [t for t in a.lora_targets.split(",") if t]
