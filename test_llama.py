@@ -806,7 +806,8 @@ def lora_model(ckpt, targets, dtype=torch.float32):
 def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch):
     # the training path (chunked head, hand-written LoRA backward) against plain autograd through whole logits
     tok = llama.Tokenizer(META_TOKENIZER)
-    x, y = packed_example(tok)[2][:, :-1], packed_example(tok)[2][:, 1:]
+    packed = packed_example(tok)[2]
+    x, y = packed[:, :-1], packed[:, 1:]
     targets, up = ["wq", "wv", "w1", "w2"], torch.linspace(0, 1, y.shape[1])
 
     model = lora_model(ckpt_gqa, targets)
@@ -829,7 +830,8 @@ def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch
 def test_bf16_lora_step_close_to_float32(ckpt_gqa):
     # bf16 weights (products in float32 on CPUs): the loss and adapter gradients of the float32 model, to bf16 precision
     tok = llama.Tokenizer(META_TOKENIZER)
-    x, y = packed_example(tok)[2][:, :-1], packed_example(tok)[2][:, 1:]
+    packed = packed_example(tok)[2]
+    x, y = packed[:, :-1], packed[:, 1:]
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         model = lora_model(ckpt_gqa, ["wq", "wo", "w2", "w3"], dtype)
