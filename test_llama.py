@@ -1149,9 +1149,10 @@ def test_static_shape_decoding_matches(ckpt_gqa, fast):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_generation_matches_eager(ckpt_gqa):
-    eager = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu")
-    compiled = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", compile=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 on CPU: compiled with plain, not packed, weights
+def test_compiled_generation_matches_eager(ckpt_gqa, dtype):
+    eager = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype)
+    compiled = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype, compile=True)
     prompts = [[128000, 791, 6864, 315], [128000, 9906]]
     expected = eager.generate(prompts, 10, temperature=0)[0]
     assert compiled.generate(prompts, 10, temperature=0)[0] == expected
@@ -1164,6 +1165,7 @@ def test_bf16_packed_weights_are_bit_identical(ckpt_gqa):
         pytest.skip("this CPU has no oneDNN bf16 support, so generation does not pack weights")
     packed = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", dtype="bfloat16").model
     assert any(isinstance(m, llama.PackedLinear) for m in packed.modules())
+    assert packed.layers[0].attention.wqkv is not None and packed.layers[0].feed_forward.w13 is not None  # fused
     plain = llama.build_model(*llama.load_checkpoint(ckpt_gqa), "cpu", torch.bfloat16)
     plain.set_fused_attention(False)  # the same attention arithmetic as Llama.build's default
     tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
