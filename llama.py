@@ -577,7 +577,7 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else getattr(self.output, "weight", None)
         if h.device.type == "cpu" and torch.is_grad_enabled():
             release_freed_memory()  # the forward pass's temporaries, before the logits
-        if isinstance(self.output, (nn.Linear, type(None))) and not (weight.requires_grad and torch.is_grad_enabled()):
+        if isinstance(self.output, (nn.Linear, type(None))) and not needs_grad(weight):
             return HeadCrossEntropy.apply(self.norm(h).flatten(0, 1), weight, targets.flatten()).view(targets.shape)
         return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
