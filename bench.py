@@ -17,11 +17,15 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+import checkpoints
+import generate
 import llama
+import speed
 
 HERE = Path(__file__).parent
 
@@ -29,34 +33,13 @@ HERE = Path(__file__).parent
 # ----------------------------------------------------------------------------- checkpoints
 
 def make_checkpoint(shape, out_dir):
-    """Random bf16 weights of a real shape, in HF's layout, written one ~2 GB shard at a time (bounded memory)."""
-    from safetensors.torch import save_file
-
+    """Random bf16 weights of a real shape, in HF's layout (made once; never committed)."""
     if (out_dir / "config.json").exists():
         return out_dir
-    args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **llama.SHAPES[shape])
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in llama.Transformer(args).state_dict().items()}
-    names, std = llama.hf_names(args.n_layers), args.dim ** -0.5
+    args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **checkpoints.SHAPES[shape])
     llama.log(f"making a random {shape}-shaped checkpoint in {out_dir} (once)")
-    with llama.atomic_directory(out_dir) as tmp:
-        shard, size, weight_map, n = {}, 0, {}, 0
-        for i, (key, s) in enumerate(shapes.items()):
-            t = torch.empty(s, dtype=torch.bfloat16)
-            t.fill_(1.0) if key.endswith("norm.weight") else t.normal_(0, std)
-            shard[names[key]], size = t, size + t.numel() * 2
-            if size > 2 * 2**30 or i == len(shapes) - 1:
-                n += 1
-                save_file(shard, tmp / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
-                weight_map.update({name: f"model-{n:05d}.safetensors" for name in shard})
-                shard, size = {}, 0
-                llama.log(f"  wrote shard {n}")
-        total = sum(s.numel() * 2 for s in shapes.values())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                      "weight_map": weight_map}))
-        (tmp / "config.json").write_text(json.dumps(llama.hf_config(args)))
-        (tmp / "original").mkdir()
-        (tmp / "original" / "tokenizer.model").write_bytes(llama.bundled_tokenizer().read_bytes())
+    checkpoints.save_hf_checkpoint(args, checkpoints.random_state_dict(args), out_dir,
+                                   checkpoints.bundled_tokenizer(), max_shard_bytes=2 * 2**30)
     return out_dir
 
 
@@ -96,7 +79,7 @@ def kernel_rates():
     """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product (weights pre-packed
     for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a 512 x 2048 x 8192 matrix product
     (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
-    mats = [llama.PackedLinear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
+    mats = [speed.PackedLinear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
     v = torch.ones(1, 2048, dtype=torch.bfloat16)
     rates = {"bf16_matvec_gb_s": 32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
     x, w = torch.randn(512, 2048), torch.randn(8192, 2048)
@@ -142,12 +125,12 @@ def lora_step_child(impl, ckpt, dtype, a):
         model.config.use_cache = False
         loss_fn = lambda: model(input_ids=x, labels=tokens[:, :-1].clone()).loss  # noqa: E731 (HF shifts labels itself)
     else:
-        args, sd = llama.load_checkpoint(ckpt)
-        args.max_seq_len = a.prefill_len
-        model = llama.build_model(args, sd, "cpu", dtype, consume=True)
-        del sd
+        args, sd = checkpoints.load_checkpoint(ckpt)
+        args = replace(args, max_seq_len=a.prefill_len)
+        model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype, fused=True)
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
+        speed.for_training(model)
         model.activation_checkpointing = a.activation_checkpointing
 
         def loss_fn():
@@ -179,7 +162,8 @@ def child(impl, ckpt, dtype_name, a):
 
         hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     else:
-        g = llama.Llama.build(ckpt, max_seq_len=1024, max_batch_size=8, device="cpu", dtype=dtype, fast=impl == "ours_fast")
+        g = generate.load(ckpt, max_seq_len=1024, max_batch_size=8, device="cpu", dtype=dtype_name,
+                          fast=impl == "ours_fast")
     out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, peak_rss_gb()
 
     def decode(batch, prompt_len, new):
@@ -236,7 +220,7 @@ def run_child(impl, ckpt, dtype, a, lora=False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(llama.SHAPES), default="1B")
+    p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="1B")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     p.add_argument("--impls", default="ours,ours_fast,transformers", help="comma-separated implementations")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -250,6 +234,8 @@ def main():
     p.add_argument("--skip_decode", action="store_true", help="only the LoRA step")
     p.add_argument("--activation_checkpointing", action="store_true", help="for our LoRA step")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--ckpt_root", default=str(HERE / "bench_ckpt"),
+                   help="where the random checkpoints are made, once per shape (default bench_ckpt/)")
     p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
@@ -257,12 +243,14 @@ def main():
     if a._child:
         return child(a._child, a._ckpt, a.dtypes, a)
 
-    ckpt = make_checkpoint(a.shape, HERE / "bench_ckpt" / a.shape)
-    args = llama.load_checkpoint(ckpt)[0]
+    ckpt = make_checkpoint(a.shape, Path(a.ckpt_root) / a.shape)
+    args = checkpoints.read_args(ckpt)
     impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
     llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
     bandwidth, rates = read_bandwidth(), kernel_rates()
-    machine = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
+    machine = {"cpu": cpu_name(), "threads": a.threads, "amx": speed.cpu_has_amx(),
+               "bf16_training_products": str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
+               "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16), "torch": torch.__version__, "python": platform.python_version(),
                "read_bandwidth_gb_s": round(bandwidth, 1), **{k: round(v, 1) for k, v in rates.items()},
                "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
     results = {"machine": machine, "runs": {}}
@@ -302,6 +290,8 @@ def print_table(results):
     m = results["machine"]
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}; "
           f"read bandwidth {m['read_bandwidth_gb_s']} GB/s")
+    print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
+          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix product "
           f"{m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
     cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1 tok/s"),

@@ -1,68 +1,172 @@
 """
-Finetune a Llama 3.x checkpoint: LoRA, RMSNorm weights, both, or everything, on TinyStories or your own text.
+Finetune a Llama 3.x checkpoint: LoRA, RMSNorm weights, both, or everything, on TinyStories or your text.
 
-    python finetune.py --ckpt_dir Llama-3.2-1B/original                      # LoRA on TinyStories (downloads it)
-    python finetune.py --ckpt_dir DIR --data my_texts.txt --mode lora+norm   # documents separated by blank lines
-    python finetune.py --ckpt_dir DIR --data docs.jsonl --mode full --lr 1e-5 # one {"text": ...} per line
-    python finetune.py --ckpt_dir DIR --out_dir out --resume                 # continue exactly where it stopped
-    torchrun --nproc_per_node 2 finetune.py --ckpt_dir DIR ...                # data parallel (gloo on CPU, nccl on GPU)
+    python finetune.py --ckpt_dir Llama-3.2-1B/original                       # LoRA on TinyStories
+    python finetune.py --ckpt_dir DIR --data my_texts.txt --mode lora+norm    # documents, blank-line separated
+    python finetune.py --ckpt_dir DIR --data chat.jsonl --out_dir sft         # {"messages": [...]} per line
+    python finetune.py --out_dir out --resume                                 # continue, same settings
+    python finetune.py --out_dir out --resume --max_steps 2000                # ... and train longer
+    torchrun --nproc_per_node 2 finetune.py --ckpt_dir DIR                    # data parallel (DDP)
 
-Then use the result:
-    python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"
-    python llama.py export out merged_ckpt --to hf                            # merged into a full checkpoint
+Then: python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"
+      python checkpoints.py export out merged --to hf                        # a full checkpoint
 
-Every step appends {"step", "loss", "lr", "tokens_per_s"} and every evaluation {"step", "val_loss"} to
-OUT_DIR/log.jsonl. Ctrl-C saves a checkpoint and exits.
+Each save writes OUT_DIR/checkpoint (atomically) and OUT_DIR/log.jsonl: a {"step", "loss", "lr",
+"tokens_per_s"} line per step and {"step", "val_loss"} per evaluation, never ahead of the checkpoint.
+Ctrl-C or SIGTERM stops at the end of the step, saves, and exits with 130 (143 for SIGTERM).
 """
 
 import argparse
+import os
+import shutil
 import sys
+from dataclasses import replace
+from pathlib import Path
 
+import torch
+
+import checkpoints
 import llama
+import prepare
+import speed
+
+DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora", lora_rank=8,
+                lora_alpha=16.0, lora_dropout=0.0, lora_targets="wq,wk,wv,wo,w1,w2,w3", seq_len=512,
+                batch_size=8, grad_accum=4, max_steps=1000, lr=2e-4, warmup_steps=50, weight_decay=0.0,
+                grad_clip=1.0, eval_every=100, eval_batches=10, sample_every=200, save_every=200,
+                stop_at=None, seed=1337, device=None, dtype=None, activation_checkpointing=False)
+CHANGEABLE = {"max_steps", "eval_every", "eval_batches", "sample_every", "save_every", "stop_at", "device"}
+HELP = dict(ckpt_dir="base checkpoint (Meta or HF layout)", data="'tinystories', or a .txt / .jsonl file",
+            data_dir="where TinyStories is downloaded and tokenized", mode="what is trained",
+            lora_targets=f"comma-separated, among {','.join(llama.LORA_TARGETS)}",
+            seq_len="tokens per training sequence", batch_size="sequences per micro-batch per process",
+            grad_accum="micro-batches per optimizer step", lr="peak learning rate (~1e-5 for --mode full)",
+            weight_decay="AdamW decay, on matrices only", eval_every="validation loss every N steps (0: never)",
+            sample_every="print a sample every N steps (0: never)", stop_at="save and stop after this step",
+            device="default: the best available", dtype="frozen weights' dtype (default: bfloat16 on GPUs, "
+            "float32 on CPUs; on CPUs bfloat16 makes LoRA faster in half the memory)",
+            activation_checkpointing="recompute activations in backward: less memory")
+CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(llama.DTYPES))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_dir", required=True, help="base checkpoint (Meta or Hugging Face layout)")
-    p.add_argument("--data", default="tinystories", help="'tinystories', or a .txt / .jsonl file (default tinystories)")
-    p.add_argument("--data_dir", default="data", help="where TinyStories is downloaded and tokenized (default data/)")
-    p.add_argument("--out_dir", default="out", help="checkpoints and log.jsonl go here (default out/)")
-    p.add_argument("--mode", default="lora", help="lora, norm, lora+norm or full (default lora)")
-    p.add_argument("--lora_rank", type=int, default=8)
-    p.add_argument("--lora_alpha", type=float, default=16.0)
-    p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument("--lora_targets", default="wq,wk,wv,wo,w1,w2,w3",
-                   help=f"comma-separated, among {','.join(llama.LORA_TARGETS)} (default: attention and MLP)")
-    p.add_argument("--seq_len", type=int, default=512, help="tokens per training sequence (default 512)")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
-    p.add_argument("--grad_accum", type=int, default=4, help="micro-batches per optimizer step (default 4)")
-    p.add_argument("--max_steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4; ~1e-5 for --mode full)")
-    p.add_argument("--warmup_steps", type=int, default=50)
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay, on matrices only (default 0)")
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--eval_every", type=int, default=100, help="validation loss every N steps (0: never)")
-    p.add_argument("--eval_batches", type=int, default=10)
-    p.add_argument("--sample_every", type=int, default=200, help="print a generated sample every N steps (0: never)")
-    p.add_argument("--save_every", type=int, default=200)
-    p.add_argument("--stop_at", type=int, default=None, help="save and stop after this step (continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, help="weights' dtype (default: bf16 on GPU, float32 on CPU; on CPU, bfloat16 makes LoRA "
-                                                "training faster in half the memory)")
-    p.add_argument("--activation_checkpointing", action="store_true", help="recompute activations: less memory")
-    a = p.parse_args(argv)
-    a.lora_targets = [t for t in a.lora_targets.split(",") if t]
-    for name in ("batch_size", "grad_accum", "max_steps", "save_every"):
-        if getattr(a, name) < 1:
-            raise llama.InputError(f"--{name} must be at least 1")
-    return a
+    for name, default in DEFAULTS.items():  # default None: a flag given on --resume is told from a saved one
+        kind = {"action": "store_const", "const": True} if default is False else \
+            {"type": type(default) if default is not None else (int if name == "stop_at" else str),
+             "choices": CHOICES.get(name)}
+        p.add_argument(f"--{name}", default=None, **kind, help=f"{HELP.get(name, '')} (default {default})".lstrip())
+    p.add_argument("--out_dir", default="out", help="checkpoint and log.jsonl go here (default out)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir with its settings")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
+    return p.parse_args(argv)
+
+
+def settings(a):
+    """The run's settings: the defaults, then (with --resume) what run.json saved, then the flags given.
+    Checked here, before anything slow."""
+    given = {k: v for k, v in vars(a).items() if k in DEFAULTS and v is not None}
+    if isinstance(given.get("lora_targets"), str):
+        given["lora_targets"] = [t for t in given["lora_targets"].split(",") if t]
+    for key in ("ckpt_dir", "data"):
+        if key in given and (key != "data" or given[key] != "tinystories"):
+            given[key] = str(Path(given[key]).resolve())
+    out_dir = Path(a.out_dir)
+    if a.resume:
+        saved = {k: v for k, v in llama.read_run(out_dir).items() if k in DEFAULTS}
+        other = [k for k, v in given.items() if k not in CHANGEABLE and saved.get(k) != v]
+        if other:
+            raise llama.InputError(f"--resume: {out_dir} was trained with other settings ("
+                                   + ", ".join(f"{k}={saved.get(k)!r}, not {given[k]!r}" for k in other)
+                                   + "); drop those flags, or start a new --out_dir")
+        cfg = {**DEFAULTS, "lora_targets": None, **saved, **given}
+    else:
+        if (out_dir / "checkpoint").exists() or (out_dir / "log.jsonl").exists():
+            if not a.overwrite:
+                raise llama.InputError(f"{out_dir} holds a finetune run; continue it with --resume, or start "
+                                       f"over with --overwrite, or pass another --out_dir")
+        cfg = {**DEFAULTS, **given}
+        cfg["lora_targets"] = cfg["lora_targets"] if "lora_targets" in given else \
+            DEFAULTS["lora_targets"].split(",")
+        if cfg["ckpt_dir"] is None:
+            raise llama.InputError("--ckpt_dir is required to start a run")
+    c = argparse.Namespace(**cfg, resume=a.resume, out_dir=out_dir)
+    for name in ("batch_size", "grad_accum", "max_steps", "save_every", "eval_batches", "lora_rank"):
+        if getattr(c, name) < 1:
+            raise llama.InputError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(c, name) > 0:
+            raise llama.InputError(f"--{name} must be positive, got {getattr(c, name)}")
+    if not 0 <= c.lora_dropout < 1 or c.weight_decay < 0 or c.warmup_steps < 0 or c.eval_every < 0:
+        raise llama.InputError("--lora_dropout must be in [0, 1), and --weight_decay, --warmup_steps, "
+                               "--eval_every at least 0")
+    if c.mode in ("lora", "lora+norm"):
+        llama.check_lora(c.lora_targets, c.lora_rank)
+    context = checkpoints.read_args(c.ckpt_dir).context
+    if not 2 <= c.seq_len <= context:
+        raise llama.InputError(f"--seq_len {c.seq_len} must be between 2 and the model's context of {context}")
+    prepare.check_source(c.data)
+    llama.resolve_device(c.device)
+    return c
+
+
+def main(argv=None):
+    cfg = settings(parse_args(argv))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = llama.resolve_device(cfg.device)
+    if world > 1:  # torchrun: one process per device, gloo on CPUs, nccl on GPUs
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    dtype = llama.resolve_dtype(cfg.dtype, device)
+    tokenizer = checkpoints.load_tokenizer(cfg.ckpt_dir)
+    data_dir = cfg.out_dir / "data" if cfg.data != "tinystories" else Path(cfg.data_dir) / "tinystories"
+    if rank == 0:
+        prepare.prepare_data(cfg.data, tokenizer, data_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    train_data, val_data = prepare.load_bin(data_dir / "train.bin"), prepare.load_bin(data_dir / "val.bin")
+    for name, (tokens, _) in (("training", train_data), ("validation", val_data)):
+        if len(tokens) <= cfg.seq_len + 1 and (name == "training" or cfg.eval_every):
+            raise llama.InputError(f"the {name} data has {len(tokens)} tokens, too few for --seq_len "
+                                   f"{cfg.seq_len}; use more data or a smaller --seq_len")
+    torch.manual_seed(cfg.seed)
+    args, state_dict = checkpoints.load_checkpoint(cfg.ckpt_dir)
+    args = replace(args, max_seq_len=max(cfg.seq_len, 256))
+    model = llama.build_model(args, speed.convert(state_dict, device, dtype), device, dtype, fused=True)
+    run = {k: getattr(cfg, k) for k in DEFAULTS}
+    checkpoints.apply_run_lora(model, run)
+    llama.set_trainable(model, cfg.mode)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    speed.for_training(model)
+    if device.type == "cuda":
+        speed.use_flex_attention(model)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    llama.log(f"training {n_trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
+              f"({cfg.mode}); {len(train_data[0]):,} training tokens; {world} process(es) on {device}")
+    if not cfg.resume and rank == 0:
+        shutil.rmtree(cfg.out_dir / "checkpoint", ignore_errors=True)
+        (cfg.out_dir / "log.jsonl").unlink(missing_ok=True)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def sample_text(model):
+        model.eval()
+        g = llama.Llama(model, tokenizer, max_batch_size=1, seed=cfg.seed, fast=True)
+        text = g.text_completion(["Once upon a time"], temperature=0.8, max_gen_len=48)[0]["generation"]
+        model.train()
+        return text
+
+    stopped = llama.train(model, tokenizer, train_data, val_data, cfg, cfg.out_dir, run, sample_text)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model, stopped
 
 
 if __name__ == "__main__":
     try:
-        llama.finetune(parse_args())
+        _, stopped = main()
     except llama.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit({2: 130, 15: 143}.get(stopped, 0))

@@ -7,8 +7,9 @@ test_llama.py compares llama.py against this, token for token.
     python reference.py --ckpt_dir DIR --prompt "The capital of France is" --max_gen_len 32 --temperature 0
     python reference.py --ckpt_dir DIR --prompt_tokens '[[128000, 791]]' --dtype bfloat16 --logprobs
 
-Output: {"tokens": [[ids of prompt 1], ...], "logprobs": [[...], ...]} - generated tokens only, the stop token
-excluded, at most --max_gen_len per prompt (as Meta's original llama3 generation.py truncates).
+Output: {"tokens": [[ids of prompt 1], ...], "stops": [stop token id or null, ...], "logprobs": [[...], ...]}:
+generated tokens only, the stop token excluded (it is in "stops"), at most --max_gen_len per prompt (as Meta's
+original llama3 generation.py truncates).
 
 What this script has to work around, and why each is harmless to the comparison:
 - Meta's generation module imports torchvision through its multimodal (vision) model, and there is no CPU
@@ -61,6 +62,9 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--logprobs", action="store_true")
     a = p.parse_args()
+    if not os.path.exists(os.path.join(a.ckpt_dir, "params.json")):
+        sys.exit(f"error: {a.ckpt_dir} has no params.json; Meta's reference reads Meta's layout only "
+                 f"(convert with: python checkpoints.py convert {a.ckpt_dir} DIR --to meta)")
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", free_port()), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -89,7 +93,7 @@ def main():
             llama.model.float()
         prompts += [llama.formatter.encode_content(text).tokens for text in a.prompt]
         tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
-        finished = [False] * len(prompts)
+        finished, stops = [False] * len(prompts), [None] * len(prompts)
         for results in llama.generate([LLMInput(tokens=t) for t in prompts], temperature=a.temperature,
                                       top_p=a.top_p, max_gen_len=a.max_gen_len, logprobs=a.logprobs):
             for r in results:
@@ -97,7 +101,7 @@ def main():
                 if r.source != "output" or r.ignore_token or finished[i]:
                     continue
                 if r.finished:  # this token is the stop token
-                    finished[i] = True
+                    finished[i], stops[i] = True, r.token
                     continue
                 tokens[i].append(r.token)
                 if a.logprobs:
@@ -105,7 +109,7 @@ def main():
                 finished[i] = len(tokens[i]) >= a.max_gen_len
             if all(finished):
                 break
-    out = {"tokens": tokens}
+    out = {"tokens": tokens, "stops": stops}
     if a.logprobs:
         out["logprobs"] = logprobs
     print(json.dumps(out))

@@ -20,12 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
+import generate
 import llama
+import prepare
+import speed
 from llama import InputError, ModelArgs
 
 HERE = Path(__file__).parent
 META_TOKENIZER = Path(__import__("llama_models").__file__).parent / "llama3" / "tokenizer.model"
 VOCAB = 128256
+TOKENIZER = llama.Tokenizer.load(META_TOKENIZER)
 
 # Prompts exercising the batch logic: different lengths, an empty prompt (just BOS), non-ASCII, ~200 tokens.
 LONG_PROMPT = " ".join(f"item {i} is {i * 7 % 13} apples;" for i in range(40))
@@ -42,8 +47,8 @@ def tiny_args(**overrides):
 
 def write_meta_checkpoint(path, args, n_shards=1, seed=0):
     # a tied model is saved with output.weight a copy of the embedding, as in Meta's Llama 3.2 1B/3B files
-    sd = llama.random_state_dict(args, seed=seed)
-    llama.save_meta_checkpoint(args, sd, path, META_TOKENIZER, n_shards=n_shards)
+    sd = checkpoints.random_state_dict(args, seed=seed)
+    checkpoints.save_meta_checkpoint(args, sd, path, META_TOKENIZER, n_shards=n_shards)
     return path
 
 
@@ -63,7 +68,7 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperatu
 
 
 def ours(ckpt_dir, prompts, max_gen_len=24, temperature=0.0, top_p=0.9, seed=1, dtype="float32", **kw):
-    model = llama.Llama.build(ckpt_dir, max_seq_len=512, max_batch_size=len(prompts), device="cpu", dtype=dtype,
+    model = generate.load(ckpt_dir, max_seq_len=512, max_batch_size=len(prompts), device="cpu", dtype=dtype,
                               seed=seed, **kw)
     return [r["tokens"] for r in model.text_completion(prompts, temperature=temperature, top_p=top_p,
                                                        max_gen_len=max_gen_len)]
@@ -101,7 +106,7 @@ def test_greedy_single_prompts_match_meta(ckpt_gqa):
 
 
 def test_long_prompt_is_200_tokens():
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     assert len(tok.encode(LONG_PROMPT, bos=True)) >= 200
 
 
@@ -117,12 +122,12 @@ def test_sampled_matches_meta(ckpt):
 def test_logprobs_match_meta(ckpt_gqa):
     prompt_tokens = [[128000, 791, 6864, 315, 9822, 374], [128000, 9906]]
     meta = run_meta(ckpt_gqa, prompt_tokens=prompt_tokens, max_gen_len=12, logprobs=True)
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=512, max_batch_size=2, device="cpu")
-    tokens, logprobs = model.generate(prompt_tokens, 12, temperature=0, logprobs=True)
+    model = generate.load(ckpt_gqa, max_seq_len=512, max_batch_size=2, device="cpu")
+    tokens, logprobs, _ = model.generate(prompt_tokens, 12, temperature=0, logprobs=True)
     assert tokens == meta["tokens"]
     for ours_lp, meta_lp in zip(logprobs, meta["logprobs"]):
         torch.testing.assert_close(torch.tensor(ours_lp), torch.tensor(meta_lp), atol=1e-5, rtol=1e-5)
-    echoed, _ = model.generate(prompt_tokens, 12, temperature=0, echo=True)
+    echoed = model.generate(prompt_tokens, 12, temperature=0, echo=True)[0]
     assert echoed == [p + t for p, t in zip(prompt_tokens, tokens)]
 
 
@@ -138,12 +143,11 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
     # fast=True (fused SDPA attention, last-position logits) is not bit-identical to Meta, so it is checked
     # against the exact path within a stated tolerance (1e-4 on float32 logits), and greedy must still be exact.
     assert ours(ckpt, PROMPTS, max_gen_len=24, fast=True) == run_meta(ckpt, PROMPTS, max_gen_len=24)["tokens"]
-    exact = llama.Llama.build(ckpt, max_seq_len=256, device="cpu")
+    exact = generate.load(ckpt, max_seq_len=256, device="cpu")
+    fused = generate.load(ckpt, max_seq_len=256, device="cpu", fast=True)
     tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        reference = exact.model(tokens)
-        exact.model.set_fused_attention(True)
-        torch.testing.assert_close(exact.model(tokens), reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused.model(tokens), exact.model(tokens), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_CKPT_DIR"), reason="set LLAMA_CKPT_DIR to a real Meta checkpoint")
@@ -159,7 +163,7 @@ def test_real_checkpoint_matches_meta():
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_kv_cache_matches_full_forward(ckpt_gqa, fast):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", fast=fast).model
+    model = generate.load(ckpt_gqa, max_seq_len=64, device="cpu", fast=fast).model
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     full = model(tokens)
     assert all(layer.attention.cache is None for layer in model.layers)  # a plain forward allocates no cache
@@ -172,7 +176,7 @@ def test_kv_cache_matches_full_forward(ckpt_gqa, fast):
 
 
 def test_cache_only_while_generating(ckpt_gqa):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu")
+    model = generate.load(ckpt_gqa, max_seq_len=64, device="cpu")
     seen = []
     for *_, done in model.generate_steps([[128000, 42]], 3, temperature=0):
         seen.append(model.model.layers[0].attention.cache is not None)
@@ -199,20 +203,23 @@ def test_rope_scaling_matches_formula():
 
 
 def test_rope_scaling_factor_override(ckpt_gqa):
-    m8 = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu")
-    m32 = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", rope_scaling_factor=32)
+    m8 = generate.load(ckpt_gqa, max_seq_len=64, device="cpu")
+    m32 = generate.load(ckpt_gqa, max_seq_len=64, device="cpu", rope_scaling_factor=32)
     assert m8.args.rope_scaling_factor == 8.0 and m32.args.rope_scaling_factor == 32.0
     assert not torch.equal(m8.model.freqs_cis, m32.model.freqs_cis)
 
 
 def test_missing_output_weight_ties_embeddings(ckpt_gqa):
-    args, sd = llama.load_checkpoint(ckpt_gqa)
-    tied = llama.build_model(args, {k: v for k, v in sd.items() if k != "output.weight"}, "cpu", torch.float32)
-    assert tied.output is None and tied.args.tie_embeddings
-    args, sd = llama.load_checkpoint(ckpt_gqa)
-    copied = llama.build_model(args, {**sd, "output.weight": sd["tok_embeddings.weight"]}, "cpu", torch.float32)
-    assert copied.output is None  # an output equal to the embedding is recognised as tied (Meta's 3.2 files)
-    untied = llama.build_model(*llama.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
+    tied = llama.build_model(*llama.tie_output(args, {k: v for k, v in sd.items() if k != "output.weight"}), "cpu",
+                             torch.float32)
+    assert tied.output.weight is tied.tok_embeddings.weight and tied.args.tie_embeddings
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
+    copied = llama.build_model(*llama.tie_output(args, {**sd, "output.weight": sd["tok_embeddings.weight"]}), "cpu",
+                               torch.float32)
+    # an output equal to the embedding is recognised as tied (Meta's 3.2 files)
+    assert copied.output.weight is copied.tok_embeddings.weight
+    untied = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
     untied.output.weight.data.copy_(untied.tok_embeddings.weight)
     tokens = torch.tensor([[128000, 50, 60]])
     torch.testing.assert_close(tied(tokens), untied(tokens))
@@ -220,7 +227,9 @@ def test_missing_output_weight_ties_embeddings(ckpt_gqa):
 
 def test_default_device_and_dtype():
     assert llama.resolve_dtype(None, "cpu") == torch.float32
-    assert llama.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert llama.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(InputError, match="unknown dtype"):
+        llama.resolve_dtype("bf17", "cpu")
     assert llama.default_device() in ("cuda", "mps", "cpu")
 
 
@@ -240,7 +249,7 @@ PARAMS_33_70B = {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n
 def test_params_json_of_every_release(params, ffn, scaled):
     args = llama.args_from_meta_params(params)
     assert (args.ffn_hidden_dim, args.use_scaled_rope, args.rope_scaling_factor) == (ffn, scaled, 8.0)
-    assert llama.meta_params(args) == {"use_scaled_rope": False, **params}
+    assert checkpoints.meta_params(args) == {"use_scaled_rope": False, **params}
 
 
 def test_unknown_params_are_reported(capsys):
@@ -265,7 +274,7 @@ def tokenizer_corpus():
 def test_tokenizer_matches_meta():
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    meta, mine = MetaTokenizer(META_TOKENIZER), llama.Tokenizer(META_TOKENIZER)
+    meta, mine = MetaTokenizer(META_TOKENIZER), llama.Tokenizer.load(META_TOKENIZER)
     assert mine.n_words == meta.n_words == VOCAB and mine.special_tokens == meta.special_tokens
     assert mine.stop_tokens == meta.stop_tokens and mine.pad_id == meta.pad_id
     for text in tokenizer_corpus():
@@ -277,29 +286,33 @@ def test_tokenizer_matches_meta():
 
 
 def test_special_token_strings_stay_plain_text():
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     for s in llama.SPECIAL_TOKENS:
         ids = tok.encode(s)
         assert all(i < 128000 for i in ids) and len(ids) > 1 and tok.decode(ids) == s
 
 
 def test_stream_decoder_handles_split_characters():
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     text = "日本語 🦙🔥 ça"
     ids = tok.encode(text)
     assert any(len(tok.model.decode_single_token_bytes(i).decode("utf-8", "replace")) and
                "\ufffd" in tok.model.decode_single_token_bytes(i).decode("utf-8", "replace") for i in ids)
-    to_text = tok.stream_decoder()
-    pieces = [to_text(i) for i in ids]
+    decoder = tok.stream_decoder()
+    pieces = [decoder.decode(tok.model.decode_single_token_bytes(i)) for i in ids]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    # a reply that ends inside a character: the flush at the end gives back what is left (as U+FFFD)
+    decoder = tok.stream_decoder()
+    cut = "🦙".encode()[:2]
+    assert decoder.decode(b"ok " + cut) == "ok " and decoder.decode(b"", final=True) == "\ufffd"
 
 
 def test_stream_matches_generate(ckpt_gqa):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=128, device="cpu", seed=3)
+    model = generate.load(ckpt_gqa, max_seq_len=128, device="cpu", seed=3)
     prompt = model.tokenizer.encode("Streaming test", bos=True)
     streamed = list(model.stream(prompt, 20, temperature=0))
-    batch, _ = model.generate([prompt], 20, temperature=0)
-    assert [t for t, _ in streamed] == batch[0]
+    batch = model.generate([prompt], 20, temperature=0)[0]
+    assert [t for t, _ in streamed if t is not None] == batch[0]
     assert "".join(s for _, s in streamed) == model.tokenizer.decode(batch[0])
 
 
@@ -309,10 +322,10 @@ def test_bad_checkpoints(tmp_path, ckpt_gqa):
     import shutil
 
     with pytest.raises(InputError, match="does not exist"):
-        llama.Llama.build(tmp_path / "nope")
+        generate.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="params.json"):
-        llama.Llama.build(tmp_path / "empty")
+        generate.load(tmp_path / "empty")
 
     def broken(name, edit):
         d = tmp_path / name
@@ -322,10 +335,10 @@ def test_bad_checkpoints(tmp_path, ckpt_gqa):
 
     no_weights = broken("no_weights", lambda d: [p.unlink() for p in d.glob("*.pth")])
     with pytest.raises(InputError, match="consolidated"):
-        llama.Llama.build(no_weights)
+        generate.load(no_weights)
     no_tok = broken("no_tok", lambda d: (d / "tokenizer.model").unlink())
     with pytest.raises(InputError, match="tokenizer.model"):
-        llama.Llama.build(no_tok)
+        generate.load(no_tok)
 
     def edit_params(d, change):
         p = json.loads((d / "params.json").read_text())
@@ -334,24 +347,24 @@ def test_bad_checkpoints(tmp_path, ckpt_gqa):
 
     missing_key = broken("missing_key", lambda d: edit_params(d, lambda p: p.pop("n_layers")))
     with pytest.raises(InputError, match="n_layers"):
-        llama.Llama.build(missing_key)
+        generate.load(missing_key)
     wrong_type = broken("wrong_type", lambda d: edit_params(d, lambda p: p.update(dim="64")))
     with pytest.raises(InputError, match="'dim' should be int"):
-        llama.Llama.build(wrong_type)
+        generate.load(wrong_type)
     wrong_shape = broken("wrong_shape", lambda d: edit_params(d, lambda p: p.update(dim=128)))
     with pytest.raises(InputError, match="shape"):
-        llama.Llama.build(wrong_shape)
+        generate.load(wrong_shape)
     wrong_vocab = broken("wrong_vocab", lambda d: edit_params(d, lambda p: p.update(vocab_size=32000)))
     with pytest.raises(InputError, match="tokenizer has 128256 tokens"):
-        llama.Llama.build(wrong_vocab)
+        generate.load(wrong_vocab)
     truncated = broken("truncated", lambda d: (d / "consolidated.01.pth").write_bytes(
         (d / "consolidated.01.pth").read_bytes()[:1000]))
     with pytest.raises(InputError, match="consolidated.01.pth"):
-        llama.Llama.build(truncated)
+        generate.load(truncated)
 
 
 def test_bad_generation_settings(ckpt_gqa):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu")
+    model = generate.load(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu")
     cases = [
         (dict(prompt_tokens=[[128000] * 64]), "max_seq_len"),
         (dict(prompt_tokens=[[128000]] * 3), "max_batch_size"),
@@ -376,7 +389,7 @@ def test_generate_py_streams_and_reports_speed(ckpt_gqa):
     r = run_generate_py("--ckpt_dir", ckpt_gqa, "--prompt", "Hello there ", "--max_new_tokens", 12, "--temperature", 0)
     assert r.returncode == 0, r.stderr
     expected = ours(ckpt_gqa, ["Hello there"], max_gen_len=12)[0]
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     assert r.stdout == "Hello there" + tok.decode(expected) + "\n"
     assert "stripped trailing whitespace" in r.stderr and "tokens/s" in r.stderr
 
@@ -443,14 +456,14 @@ def hf_ckpt(request, tmp_path_factory):
 
 def test_hf_logits_match_transformers(hf_ckpt):
     hf = hf_reference(hf_ckpt)
-    ours = llama.Llama.build(hf_ckpt, max_seq_len=512, device="cpu")
+    ours = generate.load(hf_ckpt, max_seq_len=512, device="cpu")
     # rope frequencies straight from transformers' own llama3 implementation
     torch.testing.assert_close(llama.rope_frequencies(ours.args), hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
     tokens = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf(tokens).logits
     for fast in (False, True):
-        ours.model.set_fused_attention(fast)
+        ours = generate.load(hf_ckpt, max_seq_len=512, device="cpu", fast=fast)
         with torch.inference_mode():
             torch.testing.assert_close(ours.model(tokens), expected, atol=1e-4, rtol=1e-4)
             with ours.model.kv_cache(2, 300):  # through the KV cache: prefill, then one token at a time
@@ -469,17 +482,17 @@ def hf_greedy(hf, prompt_tokens, n):
 
 def test_hf_greedy_matches_transformers(hf_ckpt):
     hf = hf_reference(hf_ckpt)
-    ours = llama.Llama.build(hf_ckpt, max_seq_len=512, device="cpu")
+    ours = generate.load(hf_ckpt, max_seq_len=512, device="cpu")
     for prompt in PROMPTS:
         tokens = ours.tokenizer.encode(prompt, bos=True)
         assert ours.generate([tokens], 20, temperature=0)[0][0] == hf_greedy(hf, tokens, 20)
 
 
 def test_meta_converted_to_hf_gives_same_tokens_in_transformers(ckpt_gqa, tmp_path):
-    llama.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
+    checkpoints.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
     hf = hf_reference(tmp_path / "hf")  # transformers reads the config.json and safetensors we wrote
-    from_meta = llama.Llama.build(ckpt_gqa, max_seq_len=512, device="cpu")
-    from_hf = llama.Llama.build(tmp_path / "hf", max_seq_len=512, device="cpu")
+    from_meta = generate.load(ckpt_gqa, max_seq_len=512, device="cpu")
+    from_hf = generate.load(tmp_path / "hf", max_seq_len=512, device="cpu")
     for prompt in PROMPTS:
         tokens = from_meta.tokenizer.encode(prompt, bos=True)
         expected = from_meta.generate([tokens], 16, temperature=0)[0][0]
@@ -496,26 +509,26 @@ def test_round_trips_are_bitwise(ckpt_gqa, ckpt_mha, tmp_path):
     from safetensors.torch import load_file
 
     for i, meta_dir in enumerate((ckpt_gqa, ckpt_mha)):  # Meta -> HF -> Meta
-        llama.main(["convert", str(meta_dir), str(tmp_path / f"hf{i}"), "--to", "hf"])
-        llama.main(["convert", str(tmp_path / f"hf{i}"), str(tmp_path / f"meta{i}"), "--to", "meta"])
+        checkpoints.main(["convert", str(meta_dir), str(tmp_path / f"hf{i}"), "--to", "hf"])
+        checkpoints.main(["convert", str(tmp_path / f"hf{i}"), str(tmp_path / f"meta{i}"), "--to", "meta"])
         assert_same_tensors(llama.load_meta_checkpoint(meta_dir)[1], llama.load_meta_checkpoint(tmp_path / f"meta{i}")[1])
-        assert json.loads((tmp_path / f"meta{i}" / "params.json").read_text())["dim"] == llama.load_checkpoint(meta_dir)[0].dim
+        assert json.loads((tmp_path / f"meta{i}" / "params.json").read_text())["dim"] == checkpoints.load_checkpoint(meta_dir)[0].dim
     hf_dir = write_hf_checkpoint(tmp_path / "hf_src", rope_factor=32.0, tied=True)  # HF -> Meta -> HF
-    llama.main(["convert", str(hf_dir), str(tmp_path / "meta_mid"), "--to", "meta"])
+    checkpoints.main(["convert", str(hf_dir), str(tmp_path / "meta_mid"), "--to", "meta"])
     # Meta's params.json cannot hold the RoPE factor 32 of Llama 3.2: it must be given back when converting
-    llama.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf"])
-    assert llama.load_checkpoint(tmp_path / "hf_back")[0].rope_scaling_factor == 8.0
-    llama.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf", "--rope_scaling_factor", "32"])
+    checkpoints.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf"])
+    assert checkpoints.load_checkpoint(tmp_path / "hf_back")[0].rope_scaling_factor == 8.0
+    checkpoints.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"), "--to", "hf", "--rope_scaling_factor", "32"])
     assert_same_tensors(load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf_back" / "model.safetensors"))
-    assert llama.load_checkpoint(tmp_path / "hf_back")[0] == llama.load_checkpoint(hf_dir)[0]
+    assert checkpoints.load_checkpoint(tmp_path / "hf_back")[0] == checkpoints.load_checkpoint(hf_dir)[0]
 
 
 def test_hf_sharded_save(ckpt_gqa, tmp_path):
-    args, sd = llama.load_checkpoint(ckpt_gqa)
-    llama.save_hf_checkpoint(args, sd, tmp_path / "sharded", META_TOKENIZER, max_shard_bytes=4 * 2**20)
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
+    checkpoints.save_hf_checkpoint(args, sd, tmp_path / "sharded", META_TOKENIZER, max_shard_bytes=4 * 2**20)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert_same_tensors(llama.load_checkpoint(tmp_path / "sharded")[1], sd)
+    assert_same_tensors(checkpoints.load_checkpoint(tmp_path / "sharded")[1], sd)
 
 
 def test_hf_repo_root_with_original_prefers_safetensors(hf_ckpt, tmp_path, capsys):
@@ -523,19 +536,19 @@ def test_hf_repo_root_with_original_prefers_safetensors(hf_ckpt, tmp_path, capsy
 
     root = tmp_path / "repo"
     shutil.copytree(hf_ckpt, root)
-    args, sd = llama.load_checkpoint(hf_ckpt)
-    llama.save_meta_checkpoint(args, sd, root / "original", META_TOKENIZER)
-    model = llama.Llama.build(root, max_seq_len=64, device="cpu")
+    args, sd = checkpoints.load_checkpoint(hf_ckpt)
+    checkpoints.save_meta_checkpoint(args, sd, root / "original", META_TOKENIZER)
+    model = generate.load(root, max_seq_len=64, device="cpu")
     assert "using the safetensors" in capsys.readouterr().err
     meta_only = tmp_path / "meta_only"
     shutil.copytree(root / "original", meta_only / "original")  # a folder holding only original/: Meta's files
     tokens = [[128000, 3923, 374]]
-    assert llama.Llama.build(meta_only, max_seq_len=64, device="cpu").generate(tokens, 8, temperature=0) == \
+    assert generate.load(meta_only, max_seq_len=64, device="cpu").generate(tokens, 8, temperature=0) == \
         model.generate(tokens, 8, temperature=0)
 
 
 def test_save_is_atomic(ckpt_gqa, tmp_path, monkeypatch):
-    args, sd = llama.load_checkpoint(ckpt_gqa)
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
     calls = []
 
     def crash(*a, **k):
@@ -544,11 +557,11 @@ def test_save_is_atomic(ckpt_gqa, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+        checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
     assert calls and not (tmp_path / "out").exists()  # nothing that looks complete
     monkeypatch.undo()
-    llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
-    llama.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)  # overwriting works too
+    checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+    checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)  # overwriting works too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -569,28 +582,28 @@ def test_bad_hf_checkpoints(hf_ckpt, tmp_path):
     other = broken("other", lambda d: edit_config(d, lambda c: c.update(architectures=["MistralForCausalLM"],
                                                                         model_type="mistral")))
     with pytest.raises(InputError, match="not a Llama model"):
-        llama.Llama.build(other)
+        generate.load(other)
     missing = broken("missing", lambda d: edit_config(d, lambda c: c.pop("hidden_size")))
     with pytest.raises(InputError, match="hidden_size"):
-        llama.Llama.build(missing)
+        generate.load(missing)
     shape = broken("shape", lambda d: edit_config(d, lambda c: c.update(intermediate_size=256)))
     with pytest.raises(InputError, match="shape"):
-        llama.Llama.build(shape)
+        generate.load(shape)
     files = sorted(hf_ckpt.glob("*.safetensors"))
     truncated = broken("truncated", lambda d: (d / files[0].name).write_bytes(files[0].read_bytes()[:5000]))
     with pytest.raises(InputError, match="truncated or corrupt"):
-        llama.Llama.build(truncated)
+        generate.load(truncated)
     if len(files) > 1:
         lost = broken("lost", lambda d: (d / files[-1].name).unlink())
         with pytest.raises(InputError, match=f"lists {files[-1].name} but it is not in"):
-            llama.Llama.build(lost)
+            generate.load(lost)
     no_tok = broken("no_tok", lambda d: shutil.rmtree(d / "original"))
     with pytest.raises(InputError, match="no tokenizer.model"):
-        llama.Llama.build(no_tok)
+        generate.load(no_tok)
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "notes.txt").write_text("hi")
     with pytest.raises(InputError, match="neither layout"):
-        llama.Llama.build(tmp_path / "neither")
+        generate.load(tmp_path / "neither")
 
 
 def test_hf_config_of_every_release():
@@ -600,14 +613,14 @@ def test_hf_config_of_every_release():
            "vocab_size": 128256, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
-    a = llama.args_from_hf_config(cfg)
+    a = checkpoints.args_from_hf_config(cfg)
     assert (a.rope_scaling_factor, a.use_scaled_rope, a.tie_embeddings, a.ffn_hidden_dim) == (32.0, True, True, 8192)
     v5 = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta")}
     v5["rope_parameters"] = {**cfg["rope_scaling"], "rope_theta": 500000.0}
-    assert llama.args_from_hf_config(v5) == a
+    assert checkpoints.args_from_hf_config(v5) == a
     llama30 = {k: v for k, v in cfg.items() if k != "rope_scaling"}
-    assert not llama.args_from_hf_config(llama30).use_scaled_rope
-    assert llama.args_from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "factor": 8.0}}).rope_scaling_factor == 8
+    assert not checkpoints.args_from_hf_config(llama30).use_scaled_rope
+    assert checkpoints.args_from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "factor": 8.0}}).rope_scaling_factor == 8
 
 
 # ----------------------------------------------------------------------------- finetuning
@@ -633,7 +646,7 @@ def train(ckpt, data, out, *extra):
     argv = ["--ckpt_dir", str(ckpt), "--data", str(data), "--out_dir", str(out), "--seq_len", "64", "--batch_size", "4",
             "--grad_accum", "1", "--warmup_steps", "2", "--eval_every", "0", "--sample_every", "0", "--save_every", "100",
             "--device", "cpu", *map(str, extra)]
-    return llama.finetune(finetune.parse_args(argv))
+    return finetune.main(argv)[0]
 
 
 def read_log(out):
@@ -646,7 +659,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny_model(ckpt):
-    return llama.build_model(*llama.load_checkpoint(ckpt), "cpu", torch.float32)
+    return llama.build_model(*checkpoints.load_checkpoint(ckpt), "cpu", torch.float32)
 
 
 def packed_example(tok):
@@ -658,12 +671,14 @@ def packed_example(tok):
 
 @pytest.mark.parametrize("flex", [False, True])
 def test_packed_sequence_equals_documents_alone(ckpt_gqa, flex):
-    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer(META_TOKENIZER)
+    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer.load(META_TOKENIZER)
+    if flex:  # flex attention (compiled on GPUs; here its eager reference) with the same masks
+        speed.use_flex_attention(model)
     cut, docs, packed = packed_example(tok)
     x, y = packed[:, :-1], packed[:, 1:]
     with torch.no_grad():
-        losses, weights = llama.token_losses(model, x, y, tok.bos_id, flex=flex)
-        positions, mask = llama.document_mask(x, tok.bos_id, flex=flex)
+        losses, weights = llama.token_losses(model, x, y, tok.bos_id)
+        positions, mask = llama.document_mask(x, tok.bos_id)
         packed_logits = model(x, mask=mask, positions=positions)
         start = 0
         for doc in [cut] + docs:
@@ -681,7 +696,7 @@ def F_cross_entropy(logits, targets):
 
 
 def test_no_gradient_flows_between_documents(ckpt_gqa):
-    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer(META_TOKENIZER)
+    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer.load(META_TOKENIZER)
     cut, docs, packed = packed_example(tok)
     x, y = packed[:, :-1], packed[:, 1:]
     embeddings = []
@@ -725,15 +740,20 @@ def test_lora_backward_against_numerical_gradients(dropout):
     a, b = (torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(2, 5), (4, 2)])
     for trained in (False, True):
         w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=trained)
-        f = lambda x, w, a, b: llama.LoRAProduct.apply(x, x * keep if dropout else x, w, a, b, 1.5)  # noqa: E731
+        f = lambda x, w, a, b: speed.LoRAProduct.apply(x, x * keep if dropout else x, w, a, b, 1.5)  # noqa: E731
         assert torch.autograd.gradcheck(f, (x, w, a, b))
         x_a = x * keep if dropout else x
         torch.testing.assert_close(f(x, w, a, b), x @ w.t() + 1.5 * (x_a @ a.t()) @ b.t())
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_bf16_lora_product_is_the_float32_product_rounded(dropout):
-    # bf16 inputs multiplied in float32 through the scratch buffers: the float32 results of the same inputs, rounded
+def test_bf16_lora_product_against_float32(dropout, amx, monkeypatch):
+    # Both branches on any host. Without AMX, bf16 inputs are multiplied in float32 through the scratch buffers:
+    # the float32 results of the same inputs, rounded once. With AMX the products stay in bf16: the float32
+    # results to bf16 precision.
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: amx)
+    assert speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16)) == (torch.bfloat16 if amx else torch.float32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
     keep = (torch.rand(16, generator=g) > 0.3).bfloat16() * 2
@@ -741,13 +761,20 @@ def test_bf16_lora_product_is_the_float32_product_rounded(dropout):
     a, b = (torch.randn(s, generator=g, requires_grad=True) for s in [(4, 16), (24, 4)])
     up = torch.randn(2, 9, 24, generator=g).bfloat16()
     x_a = x * keep if dropout else x
-    y = llama.LoRAProduct.apply(x, x_a, w, a, b, 2.0)
+    y = speed.LoRAProduct.apply(x, x_a, w, a, b, 2.0)
     grads = torch.autograd.grad(y, (x, a, b), up)
     x32 = x.detach().float().requires_grad_()
     x32_a = x32 * keep.float() if dropout else x32
     y32 = x32 @ w.float().t() + 2.0 * (x32_a @ a.t()) @ b.t()
     ref = torch.autograd.grad(y32, (x32, a, b), up.float())
-    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.bfloat16())
+    assert y.dtype == torch.bfloat16
+    if amx:  # each product rounded to bf16 on the way: a few bf16 steps of the largest value
+        scale = lambda t: 2 ** -6 * t.abs().max().item()  # noqa: E731
+        torch.testing.assert_close(y.float(), y32.detach(), atol=scale(y32), rtol=2 ** -6)
+        for ours, want in zip(grads, ref):
+            torch.testing.assert_close(ours.float(), want, atol=scale(want), rtol=2 ** -6)
+        return
+    assert torch.equal(y, y32.bfloat16())
     # rounded once to bf16 (twice with dropout: the base's and the adapter's shares arrive separately)
     torch.testing.assert_close(grads[0].float(), ref[0], atol=2 ** -7 * ref[0].abs().max().item() * dropout, rtol=2 ** -7)
     torch.testing.assert_close(grads[1], ref[1]), torch.testing.assert_close(grads[2], ref[2])
@@ -757,10 +784,10 @@ def test_rms_norm_backward_against_numerical_gradients():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: llama.RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: speed.RMSNormFunction.apply(x, w, 1e-5), (x, w))
     # bf16 activations, float32 weight (norm tuning): autograd's gradients through Meta's ops, to bf16 precision
     xb, up = x.detach().bfloat16().requires_grad_(), torch.randn(2, 3, 8, generator=g)
-    ours = torch.autograd.grad(llama.RMSNormFunction.apply(xb, w.detach().float().requires_grad_(), 1e-5), xb, up)
+    ours = torch.autograd.grad(speed.RMSNormFunction.apply(xb, w.detach().float().requires_grad_(), 1e-5), xb, up)
     wf = w.detach().float().requires_grad_()
     ref = torch.autograd.grad((xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(xb) * wf,
                               xb, up)
@@ -770,42 +797,45 @@ def test_rms_norm_backward_against_numerical_gradients():
 def test_swiglu_backward_equals_autograd():
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradcheck(llama.SwiGLU.apply, (a, b))
+    assert torch.autograd.gradcheck(speed.SwiGLU.apply, (a, b))
     a, b = (t.detach().bfloat16().requires_grad_() for t in (a, b))  # bf16: bit for bit what autograd computes
     up = torch.randn(3, 7, generator=g).bfloat16()
-    ours = torch.autograd.grad(llama.SwiGLU.apply(a, b), (a, b), up)
+    ours = torch.autograd.grad(speed.SwiGLU.apply(a, b), (a, b), up)
     ref = torch.autograd.grad(torch.nn.functional.silu(a) * b, (a, b), up)
     assert all(torch.equal(x, y) for x, y in zip(ours, ref))
 
 
 def test_head_cross_entropy_against_full_logits(monkeypatch):
     # chunked over tokens and weight slices: the losses and gradients of the whole (N, vocab) logits
-    monkeypatch.setattr(llama.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
-    monkeypatch.setattr(llama.HeadCrossEntropy, "weight_rows", 64)
+    monkeypatch.setattr(speed.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
+    monkeypatch.setattr(speed.HeadCrossEntropy, "weight_rows", 64)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w, t = torch.randn(300, 16, dtype=torch.float64, generator=g), torch.randint(0, 300, (37,), generator=g)
-    losses = llama.HeadCrossEntropy.apply(h, w, t)
+    losses = speed.HeadCrossEntropy.apply(h, w, t)
     ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="none")
     torch.testing.assert_close(losses, ref)
     up = torch.rand(37, dtype=torch.float64, generator=g)
     torch.testing.assert_close(torch.autograd.grad(losses, h, up)[0], torch.autograd.grad(ref, h, up)[0])
-    assert torch.autograd.gradcheck(lambda h: llama.HeadCrossEntropy.apply(h, w, t), (h,))
+    assert torch.autograd.gradcheck(lambda h: speed.HeadCrossEntropy.apply(h, w, t), (h,))
 
 
-def lora_model(ckpt, targets, dtype=torch.float32):
+def lora_model(ckpt, targets, dtype=torch.float32, lean=True):
+    """A LoRA model as finetune.py builds it (lean: with speed.py's training modules), or llama.py's plain one."""
     torch.manual_seed(0)
-    model = llama.apply_lora(llama.build_model(*llama.load_checkpoint(ckpt), "cpu", dtype), targets, rank=4, alpha=8)
+    model = llama.apply_lora(llama.build_model(*checkpoints.load_checkpoint(ckpt), "cpu", dtype, fused=True), targets,
+                             rank=4, alpha=8)
     llama.set_trainable(model, "lora")
     for m in model.modules():
         if isinstance(m, llama.LoRALinear):
             m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    return model
+    return speed.for_training(model) if lean else model
 
 
-def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch):
-    # the training path (chunked head, hand-written LoRA backward) against plain autograd through whole logits
-    tok = llama.Tokenizer(META_TOKENIZER)
+def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa):
+    # speed.py's training path (chunked head, hand-written LoRA, RMSNorm and SwiGLU backwards) against llama.py's
+    # plain modules: autograd through whole logits
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     packed = packed_example(tok)[2]
     x, y = packed[:, :-1], packed[:, 1:]
     targets, up = ["wq", "wv", "w1", "w2"], torch.linspace(0, 1, y.shape[1])
@@ -815,8 +845,9 @@ def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch
     (losses[0] * up).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    monkeypatch.setattr(llama.LoRALinear, "forward", lambda m, x: m.base(x) + m.scale * (x @ m.lora_a.t()) @ m.lora_b.t())
-    model = lora_model(ckpt_gqa, targets)
+    assert isinstance(model.cross_entropy, speed.ChunkedCrossEntropy)  # the lean modules are in place
+    assert isinstance(model.layers[0].attention.wq, speed.LeanLoRALinear)
+    model = lora_model(ckpt_gqa, targets, lean=False)
     positions, mask = llama.document_mask(x, tok.bos_id)
     ref = F_cross_entropy(model(x, mask=mask, positions=positions)[0], y[0])
     (ref * up).sum().backward()
@@ -829,7 +860,7 @@ def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa, monkeypatch
 
 def test_bf16_lora_step_close_to_float32(ckpt_gqa):
     # bf16 weights (products in float32 on CPUs): the loss and adapter gradients of the float32 model, to bf16 precision
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     packed = packed_example(tok)[2]
     x, y = packed[:, :-1], packed[:, 1:]
     out = []
@@ -910,12 +941,12 @@ def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
     train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora+norm", "--max_steps", 8, "--lr", 1e-2,
           "--lora_targets", "wq,wv,output")
     prompt = "Tom had a"
-    tuned = llama.Llama.build(ckpt_gqa, max_seq_len=128, device="cpu", finetuned=tmp_path / "run")
+    tuned = generate.load(ckpt_gqa, max_seq_len=128, device="cpu", lora=tmp_path / "run")
     expected = tuned.text_completion([prompt], temperature=0, max_gen_len=12)[0]["tokens"]
     assert expected != ours(ckpt_gqa, [prompt], max_gen_len=12)[0]  # the run changed the model
     for layout in ("hf", "meta"):
-        llama.main(["export", str(tmp_path / "run"), str(tmp_path / f"merged_{layout}"), "--to", layout, "--dtype", "float32"])
-        merged = llama.Llama.build(tmp_path / f"merged_{layout}", max_seq_len=128, device="cpu")
+        checkpoints.main(["export", str(tmp_path / "run"), str(tmp_path / f"merged_{layout}"), "--to", layout, "--dtype", "float32"])
+        merged = generate.load(tmp_path / f"merged_{layout}", max_seq_len=128, device="cpu")
         assert merged.args.tie_embeddings is False  # LoRA on the output unties it from the embedding
         assert merged.text_completion([prompt], temperature=0, max_gen_len=12)[0]["tokens"] == expected
     r = run_generate_py("--ckpt_dir", ckpt_gqa, "--lora", tmp_path / "run", "--prompt", prompt, "--max_new_tokens", 12,
@@ -926,20 +957,20 @@ def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
 def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
     import numpy as np
 
-    tok = llama.Tokenizer(META_TOKENIZER)
-    (train_bin, no_mask), (val_bin, _) = llama.prepare_data(str(corpus), META_TOKENIZER, tmp_path / "data")
+    tok = llama.Tokenizer.load(META_TOKENIZER)
+    (train_bin, no_mask), (val_bin, _) = prepare.prepare_data(str(corpus), TOKENIZER, tmp_path / "data")
     assert no_mask is None
-    docs = llama.read_documents(corpus)
+    docs = prepare.read_documents(corpus)
     expected = [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
     assert np.concatenate([train_bin, val_bin]).tolist() == expected and train_bin.dtype == np.uint32
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": d}) for d in docs[:50]))
-    assert llama.read_documents(jsonl) == docs[:50]
-    (train_again, _), _ = llama.prepare_data(str(corpus), META_TOKENIZER, tmp_path / "data")  # cached
+    assert prepare.read_documents(jsonl) == docs[:50]
+    (train_again, _), _ = prepare.prepare_data(str(corpus), TOKENIZER, tmp_path / "data")  # cached
     assert np.array_equal(train_again, train_bin)
     edited = tmp_path / "edited.txt"
     edited.write_text("A new story.\n\nAnother one.")
-    (train_new, _), (val_new, _) = llama.prepare_data(str(edited), META_TOKENIZER, tmp_path / "data")  # a new source
+    (train_new, _), (val_new, _) = prepare.prepare_data(str(edited), TOKENIZER, tmp_path / "data")  # a new source
     assert np.concatenate([train_new, val_new]).tolist() == tok.encode("A new story.", bos=True, eos=True) + \
         tok.encode("Another one.", bos=True, eos=True)
 
@@ -948,18 +979,32 @@ def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
     (["--data", "missing.txt"], "does not exist"),
     (["--data", "EMPTY"], "holds no text"),
     (["--seq_len", "200000"], "context"),
-    (["--mode", "bitfit"], "unknown mode"),
     (["--lora_targets", "wq,attn"], "unknown LoRA target"),
-    (["--lora_rank", "0"], "rank must be at least 1"),
+    (["--lora_rank", "0"], "lora_rank must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lora_dropout", "1.5"], "lora_dropout"),
+    (["--seq_len", "3000"], "validation data has"),  # checked before the model loads, not after training steps
+    (["--resume"], "holds no finetune checkpoint"),
 ])
-def test_finetune_bad_input(ckpt_gqa, corpus, tmp_path, argv, message):
+def test_finetune_bad_input(ckpt_gqa, corpus, tmp_path, argv, message, monkeypatch):
     import finetune
 
     (tmp_path / "EMPTY").write_text("\n\n  \n")
     argv = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("missing.txt", str(tmp_path / "missing.txt")) for a in argv]
     base = ["--ckpt_dir", str(ckpt_gqa), "--data", str(corpus), "--out_dir", str(tmp_path / "o"), "--device", "cpu"]
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: pytest.fail("loaded weights before checking"))
     with pytest.raises(InputError, match=message):
-        llama.finetune(finetune.parse_args(base + argv))
+        finetune.main(base + argv)
+
+
+def test_finetune_py_bad_input_exits_2(ckpt_gqa, corpus, tmp_path):
+    # one line, exit 2, no traceback: also for what argparse checks (closed sets) and for an existing run
+    train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "norm", "--max_steps", 1)
+    for argv, message in ((["--mode", "bitfit"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
+                          ([], "holds a finetune run; continue it with --resume")):
+        r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa), "--data", str(corpus),
+                            "--out_dir", str(tmp_path / "run"), *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_finetune_resume_from_other_mode_fails(ckpt_gqa, corpus, tmp_path):
@@ -1002,13 +1047,13 @@ def meta_chat_tokens(dialog):
 
 
 def test_chat_format_matches_meta():
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     for dialog in dialogs():
         assert tok.encode_dialog_prompt(dialog) == meta_chat_tokens(dialog), dialog
 
 
 def test_no_special_token_can_forge_a_turn():
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     structural = {tok.bos_id, tok.eot_id, tok.eom_id, tok.special_tokens["<|start_header_id|>"],
                   tok.special_tokens["<|end_header_id|>"]}
     for special in llama.SPECIAL_TOKENS:
@@ -1024,7 +1069,7 @@ def test_no_special_token_can_forge_a_turn():
 
 
 def test_chat_completion(ckpt_gqa):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=512, max_batch_size=3, device="cpu")
+    model = generate.load(ckpt_gqa, max_seq_len=512, max_batch_size=3, device="cpu")
     batch = dialogs()[:3]
     out = model.chat_completion(batch, temperature=0, max_gen_len=10)
     for dialog, result in zip(batch, out):
@@ -1041,14 +1086,14 @@ def test_chat_completion(ckpt_gqa):
 
 
 def test_chat_training_data_marks_exactly_the_assistant_tokens(ckpt_gqa, tmp_path):
-    tok = llama.Tokenizer(META_TOKENIZER)
+    tok = llama.Tokenizer.load(META_TOKENIZER)
     dialog = dialogs()[2]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"messages": d}) for d in [dialog] * 30))
-    (tokens, mask), _ = llama.prepare_data(str(path), META_TOKENIZER, tmp_path / "data")
+    (tokens, mask), _ = prepare.prepare_data(str(path), TOKENIZER, tmp_path / "data")
     one = len(tokens) // 29  # 29 dialogs for training, 1 for validation
     ids, train_on = tokens[:one].tolist(), mask[:one].astype(bool).tolist()
-    assert ids == tok.encode_dialog_prompt(dialog[:3])[:-len(tok.encode_header("assistant"))] + tok.encode_message(dialog[3])
+    assert ids == tok.encode_dialog_prompt(dialog[:3])[:-len(tok.encode_header("assistant"))] + sum(tok.encode_message(dialog[3]), [])
     answer = tok.encode("Hello, how can I help?") + [tok.eot_id]
     start = len(tok.encode_dialog_prompt(dialog[:2]))  # BOS, system, user, then the assistant's header
     expected = [False] * len(ids)
@@ -1070,7 +1115,7 @@ def test_chat_data_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "chat.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "ok"}]}\n' + line + "\n")
     with pytest.raises(InputError, match=message):
-        llama.read_documents(path)
+        prepare.read_documents(path)
 
 
 def chat_reply(model, dialog, n):
@@ -1082,7 +1127,7 @@ def test_terminal_chat_keeps_history_and_resets(ckpt_gqa):
                         "--temperature", "0", "--max_new_tokens", "8"], input="Hello\nHow are you?\n/reset\nHello\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=2048, device="cpu")
+    model = generate.load(ckpt_gqa, max_seq_len=2048, device="cpu")
     system = {"role": "system", "content": "Be brief"}
     r1 = chat_reply(model, [system, {"role": "user", "content": "Hello"}], 8)
     r2 = chat_reply(model, [system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": r1},
@@ -1100,7 +1145,7 @@ def test_terminal_chat_drops_oldest_turns_but_not_the_system_prompt(ckpt_gqa):
                        + sum((["--prompt", t] for t in turns), []), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "dropped the oldest turn" in r.stderr
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=60, device="cpu")
+    model = generate.load(ckpt_gqa, max_seq_len=60, device="cpu")
     system = {"role": "system", "content": "You are a poet"}
     replies, history = r.stdout.splitlines(), []
     for turn, reply in zip(turns, replies):
@@ -1140,19 +1185,20 @@ def test_ctrl_c_stops_the_reply_not_the_chat(ckpt_gqa):
 @pytest.mark.parametrize("fast", [False, True])
 def test_static_shape_decoding_matches(ckpt_gqa, fast):
     # the path torch.compile uses on GPUs (--compile): a tensor position, attention over the whole masked cache
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", fast=fast).model
+    g = generate.load(ckpt_gqa, max_seq_len=64, device="cpu", fast=fast)
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        full = model(tokens)
-        with model.kv_cache(2, 64):
-            steps = [model(tokens[:, :12], 0)] + [model(tokens[:, t:t + 1], torch.tensor(t)) for t in range(12, 20)]
+        full = g.model(tokens)
+        speed.static_decoding(g, compile=False)
+        with g.kv_cache(2, 64):
+            steps = [g.step(tokens[:, :12], 0)] + [g.step(tokens[:, t:t + 1], t) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 on CPU: compiled with plain, not packed, weights
 def test_compiled_generation_matches_eager(ckpt_gqa, dtype):
-    eager = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype)
-    compiled = llama.Llama.build(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype, compile=True)
+    eager = generate.load(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype)
+    compiled = generate.load(ckpt_gqa, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype, compile=True)
     prompts = [[128000, 791, 6864, 315], [128000, 9906]]
     expected = eager.generate(prompts, 10, temperature=0)[0]
     assert compiled.generate(prompts, 10, temperature=0)[0] == expected
@@ -1163,18 +1209,18 @@ def test_compiled_generation_matches_eager(ckpt_gqa, dtype):
 def test_bf16_packed_weights_are_bit_identical(ckpt_gqa):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bf16 support, so generation does not pack weights")
-    packed = llama.Llama.build(ckpt_gqa, max_seq_len=64, device="cpu", dtype="bfloat16").model
-    assert any(isinstance(m, llama.PackedLinear) for m in packed.modules())
-    assert packed.layers[0].attention.wqkv is not None and packed.layers[0].feed_forward.w13 is not None  # fused
-    plain = llama.build_model(*llama.load_checkpoint(ckpt_gqa), "cpu", torch.bfloat16)
-    plain.set_fused_attention(False)  # the same attention arithmetic as Llama.build's default
+    packed = generate.load(ckpt_gqa, max_seq_len=64, device="cpu", dtype="bfloat16").model
+    assert any(isinstance(m, speed.PackedLinear) for m in packed.modules())
+    fused = (packed.layers[0].attention.wk, packed.layers[0].feed_forward.w3)  # wq|wk|wv, w1|w3: one product each
+    assert all(isinstance(m, speed.FusedPart) for m in fused)
+    plain = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.bfloat16)
     tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         assert torch.equal(packed(tokens), plain(tokens))
 
 
 def test_top_k_sampling(ckpt_gqa):
-    model = llama.Llama.build(ckpt_gqa, max_seq_len=128, max_batch_size=2, device="cpu", seed=4)
+    model = generate.load(ckpt_gqa, max_seq_len=128, max_batch_size=2, device="cpu", seed=4)
     prompts = [[128000, 791, 6864], [128000, 9906]]
     greedy = model.generate(prompts, 16, temperature=0)[0]
     assert model.generate(prompts, 16, temperature=1.0, top_p=1.0, top_k=1)[0] == greedy  # top-1 is greedy
@@ -1209,22 +1255,23 @@ def test_download_resumes_and_caches(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_port}/stories.txt"
         (tmp_path / "stories.txt.part").write_bytes(payload[:1_234_567])  # a download broken off earlier
-        path = llama.download(url, tmp_path / "stories.txt")
+        path = prepare.download(url, tmp_path / "stories.txt")
         assert path.read_bytes() == payload and requests == [1_234_567]  # only the missing bytes were fetched
         assert not (tmp_path / "stories.txt.part").exists()
-        llama.download(url, tmp_path / "stories.txt")
+        prepare.download(url, tmp_path / "stories.txt")
         assert requests == [1_234_567]  # cached: no second request
     finally:
         server.shutdown()
     server.server_close()
     with pytest.raises(InputError, match="cannot download"):  # nothing listens there any more
-        llama.download(url, tmp_path / "other.txt")
+        prepare.download(url, tmp_path / "other.txt")
 
 
-def test_bench_runs_and_reports():
+def test_bench_runs_and_reports(tmp_path):
     # bench.py end to end on the tiny shape (a few tokens): every figure it reports is there and positive
     r = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--dtypes", "float32", "--prompt_len", "8",
-                        "--new_tokens", "4", "--prefill_len", "16", "--lora_steps", "1", "--skip_batch8", "--json"],
+                        "--new_tokens", "4", "--prefill_len", "16", "--lora_steps", "1", "--skip_batch8", "--json",
+                        "--ckpt_root", str(tmp_path)],
                        cwd=HERE, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(r.stdout)

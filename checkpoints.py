@@ -1,0 +1,414 @@
+"""
+Checkpoint formats beside llama.py: Hugging Face's layout (read and write), Meta's layout (write), finetune
+runs merged into full checkpoints, and random-weight checkpoints of real shapes for trying things offline.
+
+    python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf   # or --to meta
+    python checkpoints.py export out merged --to hf         # a finetune run merged into its base model
+    python checkpoints.py random tiny_random --shape tiny   # random weights (gibberish), the real tokenizer
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import llama
+from llama import InputError, log
+
+
+# -----------------------------------------------------------------------------
+# Reading either layout
+# Hugging Face's layout: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
+# The same tensors under other names, except that HF permutes the rows of wq and wk: its rotary code pairs
+# dimension i with i + head_dim/2 ("rotate_half"), where Meta pairs 2i with 2i+1 (complex numbers).
+
+HF_REQUIRED = {"hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
+               "num_attention_heads": int, "vocab_size": int, "rms_norm_eps": float}
+HF_OPTIONAL = {"num_key_value_heads": int, "head_dim": int, "rope_theta": float,
+               "tie_word_embeddings": bool, "max_position_embeddings": int}
+
+
+def args_from_hf_config(cfg, where="config.json"):
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+        raise InputError(f"{where} describes {archs or cfg.get('model_type')}, not a Llama model "
+                         f"(LlamaForCausalLM); this code runs Llama 3.x only")
+    missing = [k for k in HF_REQUIRED if k not in cfg]
+    if missing:
+        raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
+    llama.check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes both inside rope_parameters
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is None:
+        raise InputError(f"{where} has no rope_theta; is the file complete?")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise InputError(f"{where}: rope_type {rope_type!r} is not Llama 3's ('llama3' or none)")
+    n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv_heads or cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise InputError(f"{where}: hidden_size {dim}, {n_heads} heads, {n_kv_heads} KV heads and head_dim "
+                         f"{cfg.get('head_dim')} do not fit together as in Llama 3")
+    scaled = rope_type == "llama3"
+    return llama.ModelArgs(
+        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=cfg["vocab_size"], ffn_hidden_dim=cfg["intermediate_size"],
+        norm_eps=float(cfg["rms_norm_eps"]), rope_theta=float(rope_theta), use_scaled_rope=scaled,
+        rope_scaling_factor=float(rope.get("factor", 8.0)) if scaled else 8.0,
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def hf_names(n_layers):
+    """Meta name -> HF name, for every weight."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(n_layers):
+        for meta, hf in per_layer.items():
+            names[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf}.weight"
+    return names
+
+
+def permute_rows_to_hf(w, n_heads):
+    # per head, rows (0,1),(2,3),... -> rows (0, h/2),(1, h/2+1),...
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_rows_from_hf(w, n_heads):
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def load_hf_checkpoint(ckpt_dir):
+    """config.json + *.safetensors -> (ModelArgs, state_dict in Meta's names), memory-mapped."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    args = args_from_hf_config(llama.read_json(ckpt_dir / "config.json"), str(ckpt_dir / "config.json"))
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set((llama.read_json(index).get("weight_map") or {}).values()))
+        for f in files:
+            if not (ckpt_dir / f).exists():
+                raise InputError(f"{index.name} lists {f} but it is not in {ckpt_dir}; download it again")
+    hf_to_meta = {hf: meta for meta, hf in hf_names(args.n_layers).items()}
+    state_dict = {}
+    log(f"loading {len(files)} safetensors file(s) from {ckpt_dir}")
+    for i, f in enumerate(files):
+        try:
+            handle = safe_open(ckpt_dir / f, framework="pt")  # memory-mapped: tensors are read when used
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as e:
+            raise InputError(f"cannot read {ckpt_dir / f}: {str(e).splitlines()[0]}; the file is truncated "
+                             f"or corrupt, download it again") from None
+        for name, t in tensors.items():
+            if name not in hf_to_meta:
+                raise InputError(f"{f} holds '{name}', which is not a Llama weight for this config.json")
+            state_dict[hf_to_meta[name]] = t
+        log(f"  mapped {f} ({i + 1}/{len(files)})")
+    for key, n_heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+        for i in range(args.n_layers):
+            t = state_dict.get(f"layers.{i}.attention.{key}.weight")
+            if t is not None and t.shape[0] % (2 * n_heads) == 0:  # (a wrong shape: build_model names it)
+                # in place: the mapping is private copy-on-write, so the file is untouched, no copy stays
+                t.copy_(permute_rows_from_hf(t, n_heads))
+    if not args.tie_embeddings and "output.weight" not in state_dict:
+        raise InputError(f"{ckpt_dir} has no lm_head.weight but config.json says the output is not tied")
+    return llama.tie_output(args, state_dict)
+
+
+def checkpoint_layout(ckpt_dir):
+    """-> ("hf", dir) or ("meta", dir) for a checkpoint directory, or a one-line error."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder holding the weights")
+    safetensors = any(ckpt_dir.glob("*.safetensors")) or (ckpt_dir / "model.safetensors.index.json").exists()
+    if (ckpt_dir / "config.json").exists() and safetensors:
+        return "hf", ckpt_dir
+    for d in (ckpt_dir, ckpt_dir / "original"):
+        if (d / "params.json").exists():
+            return "meta", d
+    if (ckpt_dir / "config.json").exists():
+        raise InputError(f"{ckpt_dir} has config.json but no *.safetensors weights; download them")
+    raise InputError(f"{ckpt_dir} holds neither layout: expected params.json + consolidated.*.pth (Meta) "
+                     f"or config.json + *.safetensors (Hugging Face)")
+
+
+def read_args(ckpt_dir):
+    """The model's shape from its config file alone (no weights): for checks before anything slow."""
+    layout, d = checkpoint_layout(ckpt_dir)
+    if layout == "hf":
+        return args_from_hf_config(llama.read_json(d / "config.json"), str(d / "config.json"))
+    return llama.args_from_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
+
+
+def load_checkpoint(ckpt_dir):
+    """A checkpoint directory in either layout -> (ModelArgs, state_dict in Meta's names). A Meta directory,
+    an HF directory, or an HF repository root that also has Meta's files in original/ (safetensors win)."""
+    layout, d = checkpoint_layout(ckpt_dir)
+    if layout == "hf" and (d / "original" / "params.json").exists():
+        log(f"{d} has both layouts: using the safetensors (HF), not original/ (Meta)")
+    return load_hf_checkpoint(d) if layout == "hf" else llama.load_meta_checkpoint(d)
+
+
+def find_tokenizer(ckpt_dir):
+    checkpoint_layout(ckpt_dir)  # a missing or wrong directory is named first
+    for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+        if path.exists():
+            return path
+    raise InputError(f"no tokenizer.model in {ckpt_dir} or {Path(ckpt_dir) / 'original'}; "
+                     f"copy it from the original/ folder of the model's download")
+
+
+def load_tokenizer(ckpt_dir):
+    return llama.Tokenizer.load(find_tokenizer(ckpt_dir))
+
+
+# -----------------------------------------------------------------------------
+# Writing either layout (atomically: a directory is complete or absent)
+
+def meta_params(args):
+    """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce ffn_hidden_dim."""
+    multiple_of, multiplier = args.multiple_of, args.ffn_dim_multiplier
+    if llama.meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
+        # from a Hugging Face config, which stores the width itself: find Meta's two numbers, plainest first
+        ratio = args.ffn_hidden_dim / int(2 * 4 * args.dim / 3)
+        candidates = [(m, r) for r in (None, round(ratio, 1), round(ratio, 2), round(ratio, 4), ratio)
+                      for m in (256, 1024, 4096, 32, 64, 128, 512, 2048) if args.ffn_hidden_dim % m == 0]
+        fits = [(m, r) for m, r in candidates
+                if llama.meta_ffn_hidden_dim(args.dim, m, r) == args.ffn_hidden_dim]
+        if not fits:
+            raise InputError(f"FFN width {args.ffn_hidden_dim} cannot be written as Meta's "
+                             f"multiple_of/ffn_dim_multiplier")
+        multiple_of, multiplier = fits[0]
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "multiple_of": multiple_of,
+              "ffn_dim_multiplier": multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "use_scaled_rope": args.use_scaled_rope}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
+    """params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and tokenizer.model."""
+    if args.use_scaled_rope and args.rope_scaling_factor != 8.0:
+        log(f"note: params.json cannot record the RoPE scaling factor {args.rope_scaling_factor:g} (readers "
+            f"assume 8): pass --rope_scaling_factor {args.rope_scaling_factor:g} when loading {out_dir}")
+    if "output.weight" not in state_dict:  # Meta's files always carry the output layer, tied or not
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+    with llama.atomic_directory(out_dir) as tmp:
+        (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2))
+        for rank in range(n_shards):
+            shard = {}
+            for key, t in state_dict.items():
+                dim = llama.meta_shard_dim(key)
+                shard[key] = (t if dim is None else t.chunk(n_shards, dim=dim)[rank]).clone()
+            torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
+
+
+def hf_config(args):
+    """config.json as the Llama 3.x repositories on the Hugging Face hub have it."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+           "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+           "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+           "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+           "rope_theta": args.rope_theta, "max_position_embeddings": args.context,
+           "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+           "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+    if args.use_scaled_rope:
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                               "low_freq_factor": args.rope_low_freq_factor,
+                               "high_freq_factor": args.rope_high_freq_factor,
+                               "original_max_position_embeddings": args.rope_original_context}
+    return cfg
+
+
+def hf_tensors(args, state_dict):
+    """Meta-named weights -> HF-named ones (q/k rows permuted; a tied output stored once)."""
+    names, tensors = hf_names(args.n_layers), {}
+    for key, t in state_dict.items():
+        if key == "output.weight" and args.tie_embeddings:
+            continue
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = permute_rows_to_hf(t, args.n_heads if key.endswith("wq.weight") else args.n_kv_heads)
+        tensors[names[key]] = t.contiguous()
+    return tensors
+
+
+def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
+    """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with an
+    index) and the tokenizer under original/, as the HF hub repositories are laid out."""
+    from safetensors.torch import save_file
+
+    tensors = hf_tensors(args, state_dict)
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with llama.atomic_directory(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config(args), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
+             "temperature": 0.6, "top_p": 0.9}, indent=2))
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else \
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "original").mkdir()
+        shutil.copyfile(tokenizer_path, tmp / "original" / "tokenizer.model")
+    log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
+
+
+def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout):
+    save = {"meta": save_meta_checkpoint, "hf": save_hf_checkpoint}[layout]
+    save(args, state_dict, out_dir, tokenizer_path)
+
+
+# -----------------------------------------------------------------------------
+# Finetune runs: a base checkpoint plus what the run trained (LoRA adapters, norms, or everything)
+
+def apply_run_lora(model, run):
+    """Give a model the LoRA modules of a finetune run (if it used LoRA), so that its saved weights fit."""
+    if run["mode"] in ("lora", "lora+norm"):
+        llama.apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
+    return model
+
+
+def load_finetuned(model, run_dir):
+    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype)."""
+    run = llama.read_run(run_dir)
+    dtype = model.tok_embeddings.weight.dtype
+    model = llama.merge_lora(llama.load_trained(apply_run_lora(model, run), run_dir))
+    for p in model.parameters():
+        p.data, p.requires_grad = p.data.to(dtype), False
+    log(f"applied the {run['mode']} weights of {run_dir} (step {run['step']})")
+    return model
+
+
+def state_dict_of(model):
+    """A model's weights in Meta's names, and its args with tie_embeddings as the model has it now."""
+    tied = model.output.weight is model.tok_embeddings.weight
+    args = replace(model.args, tie_embeddings=tied)
+    return args, {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+
+
+# -----------------------------------------------------------------------------
+# Random weights of real shapes (for tests, benchmarks and trying things offline: they write gibberish)
+
+SHAPES = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden_dim=768, multiple_of=256,
+                 tie_embeddings=True),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
+               ffn_dim_multiplier=1.5, tie_embeddings=True),
+    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
+               ffn_dim_multiplier=1.0, tie_embeddings=True),
+    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, multiple_of=1024,
+               ffn_dim_multiplier=1.3),
+}
+
+
+def random_state_dict(args, seed=0, dtype=torch.bfloat16):
+    """std 1/sqrt(dim) keeps activations O(1), so greedy outputs are varied and free of near-ties."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in llama.Transformer(args).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            sd[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
+        else:
+            sd[key] = (torch.randn(shape, generator=g) / math.sqrt(args.dim)).to(dtype)
+    if args.tie_embeddings:
+        del sd["output.weight"]
+    return sd
+
+
+def bundled_tokenizer():
+    """The real Llama 3 tokenizer.model shipped inside Meta's llama-models package (a test dependency)."""
+    try:
+        import llama_models
+    except ImportError:
+        raise InputError("no tokenizer given and llama-models is not installed; pass --tokenizer PATH, or "
+                         "pip install llama-models") from None
+    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert a checkpoint between Meta's and HF's layouts (lossless)")
+    c.add_argument("src", help="checkpoint directory in either layout")
+    c.add_argument("dst", help="output directory (written atomically; must not be src)")
+    c.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    c.add_argument("--rope_scaling_factor", type=float, default=None,
+                   help="the llama3 RoPE factor of a Meta source, which params.json cannot record "
+                        "(32 for 3.2 1B/3B; default: 8, or what config.json says)")
+    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint")
+    e.add_argument("run_dir", help="the --out_dir of a finetune run")
+    e.add_argument("dst", help="output directory (written atomically)")
+    e.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    e.add_argument("--dtype", choices=list(llama.DTYPES), default="bfloat16",
+                   help="dtype of the written weights (default bfloat16)")
+    r = sub.add_parser("random", help="a random-weight checkpoint of a real shape (writes gibberish)")
+    r.add_argument("out_dir", help="output directory")
+    r.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="(default tiny)")
+    r.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: llama-models')")
+    r.add_argument("--seed", type=int, default=0, help="(default 0)")
+    a = p.parse_args(argv)
+    if a.command == "convert":
+        if Path(a.dst).resolve() == Path(a.src).resolve() or Path(a.src).resolve().is_relative_to(
+                Path(a.dst).resolve()):
+            raise InputError(f"convert would write {a.dst} over its own source; choose another output directory")
+        args, state_dict = load_checkpoint(a.src)
+        if a.rope_scaling_factor is not None:
+            args = replace(args, rope_scaling_factor=a.rope_scaling_factor)
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
+    elif a.command == "export":
+        run = llama.read_run(a.run_dir)
+        model = llama.build_model(*load_checkpoint(run["ckpt_dir"]), "cpu", torch.float32)
+        model = load_finetuned(model, a.run_dir)
+        args, state_dict = state_dict_of(model)
+        dtype = llama.DTYPES[a.dtype]
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to)
+    else:
+        args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
+        log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
+        save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir, a.tokenizer or bundled_tokenizer())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
