@@ -179,8 +179,9 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError):
             raise InputError(f"{path} is not a Llama 3 tokenizer.model (base64 token and rank per "
                              f"line); use the one that came with the weights") from None
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise InputError(f"{path}: the ranks are not 0..{len(ranks) - 1}; the file is damaged")
+        if len(ranks) < 256 or sorted(ranks.values()) != list(range(len(ranks))):
+            raise InputError(f"{path} is damaged: it needs ranks 0..N-1 covering at least the 256 bytes; "
+                             f"use the tokenizer.model that came with the weights")
         return Tokenizer(ranks, Path(path).name)
 
     def encode(self, s, bos=False, eos=False):

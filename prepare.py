@@ -126,16 +126,20 @@ def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
     mask_path = out_path.with_suffix(".mask.bin")
     tmp, mask_tmp = Path(f"{out_path}.tmp"), Path(f"{mask_path}.tmp")
     jobs = [docs[i:i + 1000] for i in range(0, len(docs), 1000)]
-    pool = mp.get_context("spawn").Pool(min(workers or os.cpu_count(), len(jobs)),
-                                        initializer=start_worker, initargs=(tokenizer,))
-    with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm, pool:
+    workers = min(workers or os.cpu_count(), len(jobs))
+    start_worker(tokenizer)  # a single job runs here: starting processes would take longer
+    pool = mp.get_context("spawn").Pool(workers, start_worker, (tokenizer,)) if workers > 1 else None
+    with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm:
         n = 0
-        for i, (ids, train_on) in enumerate(pool.imap(encode_documents, jobs)):
+        for i, (ids, train_on) in enumerate(pool.imap(encode_documents, jobs) if pool else
+                                            map(encode_documents, jobs)):
             f.write(ids.tobytes())
             fm.write(train_on.tobytes() if chat else b"")
             n += len(ids)
             log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of {out_path.name}: "
                 f"{n:,} tokens")
+    if pool:
+        pool.close()
     mask_tmp.rename(mask_path) if chat else mask_tmp.unlink()
     tmp.rename(out_path)
     return load_bin(out_path)

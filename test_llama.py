@@ -137,17 +137,65 @@ def test_bf16_matches_meta(ckpt_gqa):
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=5)):
         expected = run_meta(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", **kw)["tokens"]
         assert ours(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", **kw) == expected
+    # the logits of a multi-token prefill and of each step after it, through their log-probabilities: bit for bit
+    ids = [TOKENIZER.encode(PROMPTS[3], bos=True), TOKENIZER.encode(PROMPTS[0], bos=True)]
+    meta = run_meta(ckpt_gqa, prompt_tokens=ids, max_gen_len=8, dtype="bfloat16", logprobs=True)
+    g = generate.load(ckpt_gqa, max_seq_len=512, max_batch_size=2, device="cpu", dtype="bfloat16")
+    tokens, logprobs, _ = g.generate(ids, 8, temperature=0, logprobs=True)
+    assert tokens == meta["tokens"] and logprobs == meta["logprobs"]
 
 
 def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
     # fast=True (fused SDPA attention, last-position logits) is not bit-identical to Meta, so it is checked
     # against the exact path within a stated tolerance (1e-4 on float32 logits), and greedy must still be exact.
     assert ours(ckpt, PROMPTS, max_gen_len=24, fast=True) == run_meta(ckpt, PROMPTS, max_gen_len=24)["tokens"]
+    for prompt in PROMPTS[::3]:  # single prompts too (no padding: another path through the cache)
+        assert ours(ckpt, [prompt], max_gen_len=24, fast=True) == run_meta(ckpt, [prompt], max_gen_len=24)["tokens"]
     exact = generate.load(ckpt, max_seq_len=256, device="cpu")
     fused = generate.load(ckpt, max_seq_len=256, device="cpu", fast=True)
     tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(fused.model(tokens), exact.model(tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ckpt_stops(tmp_path_factory, ckpt_gqa):
+    """Random weights never emit a stop token, so this checkpoint is made to: each stop token's output row is a
+    slightly larger copy of the row of a token that greedy decoding emits at some step of some prompt, so the stop
+    token wins exactly where that token would have (different rows stop at different steps)."""
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
+    greedy = ours(ckpt_gqa, PROMPTS, max_gen_len=24)
+    picks = {TOKENIZER.eot_id: greedy[0][6], TOKENIZER.eom_id: greedy[2][10], TOKENIZER.eos_id: greedy[3][15]}
+    out = dict(sd)
+    out["output.weight"] = sd["output.weight"].clone()
+    for stop, token in picks.items():
+        out["output.weight"][stop] = (sd["output.weight"][token].float() * 1.02).bfloat16()
+    path = tmp_path_factory.mktemp("stops") / "ckpt"
+    checkpoints.save_meta_checkpoint(args, out, path, META_TOKENIZER, n_shards=2)
+    return path
+
+
+def test_stop_tokens_match_meta(ckpt_stops):
+    g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu")
+    ids = [g.tokenizer.encode(p, bos=True) for p in PROMPTS]
+    meta = run_meta(ckpt_stops, prompt_tokens=ids, max_gen_len=24)
+    tokens, _, stops = g.generate(ids, 24, temperature=0)  # a ragged batch whose rows end at different steps
+    assert tokens == meta["tokens"] and stops == meta["stops"]
+    assert len({len(t) for t in tokens}) >= 3 and len({s for s in stops if s is not None}) >= 2, (tokens, stops)
+    for i in (0, 2):  # single prompts, and the stream of one, end where Meta ends
+        assert g.generate([ids[i]], 24, temperature=0)[0][0] == meta["tokens"][i]
+        assert [t for t, _ in g.stream(ids[i], 24, temperature=0) if t is not None] == meta["tokens"][i]
+    sampled = dict(temperature=0.7, top_p=0.9, seed=3)
+    meta_sampled = run_meta(ckpt_stops, prompt_tokens=ids, max_gen_len=24, **sampled)
+    g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu", seed=3)
+    assert g.generate(ids, 24, temperature=0.7, top_p=0.9)[::2] == (meta_sampled["tokens"], meta_sampled["stops"])
+    # chat_completion's stop_reason: from the token that ended the reply in Meta's run
+    dialog = [{"role": "user", "content": PROMPTS[0]}]
+    meta_chat = run_meta(ckpt_stops, prompt_tokens=[g.tokenizer.encode_dialog_prompt(dialog)], max_gen_len=30)
+    reply = g.chat_completion([dialog], temperature=0, max_gen_len=30)[0]
+    reason = {g.tokenizer.eot_id: "end_of_turn", g.tokenizer.eom_id: "end_of_message",
+              g.tokenizer.eos_id: "end_of_turn", None: "out_of_tokens"}[meta_chat["stops"][0]]
+    assert reply["tokens"] == meta_chat["tokens"][0] and reply["generation"]["stop_reason"] == reason
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_CKPT_DIR"), reason="set LLAMA_CKPT_DIR to a real Meta checkpoint")
@@ -401,17 +449,40 @@ def test_generate_py_streams_and_reports_speed(ckpt_gqa):
     ([], "no prompts"),
     (["--prompt", "a", "--prompt", "b", "--max_batch_size", "1"], "max_batch_size"),
     (["--prompt", "word " * 100, "--max_seq_len", "50"], "max_seq_len"),
-])
+    (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
+    (["--prompt", "hi", "--device", "foo"], "unknown device"),
+    (["--prompt", "hi", "--lora", "/nonexistent/run"], "holds no finetune checkpoint"),
+    (["--prompt", "hi", "--dtype", "bf17"], "invalid choice"),
+] + ([] if torch.cuda.is_available() else [(["--prompt", "hi", "--device", "cuda"], "no CUDA")]))
 def test_generate_py_bad_input_exits_2(ckpt_gqa, argv, message):
     r = run_generate_py("--ckpt_dir", ckpt_gqa, *argv)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and message in last
+    assert (last.startswith("error:") or "generate.py: error:" in last) and message in last
 
 
 def test_generate_py_missing_dir_exits_2(tmp_path):
     r = run_generate_py("--ckpt_dir", tmp_path / "missing", "--prompt", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_bad_files_and_tools_fail_in_one_line(ckpt_gqa, tmp_path):
+    import shutil
+
+    bad_tok = tmp_path / "bad_tok"
+    shutil.copytree(ckpt_gqa, bad_tok)
+    for content in (b"not a tokenizer\n", b"\x00\xff\x00 garbage", b""):
+        (bad_tok / "tokenizer.model").write_bytes(content)
+        r = run_generate_py("--ckpt_dir", bad_tok, "--prompt", "hi")
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "tokenizer" in r.stderr.splitlines()[-1], r.stderr
+    for dst in (ckpt_gqa, ckpt_gqa.parent):  # convert onto its own source (or a folder holding it): refused
+        r = subprocess.run([sys.executable, str(HERE / "checkpoints.py"), "convert", str(ckpt_gqa), str(dst), "--to", "hf"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "its own source" in r.stderr and (ckpt_gqa / "params.json").exists()
+    checkpoints.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
+    r = subprocess.run([sys.executable, str(HERE / "reference.py"), "--ckpt_dir", str(tmp_path / "hf"), "--prompt", "a"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "Meta's layout" in r.stderr
 
 
 # ----------------------------------------------------------------------------- Hugging Face layout, transformers
@@ -907,29 +978,132 @@ def test_training_lowers_validation_loss(ckpt_gqa, corpus, tmp_path):
     assert val[-1] < val[0] - 2.0, val  # a clear margin
 
 
+def strip_speed(log):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
+
+
 def test_resume_reproduces_uninterrupted_losses(ckpt_gqa, corpus, tmp_path):
-    common = ("--mode", "lora+norm", "--max_steps", 10, "--lr", 3e-3, "--lora_dropout", 0.1, "--eval_every", 5)
+    import finetune
+
+    common = ("--mode", "lora+norm", "--max_steps", 10, "--lr", 3e-3, "--lora_dropout", 0.1, "--eval_every", 5,
+              "--grad_accum", 2)
     train(ckpt_gqa, corpus, tmp_path / "whole", *common)
     train(ckpt_gqa, corpus, tmp_path / "pieces", *common, "--stop_at", 4)
     assert [r["step"] for r in read_log(tmp_path / "pieces")] == [1, 2, 3, 4]
-    train(ckpt_gqa, corpus, tmp_path / "pieces", *common, "--resume")
-    strip = lambda log: [{k: v for k, v in r.items() if k not in ("tokens_per_s",)} for r in log]  # noqa: E731
-    assert strip(read_log(tmp_path / "pieces")) == strip(read_log(tmp_path / "whole"))
+    with pytest.raises(InputError, match="other settings"):  # a setting that would change the run: refused
+        finetune.main(["--out_dir", str(tmp_path / "pieces"), "--resume", "--seq_len", "32"])
+    with pytest.raises(InputError, match="continue it with --resume"):  # never overwritten without asking
+        train(ckpt_gqa, corpus, tmp_path / "pieces", *common)
+    finetune.main(["--out_dir", str(tmp_path / "pieces"), "--resume"])  # one flag: the run's own settings
+    assert strip_speed(read_log(tmp_path / "pieces")) == strip_speed(read_log(tmp_path / "whole"))
+    finetune.main(["--out_dir", str(tmp_path / "pieces"), "--resume", "--max_steps", "12"])  # longer: allowed
+    assert read_log(tmp_path / "pieces")[-1]["step"] == 12
+
+
+def run_finetune_py(*argv, **kw):
+    return subprocess.Popen([sys.executable, "-u", str(HERE / "finetune.py"), *map(str, argv)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("sig,status", [(2, 130), (15, 143)])  # SIGINT (Ctrl-C), SIGTERM (schedulers)
+def test_signal_stops_at_a_step_boundary_and_resume_is_exact(ckpt_gqa, corpus, tmp_path, sig, status):
+    import random
+
+    import finetune
+
+    common = ["--mode", "lora", "--max_steps", 6, "--lr", 3e-3, "--lora_dropout", 0.2, "--eval_every", 3,
+              "--save_every", 100, "--seq_len", 64, "--batch_size", 4, "--grad_accum", 1, "--sample_every", 0,
+              "--data", corpus, "--ckpt_dir", ckpt_gqa]
+    finetune.main([*map(str, common), "--out_dir", str(tmp_path / "whole")])
+    rng = random.Random(sig)
+    p = run_finetune_py(*common, "--out_dir", tmp_path / "cut")
+    try:
+        at = rng.randint(1, 4)
+        for line in p.stderr:  # the run is under way: a signal at a random moment of a step
+            if line.startswith(f"step {at}/"):
+                time.sleep(rng.uniform(0, 0.2))
+                p.send_signal(sig)
+                break
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == status and "Traceback" not in err, err
+    stopped = read_log(tmp_path / "cut")[-1]["step"]
+    assert at <= stopped < 6 and llama.read_run(tmp_path / "cut")["step"] == stopped  # saved where it stopped
+    finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
+    assert strip_speed(read_log(tmp_path / "cut")) == strip_speed(read_log(tmp_path / "whole"))
+
+
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(ckpt_gqa, corpus, tmp_path, monkeypatch):
+    import pathlib
+
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    train(ckpt_gqa, corpus, out, "--mode", "lora", "--max_steps", 2)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing the checkpoint")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)  # killed while writing the files
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
+    assert llama.read_run(out)["step"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
+    monkeypatch.undo()
+    renames = []
+
+    def rename_then_crash(self, target):  # killed between moving the old checkpoint aside and the new one in
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return original_rename(self, target)
+
+    original_rename = pathlib.Path.rename
+    monkeypatch.setattr(pathlib.Path, "rename", rename_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
+    monkeypatch.undo()
+    assert not (out / "checkpoint").exists()  # the gap the crash left...
+    assert llama.read_run(out)["step"] == 2  # ...which the next reader closes: the old checkpoint, whole
+    train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint(ckpt_gqa, corpus, tmp_path):
+    import random
+    import signal
+
+    p = run_finetune_py("--ckpt_dir", ckpt_gqa, "--data", corpus, "--out_dir", tmp_path / "run", "--seq_len", 64,
+                        "--batch_size", 2, "--grad_accum", 1, "--max_steps", 1000, "--save_every", 1,
+                        "--eval_every", 0, "--sample_every", 0, "--mode", "lora")
+    try:
+        for line in p.stderr:
+            if line.startswith("saved step 3 "):
+                time.sleep(random.uniform(0, 0.5))
+                p.send_signal(signal.SIGKILL)
+                break
+        p.wait(timeout=300)
+    finally:
+        p.kill()
+    step = llama.read_run(tmp_path / "run")["step"]
+    assert step >= 3 and [r["step"] for r in read_log(tmp_path / "run")] == list(range(1, step + 1))
+    model = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
+    llama.load_trained(checkpoints.apply_run_lora(model, llama.read_run(tmp_path / "run")), tmp_path / "run")
 
 
 def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
-    common = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--seq_len", 64, "--grad_accum", 1, "--max_steps", 4,
+    common = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--seq_len", 64, "--grad_accum", 2, "--max_steps", 4,
               "--mode", "lora+norm", "--lr", 3e-3, "--eval_every", 2, "--eval_batches", 2, "--sample_every", 0,
               "--device", "cpu"]
     one = subprocess.run([sys.executable, str(HERE / "finetune.py"), *map(str, common), "--batch_size", "4",
-                          "--out_dir", str(tmp_path / "one")], capture_output=True, text=True)
+                          "--out_dir", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     import reference  # its free_port: a fixed port can still be held by an earlier run
 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           reference.free_port(),
                           str(HERE / "finetune.py"), *map(str, common), "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
         assert a["step"] == b["step"]
@@ -1103,6 +1277,53 @@ def test_chat_training_data_marks_exactly_the_assistant_tokens(ckpt_gqa, tmp_pat
     assert loss_mask.shape == y.shape and loss_mask.dtype == torch.bool
     train(ckpt_gqa, path, tmp_path / "run", "--mode", "lora", "--max_steps", 2)  # SFT runs end to end
     assert len(read_log(tmp_path / "run")) == 2
+    # from the file through get_batch into the loss: a window's weights mark exactly the assistant's tokens
+    x, y, loss_mask = llama.get_batch((tokens, mask), 3, 4, 50, seed=1)
+    weights = llama.token_weights(y, tok.bos_id, loss_mask)
+    answer_tokens = set(answer)
+    for row_x, row_y, row_w in zip(x.tolist(), y.tolist(), weights.tolist()):
+        full = row_x + row_y[-1:]
+        for j, (target, w) in enumerate(zip(row_y, row_w)):  # target j is token j + 1 of the window
+            start = next((i for i in range(j + 1, -1, -1) if full[i] == tok.special_tokens["<|start_header_id|>"]),
+                         None)
+            in_answer = start is not None and full[start + 1] == tok.encode("assistant")[0] and \
+                j + 1 >= start + len(tok.encode_header("assistant"))
+            assert w == in_answer, (j, target)
+            assert not w or target in answer_tokens
+
+
+def test_405b_shard_layout_merges_and_checks_the_copies(tmp_path):
+    # more model-parallel shards than K/V heads (405B: 8 KV heads on 16 ranks): each head's rows sit in two shards
+    args = tiny_args(n_kv_heads=2, n_heads=4)
+    sd = checkpoints.random_state_dict(args, seed=3, dtype=torch.float32)
+    n = 4
+    shards = [{} for _ in range(n)]
+    for key, t in sd.items():
+        dim = llama.meta_shard_dim(key)
+        if key.endswith(("wk.weight", "wv.weight")):
+            parts = [c for c in t.chunk(2, 0) for _ in range(2)]  # head h in shards 2h and 2h + 1
+        else:
+            parts = [t] * n if dim is None else list(t.chunk(n, dim))
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone()
+    merged = llama.merge_meta_shards(shards, args)
+    assert sorted(merged) == sorted(sd) and all(torch.equal(merged[k], sd[k]) for k in sd)
+    shards[3]["layers.1.attention.wv.weight"][0, 0] += 1  # one copy differs from its twin: damaged
+    with pytest.raises(InputError, match="should hold copies"):
+        llama.merge_meta_shards(shards, args)
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(ckpt_gqa):
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    results = []
+    for checkpointing in (False, True):
+        model = lora_model(ckpt_gqa, ["wq", "w2"]).train()
+        model.activation_checkpointing = checkpointing
+        losses, weights = llama.token_losses(model, x[:, :-1], x[:, 1:], TOKENIZER.bos_id)
+        (losses * weights).sum().backward()
+        results.append((losses.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(g0, g1))
 
 
 @pytest.mark.parametrize("line,message", [
