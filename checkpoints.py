@@ -167,16 +167,185 @@ def load_checkpoint(ckpt_dir):
 
 
 def find_tokenizer(ckpt_dir):
+    """tokenizer.model (Meta's, tiktoken) or else tokenizer.json (Hugging Face's), in DIR or DIR/original."""
     checkpoint_layout(ckpt_dir)  # a missing or wrong directory is named first
-    for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+    d = Path(ckpt_dir)
+    for path in (d / "tokenizer.model", d / "original" / "tokenizer.model",
+                 d / "tokenizer.json", d / "original" / "tokenizer.json"):
         if path.exists():
             return path
-    raise InputError(f"no tokenizer.model in {ckpt_dir} or {Path(ckpt_dir) / 'original'}; "
-                     f"copy it from the original/ folder of the model's download")
+    raise InputError(f"no tokenizer.model or tokenizer.json in {d} or {d / 'original'}; "
+                     f"copy it from the model's download")
 
 
 def load_tokenizer(ckpt_dir):
-    return llama.Tokenizer.load(find_tokenizer(ckpt_dir))
+    return read_tokenizer(find_tokenizer(ckpt_dir))
+
+
+def read_tokenizer(path):
+    path = Path(path)
+    return read_tokenizer_json(path) if path.suffix == ".json" else llama.Tokenizer.load(path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.json: Hugging Face's file for the same byte-level BPE, read and written as plain JSON
+# model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's byte-to-unicode
+# table); model.merges lists the pairs to merge, first listed first. tiktoken instead merges the pair whose
+# result has the lowest rank. Llama 3's file lists its merges in the order of the merged token's id and its
+# ids are tiktoken's ranks (Meta's tokenizer.model and the hub's tokenizer.json agree token for token), so the
+# ranks are the vocab ids: read_tokenizer_json checks that the merges are in id order, which is what makes
+# the two algorithms the same one.
+
+def byte_to_unicode():
+    """GPT-2's table: printable bytes stand for themselves, the others for chr(256 + n) in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~" "¡".."¬" "®".."ÿ"
+    table, n = {}, 0
+    for b in range(256):
+        table[b] = chr(b) if b in printable else chr(256 + n)
+        n += b not in printable
+    return table
+
+
+def token_string(token):
+    return "".join(BYTE_TO_UNICODE[b] for b in token)
+
+
+BYTE_TO_UNICODE = byte_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def read_tokenizer_json(path):
+    """tokenizer.json -> llama.Tokenizer, or a one-line error when it is not Llama 3's tokenizer."""
+    tj = llama.read_json(path)
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not isinstance(model.get("vocab"), dict):
+        kind = "SentencePiece-style BPE" if model.get("byte_fallback") else model.get("type")
+        raise InputError(f"{path} holds a {kind} tokenizer, not Llama 3's byte-level BPE; "
+                         f"use the tokenizer of a Llama 3 model")
+    steps = pre.get("pretokenizers", [pre])
+    regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    if regexes != [llama.LLAMA3_SPLIT_PATTERN] or [s.get("type") for s in steps][-1:] != ["ByteLevel"]:
+        raise InputError(f"{path}: the pre-tokenizer is not Llama 3's (its split pattern, then bytes); "
+                         f"use the tokenizer of a Llama 3 model")
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
+    try:
+        ranks = {bytes(UNICODE_TO_BYTE[c] for c in s): i for s, i in model["vocab"].items() if s not in added}
+    except KeyError:
+        raise InputError(f"{path}: a vocab entry is not in byte-level spelling; the file is not Llama 3's") \
+            from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise InputError(f"{path}: the vocab ids are not 0..{len(ranks) - 1}; the file is damaged")
+    specials = {i: s for s, i in added.items() if i >= len(ranks)}
+    if specials != {len(ranks) + i: s for i, s in enumerate(llama.SPECIAL_TOKENS)}:
+        raise InputError(f"{path}: the special tokens from id {len(ranks)} on are not Llama 3's 256 "
+                         f"(<|begin_of_text|> ...); use the tokenizer of a Llama 3 model")
+    vocab, last = model["vocab"], -1
+    for m in model.get("merges") or []:
+        a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (tokenizers < 0.20) or ["a", "b"]
+        merged = vocab.get(a + b, -1)
+        if merged < last:
+            raise InputError(f"{path}: the merges are not in vocab-id order ('{a}' + '{b}'), so the ids are "
+                             f"not BPE ranks; this is not a tokenizer.json of Llama 3's kind")
+        last = merged
+    return llama.Tokenizer(ranks, Path(path).name)
+
+
+def bpe_merges(ranks):
+    """Every pair of tokens that forms a token, in the order of the formed token's rank (ties: by the
+    ranks of the two parts), as Hugging Face's tiktoken converter lists them."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token))
+                 if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))
+    return merges
+
+
+def tokenizer_json(tokenizer):
+    """tokenizer.json as the hub's Llama 3.x repositories have it (a <|begin_of_text|> is prepended)."""
+    bos = "<|begin_of_text|>"
+    template = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    pair = template + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in tokenizer.special_tokens.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": llama.LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing", "single": template, "pair": pair, "special_tokens": {
+                bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,
+                  "vocab": {token_string(t): r for t, r in tokenizer.ranks.items()},
+                  "merges": [f"{token_string(a)} {token_string(b)}" for a, b in bpe_merges(tokenizer.ranks)]},
+    }
+
+
+# Our chat format (Meta's ChatFormat, llama.Tokenizer.encode_dialog_prompt) as a Jinja template, so that
+# transformers' apply_chat_template gives the same tokens. It is Meta-Llama-3-8B-Instruct's template without
+# its `| trim` of each message (Meta's code does not strip) and with tool -> ipython and <|eom_id|> after an
+# assistant message with stop_reason end_of_message. The 3.1+ hub template is not used: it always writes a
+# system header with "Cutting Knowledge Date: December 2023 / Today Date: ..." and tool instructions, which
+# Meta's ChatFormat (and so ours) does not.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'ipython' if message['role'] in ['tool', 'ipython'] else message['role'] %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + message['content'] }}"
+    "{%- if message['role'] == 'assistant' and message.get('stop_reason') == 'end_of_message' %}"
+    "{{- '<|eom_id|>' }}{%- else %}{{- '<|eot_id|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+
+
+def special_token(s):
+    return {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def tokenizer_config(tokenizer, args):
+    """tokenizer_config.json as on the hub, with the class every transformers version reads (transformers 5
+    writes TokenizersBackend, which older versions cannot load). clean_up_tokenization_spaces is off (the
+    hub's files say true): decoding must give the text back exactly, " ." included."""
+    return {"added_tokens_decoder": {str(i): {**special_token(s), "special": True}
+                                     for s, i in tokenizer.special_tokens.items()},
+            "bos_token": "<|begin_of_text|>", "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "eos_token": "<|end_of_text|>",
+            "model_input_names": ["input_ids", "attention_mask"], "model_max_length": args.context,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def write_tokenizer_model(tokenizer, path):
+    """tokenizer.model: one "base64(token bytes) rank" line per token, in rank order, as Meta's."""
+    import base64
+
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(tokenizer.ranks.items(),
+                                                                        key=lambda kv: kv[1]))
+    Path(path).write_text("".join(lines))
+
+
+def copy_tokenizer_model(tokenizer_path, dst):
+    """Meta's tokenizer.model at dst: copied, or written from a tokenizer.json's ranks."""
+    if Path(tokenizer_path).suffix == ".json":
+        write_tokenizer_model(read_tokenizer_json(tokenizer_path), dst)
+    else:
+        shutil.copyfile(tokenizer_path, dst)
+
+
+def write_hf_tokenizer(tokenizer, args, out_dir):
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
+    out_dir = Path(out_dir)
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer), ensure_ascii=False))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, args), indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": special_token("<|begin_of_text|>"), "eos_token": special_token("<|end_of_text|>")},
+        indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +387,7 @@ def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
                 dim = llama.meta_shard_dim(key)
                 shard[key] = (t if dim is None else t.chunk(n_shards, dim=dim)[rank]).clone()
             torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        copy_tokenizer_model(tokenizer_path, tmp / "tokenizer.model")
     log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
 
 
@@ -253,7 +422,8 @@ def hf_tensors(args, state_dict):
 
 def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
     """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with an
-    index) and the tokenizer under original/, as the HF hub repositories are laid out."""
+    index), tokenizer.json + tokenizer_config.json + special_tokens_map.json, and Meta's tokenizer.model
+    under original/, as the HF hub repositories are laid out. tokenizer_path: either tokenizer file."""
     from safetensors.torch import save_file
 
     tensors = hf_tensors(args, state_dict)
@@ -280,8 +450,9 @@ def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_byte
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        write_hf_tokenizer(read_tokenizer(tokenizer_path), args, tmp)
         (tmp / "original").mkdir()
-        shutil.copyfile(tokenizer_path, tmp / "original" / "tokenizer.model")
+        copy_tokenizer_model(tokenizer_path, tmp / "original" / "tokenizer.model")
     log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
 
 
