@@ -456,7 +456,11 @@ def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_byte
     log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
 
 
-def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout):
+def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtype="bf16"):
+    if layout == "gguf":
+        import gguf_export
+
+        return gguf_export.write_gguf(args, state_dict, read_tokenizer(tokenizer_path), out_dir, gguf_dtype)
     save = {"meta": save_meta_checkpoint, "hf": save_hf_checkpoint}[layout]
     save(args, state_dict, out_dir, tokenizer_path)
 
@@ -472,13 +476,167 @@ def apply_run_lora(model, run):
 
 
 def load_finetuned(model, run_dir):
-    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype)."""
-    run = llama.read_run(run_dir)
+    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype).
+    run_dir: the --out_dir of a finetune run, or a PEFT LoRA adapter directory (adapter_config.json)."""
     dtype = model.tok_embeddings.weight.dtype
-    model = llama.merge_lora(llama.load_trained(apply_run_lora(model, run), run_dir))
+    if is_peft_adapter(run_dir):
+        model, what = load_peft_adapter(model, run_dir), "PEFT LoRA adapter"
+    else:
+        run = llama.read_run(run_dir)
+        model = llama.load_trained(apply_run_lora(model, run), run_dir)
+        what = f"{run['mode']} weights (step {run['step']})"
+    model = llama.merge_lora(model)
     for p in model.parameters():
         p.data, p.requires_grad = p.data.to(dtype), False
-    log(f"applied the {run['mode']} weights of {run_dir} (step {run['step']})")
+    log(f"applied the {what} of {run_dir}")
+    return model
+
+
+def check_finetuned(run_dir):
+    """A finetune run or a PEFT adapter, checked from its settings alone (before loading weights)."""
+    if is_peft_adapter(run_dir):
+        return peft_settings(run_dir)
+    return llama.read_run(run_dir)
+
+
+# -----------------------------------------------------------------------------
+# PEFT LoRA adapters (Hugging Face's peft library), both ways
+# adapter_config.json + adapter_model.safetensors, keyed by HF module names:
+# base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight (out, r), the
+# update being (lora_alpha / r) B A, as ours. lora_A reads the input, which HF does not permute; lora_B's rows
+# are q_proj/k_proj's output rows, which HF permutes as it does the weights: so B is permuted, A is not.
+
+PEFT_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
+                "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
+PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+                    "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
+                    "lora_bias": "LoRA biases", "target_parameters": "target_parameters"}
+
+
+def is_peft_adapter(path):
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def peft_settings(adapter_dir):
+    """adapter_config.json, checked: a plain LoRA adapter, the only kind our LoRALinear computes."""
+    where = Path(adapter_dir) / "adapter_config.json"
+    cfg = llama.read_json(where)
+    if cfg.get("peft_type") != "LORA":
+        raise InputError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters apply")
+    used = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias {cfg['bias']!r}")
+    if used:
+        raise InputError(f"{where} uses {', '.join(used)}, which this code does not run; merge the adapter "
+                         f"with peft (merge_and_unload) and load the merged model instead")
+    llama.check_types(cfg, {"r": int, "lora_alpha": float, "lora_dropout": float}, str(where))
+    return cfg
+
+
+def peft_key(args, module_name):
+    """Our module name (layers.0.attention.wq, output) -> peft's key prefix for it."""
+    return "base_model.model." + hf_names(args.n_layers)[module_name + ".weight"].removesuffix(".weight")
+
+
+def permute_lora_b(t, module_name, args, to_hf):
+    """lora_B of wq/wk has the weight's output rows: permuted as HF permutes them."""
+    n_heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(module_name.rsplit(".", 1)[-1])
+    if n_heads is None:
+        return t
+    return (permute_rows_to_hf if to_hf else permute_rows_from_hf)(t, n_heads)
+
+
+def lora_modules(model):
+    """{our module name: LoRALinear} of a model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(getattr(module, name))]: getattr(module, name) for module, name in llama.projections(model)
+            if isinstance(getattr(module, name), llama.LoRALinear)}
+
+
+def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
+    """A model with LoRA modules, or a LoRA finetune run's directory -> a PEFT adapter directory that
+    peft's PeftModel.from_pretrained applies to the HF-layout base model (written atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    if isinstance(model_or_run_dir, torch.nn.Module):
+        args, modules = model_or_run_dir.args, lora_modules(model_or_run_dir)
+        pairs = {n: (m.lora_a, m.lora_b) for n, m in modules.items()}
+        some = next(iter(modules.values()), None)
+        rank, alpha = (some.lora_a.shape[0], some.scale * some.lora_a.shape[0]) if some else (0, 0)
+        dropout = some.dropout.p if some else 0.0
+    else:
+        run_dir = Path(model_or_run_dir)
+        run = llama.read_run(run_dir)
+        if run["mode"] != "lora":
+            why = "trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm" else \
+                "trained no LoRA adapters"
+            raise InputError(f"{run_dir} (mode {run['mode']}) {why}; export it --to hf (a merged model)")
+        args = read_args(run["ckpt_dir"])
+        saved = load_file(run_dir / "checkpoint" / "trainable.safetensors")
+        pairs = {k.removesuffix(".lora_a"): (v, saved[k.removesuffix("_a") + "_b"])
+                 for k, v in saved.items() if k.endswith(".lora_a")}
+        rank, alpha, dropout = run["lora_rank"], run["lora_alpha"], run["lora_dropout"]
+        base_model_name_or_path = base_model_name_or_path or str(run["ckpt_dir"])
+    if not pairs:
+        raise InputError(f"{model_or_run_dir} has no LoRA adapters to export")
+    tensors = {}
+    for name, (a, b) in pairs.items():
+        key = peft_key(args, name)
+        tensors[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = permute_lora_b(b.detach().float(), name, args, True).contiguous()
+    targets = sorted({PEFT_MODULES[n.rsplit(".", 1)[-1]] for n in pairs})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path}
+    with llama.atomic_directory(out_dir) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    log(f"saved {out_dir} (PEFT LoRA adapter: r {rank}, alpha {alpha:g}, {', '.join(targets)})")
+
+
+def load_peft_adapter(model, adapter_dir):
+    """Give our model a PEFT LoRA adapter's modules and weights (unmerged: merge_lora folds them in).
+    The adapter's tensors say which modules it adapts (target_modules may be a regular expression)."""
+    from safetensors.torch import load_file
+
+    cfg, adapter_dir = peft_settings(adapter_dir), Path(adapter_dir)
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.exists():
+        raise InputError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors; "
+                         f"save the adapter with safetensors (peft's default)")
+    args, r = model.args, cfg["r"]
+    # use_rslora scales by alpha / sqrt(r) instead of alpha / r: the same as alpha * sqrt(r) our way
+    alpha = cfg["lora_alpha"] * (math.sqrt(r) if cfg.get("use_rslora") else 1)
+    ours = {}
+    for meta in hf_names(args.n_layers):
+        module = meta.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in PEFT_MODULES:
+            ours[peft_key(args, module)] = module
+    saved, pairs = load_file(path), {}
+    for key, t in saved.items():
+        prefix, _, leaf = key.rpartition(".lora_")
+        if key.endswith(".base_layer.weight"):
+            continue  # peft's copy of a base weight (lm_head as a target): the same as our base model's
+        if prefix not in ours or leaf not in ("A.weight", "B.weight"):
+            raise InputError(f"{path}: '{key}' is not a LoRA weight of this Llama model; is it for another "
+                             f"model?")
+        pairs.setdefault(ours[prefix], {})[leaf[0]] = t
+    targets = sorted({n.rsplit(".", 1)[-1] for n in pairs})
+    llama.apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))
+    for name, module in lora_modules(model).items():
+        ab = pairs.get(name)
+        if ab is None:  # a layer the adapter leaves alone: B = 0, the base layer's output
+            module.lora_b.data.zero_()
+            continue
+        if set(ab) != {"A", "B"}:
+            raise InputError(f"{path}: {name} has lora_{''.join(ab)} only; the file is incomplete")
+        for p, t in ((module.lora_a, ab["A"]), (module.lora_b, ab["B"])):
+            if p.shape != t.shape:
+                raise InputError(f"{path}: {name} has a LoRA weight of shape {tuple(t.shape)}, not "
+                                 f"{tuple(p.shape)}; the adapter is for another model or rank")
+        module.lora_a.data = ab["A"].float().to(module.lora_a.device)
+        module.lora_b.data = permute_lora_b(ab["B"].float(), name, args, False).to(module.lora_b.device)
     return model
 
 
@@ -539,16 +697,22 @@ def main(argv=None):
     c = sub.add_parser("convert", help="convert a checkpoint between Meta's and HF's layouts (lossless)")
     c.add_argument("src", help="checkpoint directory in either layout")
     c.add_argument("dst", help="output directory (written atomically; must not be src)")
-    c.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    c.add_argument("--to", choices=["hf", "meta", "gguf"], required=True,
+                   help="the layout to write (gguf: one file for llama.cpp, dst ending in .gguf)")
     c.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="the llama3 RoPE factor of a Meta source, which params.json cannot record "
                         "(32 for 3.2 1B/3B; default: 8, or what config.json says)")
-    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint")
+    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint, "
+                                      "or write its LoRA adapters for peft")
     e.add_argument("run_dir", help="the --out_dir of a finetune run")
-    e.add_argument("dst", help="output directory (written atomically)")
-    e.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    e.add_argument("dst", help="output directory, or file for --to gguf (written atomically)")
+    e.add_argument("--to", choices=["hf", "meta", "peft", "gguf"], required=True,
+                   help="the layout to write (peft: the adapters alone, for Hugging Face's peft)")
     e.add_argument("--dtype", choices=list(llama.DTYPES), default="bfloat16",
-                   help="dtype of the written weights (default bfloat16)")
+                   help="dtype of the written weights for hf/meta (default bfloat16)")
+    for sp in (c, e):
+        sp.add_argument("--gguf_dtype", choices=["f32", "bf16", "q8_0"], default="bf16",
+                        help="weights of a GGUF file (default bf16; norms stay f32)")
     r = sub.add_parser("random", help="a random-weight checkpoint of a real shape (writes gibberish)")
     r.add_argument("out_dir", help="output directory")
     r.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="(default tiny)")
@@ -562,15 +726,18 @@ def main(argv=None):
         args, state_dict = load_checkpoint(a.src)
         if a.rope_scaling_factor is not None:
             args = replace(args, rope_scaling_factor=a.rope_scaling_factor)
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to, a.gguf_dtype)
     elif a.command == "export":
+        if a.to == "peft":
+            return save_peft_adapter(a.run_dir, a.dst)
         run = llama.read_run(a.run_dir)
         model = llama.build_model(*load_checkpoint(run["ckpt_dir"]), "cpu", torch.float32)
         model = load_finetuned(model, a.run_dir)
         args, state_dict = state_dict_of(model)
-        dtype = llama.DTYPES[a.dtype]
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to)
+        if a.to != "gguf":  # (GGUF: float32 to write_gguf, which rounds once, to --gguf_dtype)
+            dtype = llama.DTYPES[a.dtype]
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to, a.gguf_dtype)
     else:
         args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
         log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
