@@ -243,3 +243,127 @@ def test_peft_errors_are_one_line(meta_ckpt, tmp_path):
     (run / "checkpoint" / "run.json").write_text(json.dumps({**cfg, "mode": "lora+norm"}))
     with pytest.raises(InputError, match="norms"):
         checkpoints.save_peft_adapter(run, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def read_gguf(path):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def dequantized(t):
+    import gguf
+
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(
+        tuple(int(n) for n in reversed(t.shape)))
+
+
+# GGUFReader parses every string of a file in Python: ~15 s for the 128,256 tokens and 280,147 merges of
+# Llama 3. So the real tokenizer is read back once (an f32 file); the other files are of a model whose
+# tokenizer is the 256 single bytes (vocabulary 512 with the special tokens), read back in a moment.
+BYTES_TOKENIZER = llama.Tokenizer({bytes([i]): i for i in range(256)}, "bytes")
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    checkpoints.write_tokenizer_model(BYTES_TOKENIZER, d / "bytes.model")
+    args = tiny_args(vocab_size=512)
+    sd = checkpoints.random_state_dict(args, seed=5, dtype=torch.float32)
+    checkpoints.save_meta_checkpoint(args, sd, d / "ckpt", d / "bytes.model")
+    return d / "ckpt"
+
+
+def check_gguf_tensors(sd, tensors, dtype):
+    """Every tensor equal to the source: f32 and bf16 exactly, q8_0 within its quantization step."""
+    import gguf
+
+    from gguf_export import gguf_name
+
+    for key, want in sd.items():
+        t = tensors[gguf_name(key)]
+        got = dequantized(t)
+        assert got.shape == want.shape, key
+        if want.dim() == 1 or dtype == "f32":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(got, want.float()), key
+        elif dtype == "bf16":
+            assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+            assert torch.equal(got, want.to(torch.bfloat16).float()), key
+        else:  # within half a step of its block of 32 (step = max |x| / 127), and the f16 rounding of the step
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            blocks, err = want.float().reshape(-1, 32), (got - want.float()).reshape(-1, 32)
+            step = blocks.abs().amax(1, keepdim=True) / 127
+            assert (err.abs() <= 0.57 * step).all() and (err != 0).any(), key
+
+
+def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
+    import gguf
+
+    from gguf_export import gguf_name, rope_freq_factors
+
+    path = tmp_path / "model.gguf"
+    checkpoints.main(["convert", str(meta_ckpt), str(path), "--to", "gguf", "--gguf_dtype", "f32"])
+    args, sd = checkpoints.load_checkpoint(meta_ckpt)
+    fields, tensors = read_gguf(path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    expected = {"general.architecture": "llama", "llama.context_length": 131072, "llama.embedding_length": 64,
+                "llama.block_count": 2, "llama.feed_forward_length": 192, "llama.attention.head_count": 4,
+                "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 500000.0,
+                "llama.attention.key_length": 16, "llama.rope.dimension_count": 16, "llama.vocab_size": 128256,
+                "general.file_type": 0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+                "tokenizer.ggml.bos_token_id": 128000, "tokenizer.ggml.eos_token_id": 128001,
+                "tokenizer.ggml.eot_token_id": 128009, "tokenizer.ggml.eom_token_id": 128008,
+                "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": checkpoints.CHAT_TEMPLATE}
+    assert {k: fields.get(k) for k in expected} == expected
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    # the tokenizer: byte-level strings back to our ranks, 256 control tokens, merges as in tokenizer.json
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == 128256 and tokens[128000:] == llama.SPECIAL_TOKENS
+    assert {bytes(checkpoints.UNICODE_TO_BYTE[c] for c in s): i for i, s in enumerate(tokens[:128000])} == \
+        TOKENIZER.ranks
+    assert set(types[:128000]) == {gguf.TokenType.NORMAL} and set(types[128000:]) == {gguf.TokenType.CONTROL}
+    merges = fields["tokenizer.ggml.merges"]
+    assert len(merges) == 280147 and merges[:3] == ["Ġ Ġ", "Ġ ĠĠĠ", "ĠĠ ĠĠ"]
+    # the weights: Meta's layout (llama.cpp's converter un-permutes HF's q/k), and llama3 RoPE's factors
+    assert set(tensors) == {gguf_name(k) for k in sd} | {"rope_freqs.weight"}
+    check_gguf_tensors(sd, tensors, "f32")
+    factors = dequantized(tensors["rope_freqs.weight"])
+    assert torch.equal(factors, rope_freq_factors(args))
+    base = llama.rope_frequencies(llama.ModelArgs(**{**vars(args), "use_scaled_rope": False}))
+    torch.testing.assert_close(base / factors, llama.rope_frequencies(args), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_gguf_bf16_and_q8_0(small_ckpt, tmp_path, dtype):
+    path = tmp_path / f"model-{dtype}.gguf"
+    checkpoints.main(["convert", str(small_ckpt), str(path), "--to", "gguf", "--gguf_dtype", dtype])
+    fields, tensors = read_gguf(path)
+    assert fields["general.file_type"] == {"bf16": 32, "q8_0": 7}[dtype]
+    assert len(fields["tokenizer.ggml.tokens"]) == fields["llama.vocab_size"] == 512
+    check_gguf_tensors(checkpoints.load_checkpoint(small_ckpt)[1], tensors, dtype)
+
+
+def test_gguf_tied_output_and_export_of_a_run(small_ckpt, tmp_path, monkeypatch):
+    import gguf_export
+
+    args, sd = checkpoints.load_checkpoint(small_ckpt)
+    tied = {k: v for k, v in sd.items() if k != "output.weight"}
+    gguf_export.write_gguf(llama.ModelArgs(**{**vars(args), "tie_embeddings": True}), tied, BYTES_TOKENIZER,
+                           tmp_path / "tied.gguf", "f32")
+    tensors = read_gguf(tmp_path / "tied.gguf")[1]
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors  # llama.cpp reuses token_embd
+    # a LoRA run exported to GGUF holds the merged weights
+    model = random_lora(our_model(small_ckpt))
+    run = write_run(model, small_ckpt, tmp_path / "run")
+    checkpoints.main(["export", str(run), str(tmp_path / "run.gguf"), "--to", "gguf", "--gguf_dtype", "f32"])
+    merged = llama.merge_lora(model).state_dict()
+    tensors = read_gguf(tmp_path / "run.gguf")[1]
+    for key in ("layers.1.attention.wk.weight", "output.weight", "layers.0.feed_forward.w2.weight"):
+        assert torch.equal(dequantized(tensors[gguf_export.gguf_name(key)]), merged[key]), key
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if not installed
+    with pytest.raises(InputError, match="pip install gguf"):
+        gguf_export.write_gguf(args, sd, BYTES_TOKENIZER, tmp_path / "x.gguf")
