@@ -1,10 +1,18 @@
 """
-Checkpoint formats beside llama.py: Hugging Face's layout (read and write), Meta's layout (write), finetune
-runs merged into full checkpoints, and random-weight checkpoints of real shapes for trying things offline.
+Checkpoint formats beside llama.py: Hugging Face's layout (read and write, tokenizer.json included), Meta's
+layout (write), finetune runs merged into full checkpoints or written as PEFT LoRA adapters, GGUF files for
+llama.cpp (gguf_export.py), and random-weight checkpoints of real shapes for trying things offline.
 
     python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf   # or --to meta
+    python checkpoints.py convert Llama-3.2-1B-hf Llama-3.2-1B.gguf --to gguf --gguf_dtype q8_0  # llama.cpp
     python checkpoints.py export out merged --to hf         # a finetune run merged into its base model
+    python checkpoints.py export out adapter --to peft      # a LoRA run's adapters, for transformers + peft
+    python checkpoints.py export out tuned.gguf --to gguf   # a finetune run merged, as one GGUF file
+    python generate.py --ckpt_dir Llama-3.2-1B-hf --lora adapter --prompt "Hi"  # a PEFT adapter, here
     python checkpoints.py random tiny_random --shape tiny   # random weights (gibberish), the real tokenizer
+
+A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read, and every
+Hugging Face checkpoint written here has tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 """
 
 import argparse
@@ -529,7 +537,9 @@ def peft_settings(adapter_dir):
     if used:
         raise InputError(f"{where} uses {', '.join(used)}, which this code does not run; merge the adapter "
                          f"with peft (merge_and_unload) and load the merged model instead")
-    llama.check_types(cfg, {"r": int, "lora_alpha": float, "lora_dropout": float}, str(where))
+    if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise InputError(f"{where} has no integer r and number lora_alpha; is the file complete?")
+    llama.check_types(cfg, {"lora_dropout": float}, str(where))
     return cfg
 
 
@@ -619,8 +629,8 @@ def load_peft_adapter(model, adapter_dir):
         if key.endswith(".base_layer.weight"):
             continue  # peft's copy of a base weight (lm_head as a target): the same as our base model's
         if prefix not in ours or leaf not in ("A.weight", "B.weight"):
-            raise InputError(f"{path}: '{key}' is not a LoRA weight of this Llama model; is it for another "
-                             f"model?")
+            raise InputError(f"{path}: '{key}' is not a LoRA weight of a projection of this model (q/k/v/o, "
+                             f"gate/up/down, lm_head); is the adapter for another model?")
         pairs.setdefault(ours[prefix], {})[leaf[0]] = t
     targets = sorted({n.rsplit(".", 1)[-1] for n in pairs})
     llama.apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))

@@ -161,5 +161,6 @@ def add_metadata(w, gguf, args, tokenizer, name, ftype):
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_eot_token_id(tokenizer.eot_id)
     w.add_eom_token_id(tokenizer.eom_id)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(True)  # as the post-processor of tokenizer.json says (and no EOS)
+    w.add_add_eos_token(False)
     w.add_chat_template(checkpoints.CHAT_TEMPLATE)

@@ -102,7 +102,8 @@ def test_hub_side_files(hf_ckpt):
     assert cfg["bos_token"] == "<|begin_of_text|>" and cfg["eos_token"] == "<|end_of_text|>"
     assert cfg["added_tokens_decoder"]["128009"]["content"] == "<|eot_id|>" and cfg["model_max_length"] == 131072
     assert json.loads((hf_ckpt / "generation_config.json").read_text())["eos_token_id"] == [128001, 128008, 128009]
-    assert json.loads((hf_ckpt / "special_tokens_map.json").read_text())["bos_token"]["content"] == "<|begin_of_text|>"
+    special = json.loads((hf_ckpt / "special_tokens_map.json").read_text())
+    assert special["bos_token"]["content"] == "<|begin_of_text|>"
     from transformers import GenerationConfig
 
     assert GenerationConfig.from_pretrained(hf_ckpt).eos_token_id == [128001, 128008, 128009]
@@ -170,7 +171,7 @@ def write_run(model, ckpt, run_dir):
     return run_dir
 
 
-def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_path):
+def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_path, capsys):
     from peft import PeftModel
 
     model = random_lora(our_model(meta_ckpt))
@@ -195,6 +196,11 @@ def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_pa
     g = generate.load(hf_ckpt, max_seq_len=64, device="cpu", dtype="float32", lora=tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(g.model(TOKENS), expected, atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    generate.main(["--ckpt_dir", str(hf_ckpt), "--lora", str(tmp_path / "adapter"), "--prompt", "Tom had a",
+                   "--max_new_tokens", "6", "--temperature", "0", "--dtype", "float32"])
+    tokens = g.text_completion(["Tom had a"], temperature=0, max_gen_len=6)[0]["tokens"]
+    assert capsys.readouterr().out == "Tom had a" + g.tokenizer.decode(tokens) + "\n"
     # a model object exports the same adapter
     checkpoints.save_peft_adapter(model, tmp_path / "adapter2")
     from safetensors.torch import load_file
@@ -310,6 +316,7 @@ def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
     args, sd = checkpoints.load_checkpoint(meta_ckpt)
     fields, tensors = read_gguf(path)
     assert not list(tmp_path.glob(".*.tmp"))
+    assert fields["tokenizer.ggml.add_eos_token"] is False
     expected = {"general.architecture": "llama", "llama.context_length": 131072, "llama.embedding_length": 64,
                 "llama.block_count": 2, "llama.feed_forward_length": 192, "llama.attention.head_count": 4,
                 "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 500000.0,
