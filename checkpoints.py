@@ -199,10 +199,10 @@ def read_tokenizer(path):
 # tokenizer.json: Hugging Face's file for the same byte-level BPE, read and written as plain JSON
 # model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's byte-to-unicode
 # table); model.merges lists the pairs to merge, first listed first. tiktoken instead merges the pair whose
-# result has the lowest rank. Llama 3's file lists its merges in the order of the merged token's id and its
-# ids are tiktoken's ranks (Meta's tokenizer.model and the hub's tokenizer.json agree token for token), so the
-# ranks are the vocab ids: read_tokenizer_json checks that the merges are in id order, which is what makes
-# the two algorithms the same one.
+# result has the lowest rank. Llama 3's tokenizer.json was made from tokenizer.model by transformers' tiktoken
+# converter: its vocab ids ARE the ranks, and its merges are listed in the order of the merged token's id,
+# which makes the two algorithms one (test_formats.py checks transformers encodes as tiktoken does). So the
+# ranks are read as the vocab ids, after checking that the merges are in id order.
 
 def byte_to_unicode():
     """GPT-2's table: printable bytes stand for themselves, the others for chr(256 + n) in byte order."""
