@@ -1,10 +1,18 @@
 """
-Checkpoint formats beside llama.py: Hugging Face's layout (read and write), Meta's layout (write), finetune
-runs merged into full checkpoints, and random-weight checkpoints of real shapes for trying things offline.
+Checkpoint formats beside llama.py: Hugging Face's layout (read and write, tokenizer.json included), Meta's
+layout (write), finetune runs merged into full checkpoints or written as PEFT LoRA adapters, GGUF files for
+llama.cpp (gguf_export.py), and random-weight checkpoints of real shapes for trying things offline.
 
     python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf   # or --to meta
+    python checkpoints.py convert Llama-3.2-1B-hf Llama-3.2-1B.gguf --to gguf --gguf_dtype q8_0  # llama.cpp
     python checkpoints.py export out merged --to hf         # a finetune run merged into its base model
+    python checkpoints.py export out adapter --to peft      # a LoRA run's adapters, for transformers + peft
+    python checkpoints.py export out tuned.gguf --to gguf   # a finetune run merged, as one GGUF file
+    python generate.py --ckpt_dir Llama-3.2-1B-hf --lora adapter --prompt "Hi"  # a PEFT adapter, here
     python checkpoints.py random tiny_random --shape tiny   # random weights (gibberish), the real tokenizer
+
+A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read, and every
+Hugging Face checkpoint written here has tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 """
 
 import argparse
@@ -167,16 +175,185 @@ def load_checkpoint(ckpt_dir):
 
 
 def find_tokenizer(ckpt_dir):
+    """tokenizer.model (Meta's, tiktoken) or else tokenizer.json (Hugging Face's), in DIR or DIR/original."""
     checkpoint_layout(ckpt_dir)  # a missing or wrong directory is named first
-    for path in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+    d = Path(ckpt_dir)
+    for path in (d / "tokenizer.model", d / "original" / "tokenizer.model",
+                 d / "tokenizer.json", d / "original" / "tokenizer.json"):
         if path.exists():
             return path
-    raise InputError(f"no tokenizer.model in {ckpt_dir} or {Path(ckpt_dir) / 'original'}; "
-                     f"copy it from the original/ folder of the model's download")
+    raise InputError(f"no tokenizer.model or tokenizer.json in {d} or {d / 'original'}; "
+                     f"copy it from the model's download")
 
 
 def load_tokenizer(ckpt_dir):
-    return llama.Tokenizer.load(find_tokenizer(ckpt_dir))
+    return read_tokenizer(find_tokenizer(ckpt_dir))
+
+
+def read_tokenizer(path):
+    path = Path(path)
+    return read_tokenizer_json(path) if path.suffix == ".json" else llama.Tokenizer.load(path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.json: Hugging Face's file for the same byte-level BPE, read and written as plain JSON
+# model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's byte-to-unicode
+# table); model.merges lists the pairs to merge, first listed first. tiktoken instead merges the pair whose
+# result has the lowest rank. Llama 3's tokenizer.json was made from tokenizer.model by transformers' tiktoken
+# converter: its vocab ids ARE the ranks, and its merges are listed in the order of the merged token's id,
+# which makes the two algorithms one (test_formats.py checks transformers encodes as tiktoken does). So the
+# ranks are read as the vocab ids, after checking that the merges are in id order.
+
+def byte_to_unicode():
+    """GPT-2's table: printable bytes stand for themselves, the others for chr(256 + n) in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~" "¡".."¬" "®".."ÿ"
+    table, n = {}, 0
+    for b in range(256):
+        table[b] = chr(b) if b in printable else chr(256 + n)
+        n += b not in printable
+    return table
+
+
+def token_string(token):
+    return "".join(BYTE_TO_UNICODE[b] for b in token)
+
+
+BYTE_TO_UNICODE = byte_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def read_tokenizer_json(path):
+    """tokenizer.json -> llama.Tokenizer, or a one-line error when it is not Llama 3's tokenizer."""
+    tj = llama.read_json(path)
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not isinstance(model.get("vocab"), dict):
+        kind = "SentencePiece-style BPE" if model.get("byte_fallback") else model.get("type")
+        raise InputError(f"{path} holds a {kind} tokenizer, not Llama 3's byte-level BPE; "
+                         f"use the tokenizer of a Llama 3 model")
+    steps = pre.get("pretokenizers", [pre])
+    regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    if regexes != [llama.LLAMA3_SPLIT_PATTERN] or [s.get("type") for s in steps][-1:] != ["ByteLevel"]:
+        raise InputError(f"{path}: the pre-tokenizer is not Llama 3's (its split pattern, then bytes); "
+                         f"use the tokenizer of a Llama 3 model")
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
+    try:
+        ranks = {bytes(UNICODE_TO_BYTE[c] for c in s): i for s, i in model["vocab"].items() if s not in added}
+    except KeyError:
+        raise InputError(f"{path}: a vocab entry is not in byte-level spelling; the file is not Llama 3's") \
+            from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise InputError(f"{path}: the vocab ids are not 0..{len(ranks) - 1}; the file is damaged")
+    specials = {i: s for s, i in added.items() if i >= len(ranks)}
+    if specials != {len(ranks) + i: s for i, s in enumerate(llama.SPECIAL_TOKENS)}:
+        raise InputError(f"{path}: the special tokens from id {len(ranks)} on are not Llama 3's 256 "
+                         f"(<|begin_of_text|> ...); use the tokenizer of a Llama 3 model")
+    vocab, last = model["vocab"], -1
+    for m in model.get("merges") or []:
+        a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (tokenizers < 0.20) or ["a", "b"]
+        merged = vocab.get(a + b, -1)
+        if merged < last:
+            raise InputError(f"{path}: the merges are not in vocab-id order ('{a}' + '{b}'), so the ids are "
+                             f"not BPE ranks; this is not a tokenizer.json of Llama 3's kind")
+        last = merged
+    return llama.Tokenizer(ranks, Path(path).name)
+
+
+def bpe_merges(ranks):
+    """Every pair of tokens that forms a token, in the order of the formed token's rank (ties: by the
+    ranks of the two parts), as Hugging Face's tiktoken converter lists them."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token))
+                 if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))
+    return merges
+
+
+def tokenizer_json(tokenizer):
+    """tokenizer.json as the hub's Llama 3.x repositories have it (a <|begin_of_text|> is prepended)."""
+    bos = "<|begin_of_text|>"
+    template = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    pair = template + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in tokenizer.special_tokens.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": llama.LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing", "single": template, "pair": pair, "special_tokens": {
+                bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,
+                  "vocab": {token_string(t): r for t, r in tokenizer.ranks.items()},
+                  "merges": [f"{token_string(a)} {token_string(b)}" for a, b in bpe_merges(tokenizer.ranks)]},
+    }
+
+
+# Our chat format (Meta's ChatFormat, llama.Tokenizer.encode_dialog_prompt) as a Jinja template, so that
+# transformers' apply_chat_template gives the same tokens. It is Meta-Llama-3-8B-Instruct's template without
+# its `| trim` of each message (Meta's code does not strip) and with tool -> ipython and <|eom_id|> after an
+# assistant message with stop_reason end_of_message. The 3.1+ hub template is not used: it always writes a
+# system header with "Cutting Knowledge Date: December 2023 / Today Date: ..." and tool instructions, which
+# Meta's ChatFormat (and so ours) does not.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'ipython' if message['role'] in ['tool', 'ipython'] else message['role'] %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + message['content'] }}"
+    "{%- if message['role'] == 'assistant' and message.get('stop_reason') == 'end_of_message' %}"
+    "{{- '<|eom_id|>' }}{%- else %}{{- '<|eot_id|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+
+
+def special_token(s):
+    return {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def tokenizer_config(tokenizer, args):
+    """tokenizer_config.json as on the hub, with the class every transformers version reads (transformers 5
+    writes TokenizersBackend, which older versions cannot load). clean_up_tokenization_spaces is off (the
+    hub's files say true): decoding must give the text back exactly, " ." included."""
+    return {"added_tokens_decoder": {str(i): {**special_token(s), "special": True}
+                                     for s, i in tokenizer.special_tokens.items()},
+            "bos_token": "<|begin_of_text|>", "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "eos_token": "<|end_of_text|>",
+            "model_input_names": ["input_ids", "attention_mask"], "model_max_length": args.context,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def write_tokenizer_model(tokenizer, path):
+    """tokenizer.model: one "base64(token bytes) rank" line per token, in rank order, as Meta's."""
+    import base64
+
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(tokenizer.ranks.items(),
+                                                                        key=lambda kv: kv[1]))
+    Path(path).write_text("".join(lines))
+
+
+def copy_tokenizer_model(tokenizer_path, dst):
+    """Meta's tokenizer.model at dst: copied, or written from a tokenizer.json's ranks."""
+    if Path(tokenizer_path).suffix == ".json":
+        write_tokenizer_model(read_tokenizer_json(tokenizer_path), dst)
+    else:
+        shutil.copyfile(tokenizer_path, dst)
+
+
+def write_hf_tokenizer(tokenizer, args, out_dir):
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
+    out_dir = Path(out_dir)
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer), ensure_ascii=False))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, args), indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": special_token("<|begin_of_text|>"), "eos_token": special_token("<|end_of_text|>")},
+        indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +395,7 @@ def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
                 dim = llama.meta_shard_dim(key)
                 shard[key] = (t if dim is None else t.chunk(n_shards, dim=dim)[rank]).clone()
             torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        copy_tokenizer_model(tokenizer_path, tmp / "tokenizer.model")
     log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
 
 
@@ -253,7 +430,8 @@ def hf_tensors(args, state_dict):
 
 def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
     """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with an
-    index) and the tokenizer under original/, as the HF hub repositories are laid out."""
+    index), tokenizer.json + tokenizer_config.json + special_tokens_map.json, and Meta's tokenizer.model
+    under original/, as the HF hub repositories are laid out. tokenizer_path: either tokenizer file."""
     from safetensors.torch import save_file
 
     tensors = hf_tensors(args, state_dict)
@@ -280,12 +458,17 @@ def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_byte
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        write_hf_tokenizer(read_tokenizer(tokenizer_path), args, tmp)
         (tmp / "original").mkdir()
-        shutil.copyfile(tokenizer_path, tmp / "original" / "tokenizer.model")
+        copy_tokenizer_model(tokenizer_path, tmp / "original" / "tokenizer.model")
     log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
 
 
-def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout):
+def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtype="bf16"):
+    if layout == "gguf":
+        import gguf_export
+
+        return gguf_export.write_gguf(args, state_dict, read_tokenizer(tokenizer_path), out_dir, gguf_dtype)
     save = {"meta": save_meta_checkpoint, "hf": save_hf_checkpoint}[layout]
     save(args, state_dict, out_dir, tokenizer_path)
 
@@ -301,13 +484,169 @@ def apply_run_lora(model, run):
 
 
 def load_finetuned(model, run_dir):
-    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype)."""
-    run = llama.read_run(run_dir)
+    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype).
+    run_dir: the --out_dir of a finetune run, or a PEFT LoRA adapter directory (adapter_config.json)."""
     dtype = model.tok_embeddings.weight.dtype
-    model = llama.merge_lora(llama.load_trained(apply_run_lora(model, run), run_dir))
+    if is_peft_adapter(run_dir):
+        model, what = load_peft_adapter(model, run_dir), "PEFT LoRA adapter"
+    else:
+        run = llama.read_run(run_dir)
+        model = llama.load_trained(apply_run_lora(model, run), run_dir)
+        what = f"{run['mode']} weights (step {run['step']})"
+    model = llama.merge_lora(model)
     for p in model.parameters():
         p.data, p.requires_grad = p.data.to(dtype), False
-    log(f"applied the {run['mode']} weights of {run_dir} (step {run['step']})")
+    log(f"applied the {what} of {run_dir}")
+    return model
+
+
+def check_finetuned(run_dir):
+    """A finetune run or a PEFT adapter, checked from its settings alone (before loading weights)."""
+    if is_peft_adapter(run_dir):
+        return peft_settings(run_dir)
+    return llama.read_run(run_dir)
+
+
+# -----------------------------------------------------------------------------
+# PEFT LoRA adapters (Hugging Face's peft library), both ways
+# adapter_config.json + adapter_model.safetensors, keyed by HF module names:
+# base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight (out, r), the
+# update being (lora_alpha / r) B A, as ours. lora_A reads the input, which HF does not permute; lora_B's rows
+# are q_proj/k_proj's output rows, which HF permutes as it does the weights: so B is permuted, A is not.
+
+PEFT_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
+                "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
+PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+                    "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
+                    "lora_bias": "LoRA biases", "target_parameters": "target_parameters"}
+
+
+def is_peft_adapter(path):
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def peft_settings(adapter_dir):
+    """adapter_config.json, checked: a plain LoRA adapter, the only kind our LoRALinear computes."""
+    where = Path(adapter_dir) / "adapter_config.json"
+    cfg = llama.read_json(where)
+    if cfg.get("peft_type") != "LORA":
+        raise InputError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters apply")
+    used = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias {cfg['bias']!r}")
+    if used:
+        raise InputError(f"{where} uses {', '.join(used)}, which this code does not run; merge the adapter "
+                         f"with peft (merge_and_unload) and load the merged model instead")
+    if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise InputError(f"{where} has no integer r and number lora_alpha; is the file complete?")
+    llama.check_types(cfg, {"lora_dropout": float}, str(where))
+    return cfg
+
+
+def peft_key(args, module_name):
+    """Our module name (layers.0.attention.wq, output) -> peft's key prefix for it."""
+    return "base_model.model." + hf_names(args.n_layers)[module_name + ".weight"].removesuffix(".weight")
+
+
+def permute_lora_b(t, module_name, args, to_hf):
+    """lora_B of wq/wk has the weight's output rows: permuted as HF permutes them."""
+    n_heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(module_name.rsplit(".", 1)[-1])
+    if n_heads is None:
+        return t
+    return (permute_rows_to_hf if to_hf else permute_rows_from_hf)(t, n_heads)
+
+
+def lora_modules(model):
+    """{our module name: LoRALinear} of a model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(getattr(module, name))]: getattr(module, name) for module, name in llama.projections(model)
+            if isinstance(getattr(module, name), llama.LoRALinear)}
+
+
+def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
+    """A model with LoRA modules, or a LoRA finetune run's directory -> a PEFT adapter directory that
+    peft's PeftModel.from_pretrained applies to the HF-layout base model (written atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    if isinstance(model_or_run_dir, torch.nn.Module):
+        args, modules = model_or_run_dir.args, lora_modules(model_or_run_dir)
+        pairs = {n: (m.lora_a, m.lora_b) for n, m in modules.items()}
+        some = next(iter(modules.values()), None)
+        rank, alpha = (some.lora_a.shape[0], some.scale * some.lora_a.shape[0]) if some else (0, 0)
+        dropout = some.dropout.p if some else 0.0
+    else:
+        run_dir = Path(model_or_run_dir)
+        run = llama.read_run(run_dir)
+        if run["mode"] != "lora":
+            why = "trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm" else \
+                "trained no LoRA adapters"
+            raise InputError(f"{run_dir} (mode {run['mode']}) {why}; export it --to hf (a merged model)")
+        args = read_args(run["ckpt_dir"])
+        saved = load_file(run_dir / "checkpoint" / "trainable.safetensors")
+        pairs = {k.removesuffix(".lora_a"): (v, saved[k.removesuffix("_a") + "_b"])
+                 for k, v in saved.items() if k.endswith(".lora_a")}
+        rank, alpha, dropout = run["lora_rank"], run["lora_alpha"], run["lora_dropout"]
+        base_model_name_or_path = base_model_name_or_path or str(run["ckpt_dir"])
+    if not pairs:
+        raise InputError(f"{model_or_run_dir} has no LoRA adapters to export")
+    tensors = {}
+    for name, (a, b) in pairs.items():
+        key = peft_key(args, name)
+        tensors[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = permute_lora_b(b.detach().float(), name, args, True).contiguous()
+    targets = sorted({PEFT_MODULES[n.rsplit(".", 1)[-1]] for n in pairs})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path}
+    with llama.atomic_directory(out_dir) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    log(f"saved {out_dir} (PEFT LoRA adapter: r {rank}, alpha {alpha:g}, {', '.join(targets)})")
+
+
+def load_peft_adapter(model, adapter_dir):
+    """Give our model a PEFT LoRA adapter's modules and weights (unmerged: merge_lora folds them in).
+    The adapter's tensors say which modules it adapts (target_modules may be a regular expression)."""
+    from safetensors.torch import load_file
+
+    cfg, adapter_dir = peft_settings(adapter_dir), Path(adapter_dir)
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.exists():
+        raise InputError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors; "
+                         f"save the adapter with safetensors (peft's default)")
+    args, r = model.args, cfg["r"]
+    # use_rslora scales by alpha / sqrt(r) instead of alpha / r: the same as alpha * sqrt(r) our way
+    alpha = cfg["lora_alpha"] * (math.sqrt(r) if cfg.get("use_rslora") else 1)
+    ours = {}
+    for meta in hf_names(args.n_layers):
+        module = meta.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in PEFT_MODULES:
+            ours[peft_key(args, module)] = module
+    saved, pairs = load_file(path), {}
+    for key, t in saved.items():
+        prefix, _, leaf = key.rpartition(".lora_")
+        if key.endswith(".base_layer.weight"):
+            continue  # peft's copy of a base weight (lm_head as a target): the same as our base model's
+        if prefix not in ours or leaf not in ("A.weight", "B.weight"):
+            raise InputError(f"{path}: '{key}' is not a LoRA weight of a projection of this model (q/k/v/o, "
+                             f"gate/up/down, lm_head); is the adapter for another model?")
+        pairs.setdefault(ours[prefix], {})[leaf[0]] = t
+    targets = sorted({n.rsplit(".", 1)[-1] for n in pairs})
+    llama.apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))
+    for name, module in lora_modules(model).items():
+        ab = pairs.get(name)
+        if ab is None:  # a layer the adapter leaves alone: B = 0, the base layer's output
+            module.lora_b.data.zero_()
+            continue
+        if set(ab) != {"A", "B"}:
+            raise InputError(f"{path}: {name} has lora_{''.join(ab)} only; the file is incomplete")
+        for p, t in ((module.lora_a, ab["A"]), (module.lora_b, ab["B"])):
+            if p.shape != t.shape:
+                raise InputError(f"{path}: {name} has a LoRA weight of shape {tuple(t.shape)}, not "
+                                 f"{tuple(p.shape)}; the adapter is for another model or rank")
+        module.lora_a.data = ab["A"].float().to(module.lora_a.device)
+        module.lora_b.data = permute_lora_b(ab["B"].float(), name, args, False).to(module.lora_b.device)
     return model
 
 
@@ -368,16 +707,22 @@ def main(argv=None):
     c = sub.add_parser("convert", help="convert a checkpoint between Meta's and HF's layouts (lossless)")
     c.add_argument("src", help="checkpoint directory in either layout")
     c.add_argument("dst", help="output directory (written atomically; must not be src)")
-    c.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    c.add_argument("--to", choices=["hf", "meta", "gguf"], required=True,
+                   help="the layout to write (gguf: one file for llama.cpp, dst ending in .gguf)")
     c.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="the llama3 RoPE factor of a Meta source, which params.json cannot record "
                         "(32 for 3.2 1B/3B; default: 8, or what config.json says)")
-    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint")
+    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint, "
+                                      "or write its LoRA adapters for peft")
     e.add_argument("run_dir", help="the --out_dir of a finetune run")
-    e.add_argument("dst", help="output directory (written atomically)")
-    e.add_argument("--to", choices=["hf", "meta"], required=True, help="the layout to write")
+    e.add_argument("dst", help="output directory, or file for --to gguf (written atomically)")
+    e.add_argument("--to", choices=["hf", "meta", "peft", "gguf"], required=True,
+                   help="the layout to write (peft: the adapters alone, for Hugging Face's peft)")
     e.add_argument("--dtype", choices=list(llama.DTYPES), default="bfloat16",
-                   help="dtype of the written weights (default bfloat16)")
+                   help="dtype of the written weights for hf/meta (default bfloat16)")
+    for sp in (c, e):
+        sp.add_argument("--gguf_dtype", choices=["f32", "bf16", "q8_0"], default="bf16",
+                        help="weights of a GGUF file (default bf16; norms stay f32)")
     r = sub.add_parser("random", help="a random-weight checkpoint of a real shape (writes gibberish)")
     r.add_argument("out_dir", help="output directory")
     r.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="(default tiny)")
@@ -391,15 +736,18 @@ def main(argv=None):
         args, state_dict = load_checkpoint(a.src)
         if a.rope_scaling_factor is not None:
             args = replace(args, rope_scaling_factor=a.rope_scaling_factor)
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to)
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to, a.gguf_dtype)
     elif a.command == "export":
+        if a.to == "peft":
+            return save_peft_adapter(a.run_dir, a.dst)
         run = llama.read_run(a.run_dir)
         model = llama.build_model(*load_checkpoint(run["ckpt_dir"]), "cpu", torch.float32)
         model = load_finetuned(model, a.run_dir)
         args, state_dict = state_dict_of(model)
-        dtype = llama.DTYPES[a.dtype]
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to)
+        if a.to != "gguf":  # (GGUF: float32 to write_gguf, which rounds once, to --gguf_dtype)
+            dtype = llama.DTYPES[a.dtype]
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to, a.gguf_dtype)
     else:
         args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
         log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--chat", action="store_true", help="chat with an instruct model (default off)")
     p.add_argument("--system", default=None, help="system prompt for --chat (default none)")
     p.add_argument("--lora", default=None, metavar="RUN_DIR",
-                   help="merge in what a finetune run saved in RUN_DIR (default none)")
+                   help="merge in what a finetune run saved in RUN_DIR, or a PEFT LoRA adapter "
+                        "directory (default none)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decoding step: for GPUs, after a warm-up (default off)")
     p.add_argument("--fast", action="store_true",
@@ -97,7 +98,7 @@ def check(a):
     if not 2 <= a.max_seq_len <= context:
         raise llama.InputError(f"--max_seq_len must be between 2 and the model's context of {context}")
     if a.lora:
-        llama.read_run(a.lora)
+        checkpoints.check_finetuned(a.lora)
     tokenizer = checkpoints.load_tokenizer(a.ckpt_dir)
     prompts = [p if a.chat else p.rstrip() for p in a.prompt]
     if any(p != q for p, q in zip(prompts, a.prompt)):
