@@ -28,11 +28,10 @@ aten = torch.ops.aten
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-# CPU products of at most this many rows (decoding) run torch's weight-only kernels; longer ones
-# (prefill, training) dequantize SLICE_ROWS output rows at a time and use F.linear, which is faster
-# there. SLICE_ROWS is a multiple of 64, the CPU int4 kernel's block of rows.
-KERNEL_MAX_ROWS = 16
+PROJECTIONS = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
+# Products with more rows than a class's kernel_max_rows (prefill, training) dequantize SLICE_ROWS
+# output rows at a time and use F.linear, faster there than torch's weight-only CPU kernels.
+# SLICE_ROWS is a multiple of 64, the CPU int4 kernel's block of rows.
 SLICE_ROWS = 1024
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -99,8 +98,16 @@ def unpack_nibbles(p):
 
 
 def unpack_cpu_int4(packed, block, halves):
-    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8. Each byte holds rows j and
-    j + block / 2 of its block (halves) or rows 2j and 2j + 1."""
+    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8. In a whole block, a byte
+    holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the last, shorter block
+    (rows not a multiple of block), always the latter."""
+    rows, n_in = packed.shape[0], packed.shape[1] * 2
+    full = rows // block * block
+    parts = [(packed[:full], block, halves), (packed[full:], rows - full, False)]
+    return torch.cat([unpack_blocks(p, b, h) for p, b, h in parts if len(p)])
+
+
+def unpack_blocks(packed, block, halves):
     rows, n_in = packed.shape[0], packed.shape[1] * 2
     p = packed.view(rows // block, n_in, block // 2)  # (blocks, in, bytes of a block's rows)
     lo, hi = p & 15, p >> 4
@@ -111,8 +118,8 @@ def unpack_cpu_int4(packed, block, halves):
 @cache
 def cpu_int4_layout():
     """(block, halves) for unpack_cpu_int4: the layout of this torch on this CPU."""
-    probe = torch.randint(0, 16, (128, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    probe = torch.randint(0, 16, (176, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # 176 rows: whole blocks and a tail
     for layout in ((64, True), (32, True), (32, False)):
         if torch.equal(unpack_cpu_int4(packed, *layout), probe.to(torch.uint8)):
             return layout
@@ -164,7 +171,7 @@ class QuantizedLinear(nn.Module):
 
     def product(self, x):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        if x.is_cuda or (len(x2) <= KERNEL_MAX_ROWS and x.dtype in KERNEL_DTYPES and self.fits_kernel):
+        if x.is_cuda or (len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel):
             y = self.kernel(x2)
         else:
             y = torch.cat([F.linear(x2, self.dequantize(r, r + SLICE_ROWS, x.dtype))
@@ -176,15 +183,16 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    mode, group_size = "int8", None
+    mode, group_size, kernel_max_rows = "int8", None, 32
 
     def __init__(self, qweight, scales):
         """qweight (out, in) int8, scales (out,) float32."""
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        # the CPU kernel reads inputs 16 at a time and crashes on other widths
+        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes on other rows:
+        # it needs a multiple of 16 inputs, and a fresh copy of a tensor read at any offset of a file.
         self.fits_kernel = self.in_features % 16 == 0
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight", qweight if qweight.data_ptr() % 64 == 0 else qweight.clone())
         self.register_buffer("scales", scales)
 
     @classmethod
@@ -210,7 +218,7 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    mode, fits_kernel = "int4", True
+    mode, fits_kernel, kernel_max_rows = "int4", True, 128
 
     def __init__(self, q, scales, zeros, group_size):
         """q (out, in) uint8 in [0, 15]; scales, zeros (out, in // group_size) bfloat16; all on the
@@ -273,8 +281,8 @@ def check_shape(name, out_features, in_features, mode, group_size):
     if mode == "int4" and in_features % group_size:
         raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of {group_size}; "
                                f"choose a group size that divides {in_features}")
-    if mode == "int4" and out_features % 64:
-        raise llama.InputError(f"{name}: int4 needs a multiple of 64 output rows, got {out_features}; use int8")
+    if mode == "int4" and out_features % 16:
+        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got {out_features}; use int8")
 
 
 def weight_slots(model):
@@ -282,9 +290,8 @@ def weight_slots(model):
     model without an output module (model.output is None) gets one, from the embedding."""
     slots = [("output", model, "output")]
     for i, layer in enumerate(model.layers):
-        for part in ("attention", "feed_forward"):
-            module = getattr(layer, part)
-            slots += [(f"layers.{i}.{part}.{n}", module, n) for n in PROJECTIONS]
+        for part, names in PROJECTIONS.items():
+            slots += [(f"layers.{i}.{part}.{n}", getattr(layer, part), n) for n in names]
     return [(f"{name}.base", getattr(parent, attr), "base")
             if isinstance(getattr(parent, attr), llama.LoRALinear) else (name, parent, attr)
             for name, parent, attr in slots]
