@@ -29,10 +29,10 @@ aten = torch.ops.aten
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 PROJECTIONS = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
-# Products with more rows than a class's kernel_max_rows (prefill, training) dequantize SLICE_ROWS
-# output rows at a time and use F.linear, faster there than torch's weight-only CPU kernels.
-# SLICE_ROWS is a multiple of 64, the CPU int4 kernel's block of rows.
-SLICE_ROWS = 1024
+# Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
+# SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
+# temporaries of a slice stay in the CPU's caches.
+SLICE_ELEMENTS = 2**20
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -43,6 +43,12 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16: they
 # are rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
 # These are the portable forms, the ones written to files; section 2 arranges them for a kernel.
+
+
+def row_slices(out_features, in_features):
+    """[(start, end), ...]: the slices of rows that cover a weight (out_features, in_features)."""
+    rows = max(64, SLICE_ELEMENTS // in_features // 64 * 64)
+    return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
 
 
 def quantize_int8(w):
@@ -71,8 +77,8 @@ def quantize_int4(w, group_size):
 
 def dequantize_int4(q, scales, zeros, dtype=torch.float32):
     out, n_in = q.shape
-    g = q.view(out, scales.shape[1], -1).float()  # (out, groups, group_size)
-    w = (g - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    s = scales.float()[..., None]  # (out, groups, 1)
+    w = q.view(out, s.shape[1], -1).float().mul_(s).add_(zeros.float()[..., None] - 8 * s)  # (q - 8) s + z
     return w.view(out, n_in).to(dtype)
 
 
@@ -90,7 +96,7 @@ def unpack_nibbles(p):
 # CPU: _convert_weight_to_int4pack_for_cpu takes q as int32 (out, in) and arranges it by blocks of 32
 # or 64 output rows (the CPU's vector width): for each input, one byte holds two rows of the block.
 # Blocks are independent, so a slice of whole blocks packs (and unpacks) on its own: the weight is
-# packed SLICE_ROWS rows at a time, and backward passes dequantize it slice by slice.
+# packed a slice of rows at a time, and backward passes dequantize it slice by slice.
 # Which rows share a byte depends on the CPU (AVX-512, AVX2 or neither); cpu_int4_layout finds out
 # once, on a probe. This is why files hold the portable nibbles and packing happens at load.
 # CUDA (tinygemm): _convert_weight_to_int4pack takes two values a byte, even inputs in the high
@@ -135,14 +141,13 @@ def pack_int4(q):
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in / 2)
         return aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    return torch.cat([aten._convert_weight_to_int4pack_for_cpu(q[r:r + SLICE_ROWS].int(), 1)
-                      for r in range(0, len(q), SLICE_ROWS)])
+    return torch.cat([aten._convert_weight_to_int4pack_for_cpu(q[a:b].int(), 1) for a, b in row_slices(*q.shape)])
 
 
 # -----------------------------------------------------------------------------
 # 3. Quantized linear layers
 # y = x W^T with W frozen. The backward pass gives dx = dy W only (the adapters of QLoRA train, W
-# does not), summed over slices of SLICE_ROWS dequantized rows: no float copy of the whole weight.
+# does not), summed over slices of dequantized rows: no float copy of the whole weight is made.
 
 
 class QuantizedProduct(torch.autograd.Function):
@@ -157,8 +162,8 @@ class QuantizedProduct(torch.autograd.Function):
         dy = dy.reshape(-1, shape[-1])  # (tokens, out)
         dx = torch.zeros(len(dy), m.in_features, device=dy.device,
                          dtype=torch.promote_types(dy.dtype, torch.float32))  # (tokens, in)
-        for r in range(0, m.out_features, SLICE_ROWS):
-            dx += dy[:, r:r + SLICE_ROWS] @ m.dequantize(r, r + SLICE_ROWS, dy.dtype)
+        for a, b in row_slices(m.out_features, m.in_features):
+            dx += dy[:, a:b] @ m.dequantize(a, b, dy.dtype)
         return dx.to(dy.dtype).view(*shape[:-1], -1), None
 
 
@@ -174,8 +179,8 @@ class QuantizedLinear(nn.Module):
         if x.is_cuda or (len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel):
             y = self.kernel(x2)
         else:
-            y = torch.cat([F.linear(x2, self.dequantize(r, r + SLICE_ROWS, x.dtype))
-                           for r in range(0, self.out_features, SLICE_ROWS)], -1)
+            y = torch.cat([F.linear(x2, self.dequantize(a, b, x.dtype))
+                           for a, b in row_slices(self.out_features, self.in_features)], -1)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -197,7 +202,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight):
-        parts = [quantize_int8(weight[r:r + SLICE_ROWS].detach()) for r in range(0, len(weight), SLICE_ROWS)]
+        parts = [quantize_int8(weight[a:b].detach()) for a, b in row_slices(*weight.shape)]
         return cls(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
 
     @classmethod
@@ -232,8 +237,7 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight, group_size):
-        parts = [quantize_int4(weight[r:r + SLICE_ROWS].detach(), group_size)
-                 for r in range(0, len(weight), SLICE_ROWS)]
+        parts = [quantize_int4(weight[a:b].detach(), group_size) for a, b in row_slices(*weight.shape)]
         return cls(*(torch.cat(t) for t in zip(*parts)), group_size)
 
     @classmethod
@@ -241,7 +245,7 @@ class Int4Linear(QuantizedLinear):
         return cls(unpack_nibbles(tensors["qweight"]), tensors["scales"], tensors["zeros"], group_size)
 
     def portable(self):
-        q = torch.cat([pack_nibbles(self.unpack(r, r + SLICE_ROWS)) for r in range(0, self.out_features, SLICE_ROWS)])
+        q = torch.cat([pack_nibbles(self.unpack(a, b)) for a, b in row_slices(self.out_features, self.in_features)])
         s, z = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
         return {"qweight": q, "scales": s.contiguous(), "zeros": z.contiguous()}
 

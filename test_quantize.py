@@ -84,7 +84,7 @@ def dequantized_twin(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 200])  # the kernels, then slices of dequantized rows
 def test_layer_equals_product_with_dequantized_weight(mode, group_size, dtype, rows, monkeypatch):
-    monkeypatch.setattr(quantize, "SLICE_ROWS", 64)  # several slices, the last one short
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)  # several slices, the last one short
     layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = layer(x)
@@ -99,7 +99,7 @@ def test_cpu_int4_packing_is_read_back_exactly(monkeypatch):
     q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # 208 rows: whole blocks and a short one
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
     assert torch.equal(quantize.unpack_cpu_int4(whole, *quantize.cpu_int4_layout()), q)
-    monkeypatch.setattr(quantize, "SLICE_ROWS", 64)
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
     assert torch.equal(quantize.pack_int4(q), whole)  # packed a slice at a time: the same bytes
     assert torch.equal(quantize.unpack_nibbles(quantize.pack_nibbles(q)), q)
 
@@ -179,7 +179,7 @@ class LoRA(nn.Module):
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
 @pytest.mark.parametrize("rows", [3, 200])
 def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monkeypatch):
-    monkeypatch.setattr(quantize, "SLICE_ROWS", 64)
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
     layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
     seen = []  # the rows of each dequantized slice: never the whole weight at once
     dequantize = layer.dequantize
