@@ -1,8 +1,8 @@
 """
-Weight-only quantization for nano-llama3 (issue 13): int8 per output channel, int4 per group of inputs.
+Weight-only quantization (issue 13): int8 per output channel, int4 per group of inputs.
 
-    model = quantize_model(model, "int4", group_size=32)   # swaps modules; llama.py is unchanged
-    save_quantized(model, "model-int4.safetensors")         # so that the next start skips quantizing
+    model = quantize_model(model, "int4", group_size=32)  # swaps modules; llama.py is unchanged
+    save_quantized(model, "model-int4.safetensors")  # the next start skips quantizing
     model = load_quantized(meta_model, "model-int4.safetensors")
 
 As in gpt-fast's quantize.py, the model is built as usual and its Linear modules are then swapped:
@@ -11,7 +11,6 @@ they are. The quantized modules are frozen, but gradients flow through them to t
 LoRA adapters can be trained on a quantized base (QLoRA).
 """
 
-import json
 import os
 import tempfile
 from functools import cache
@@ -39,9 +38,9 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # -----------------------------------------------------------------------------
 # 1. Quantizers
 # int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale in float32.
-# int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]. This is
-# the convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16: they
-# are rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
+# int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]: the
+# convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16. They are
+# rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
 # These are the portable forms, the ones written to files; section 2 arranges them for a kernel.
 
 
@@ -64,7 +63,7 @@ def dequantize_int8(q, scales, dtype=torch.float32):
 
 
 def quantize_int4(w, group_size):
-    """w (out, in) float -> q (out, in) uint8 in [0, 15]; scales, zeros (out, in // group_size) bf16."""
+    """w (out, in) float -> q (out, in) uint8 in [0, 15]; scales, zeros (out, groups) bfloat16."""
     out, n_in = w.shape
     g = w.float().view(out, n_in // group_size, group_size)  # (out, groups, group_size)
     lo, hi = g.amin(-1), g.amax(-1)  # (out, groups)
@@ -78,12 +77,12 @@ def quantize_int4(w, group_size):
 def dequantize_int4(q, scales, zeros, dtype=torch.float32):
     out, n_in = q.shape
     s = scales.float()[..., None]  # (out, groups, 1)
-    w = q.view(out, s.shape[1], -1).float().mul_(s).add_(zeros.float()[..., None] - 8 * s)  # (q - 8) s + z
-    return w.view(out, n_in).to(dtype)
+    w = q.view(out, s.shape[1], -1).float().mul_(s)  # (out, groups, group_size)
+    return w.add_(zeros.float()[..., None] - 8 * s).view(out, n_in).to(dtype)  # (q - 8) s + z
 
 
 def pack_nibbles(q):
-    """(out, in) values in [0, 15] -> (out, in / 2) uint8, even inputs in the low nibble (files)."""
+    """(out, in) values in [0, 15] -> (out, in / 2) uint8, even inputs in the low nibbles."""
     return q[:, ::2] | (q[:, 1::2] << 4)
 
 
@@ -93,8 +92,8 @@ def unpack_nibbles(p):
 
 # -----------------------------------------------------------------------------
 # 2. Kernel layouts for int4
-# CPU: _convert_weight_to_int4pack_for_cpu takes q as int32 (out, in) and arranges it by blocks of 32
-# or 64 output rows (the CPU's vector width): for each input, one byte holds two rows of the block.
+# CPU: _convert_weight_to_int4pack_for_cpu takes q as int32 (out, in) and arranges it by blocks of
+# 32 or 64 output rows (the CPU's vector width): for each input, a byte holds two of those rows.
 # Blocks are independent, so a slice of whole blocks packs (and unpacks) on its own: the weight is
 # packed a slice of rows at a time, and backward passes dequantize it slice by slice.
 # Which rows share a byte depends on the CPU (AVX-512, AVX2 or neither); cpu_int4_layout finds out
@@ -104,9 +103,9 @@ def unpack_nibbles(p):
 
 
 def unpack_cpu_int4(packed, block, halves):
-    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8. In a whole block, a byte
-    holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the last, shorter block
-    (rows not a multiple of block), always the latter."""
+    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8, rows starting a block.
+    In a whole block, a byte holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the
+    last, shorter block (rows not a multiple of block), always the latter."""
     rows, n_in = packed.shape[0], packed.shape[1] * 2
     full = rows // block * block
     parts = [(packed[:full], block, halves), (packed[full:], rows - full, False)]
@@ -124,12 +123,13 @@ def unpack_blocks(packed, block, halves):
 @cache
 def cpu_int4_layout():
     """(block, halves) for unpack_cpu_int4: the layout of this torch on this CPU."""
-    probe = torch.randint(0, 16, (176, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # 176 rows: whole blocks and a tail
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (176, 8), dtype=torch.int32, generator=g)
+    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # whole blocks and a short one
     for layout in ((64, True), (32, True), (32, False)):
         if torch.equal(unpack_cpu_int4(packed, *layout), probe.to(torch.uint8)):
             return layout
-    raise RuntimeError("this torch arranges int4 CPU weights in a layout quantize.py does not know")
+    raise RuntimeError("this torch packs int4 CPU weights in a layout quantize.py does not know")
 
 
 def inner_k_tiles(in_features):
@@ -141,7 +141,8 @@ def pack_int4(q):
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in / 2)
         return aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    return torch.cat([aten._convert_weight_to_int4pack_for_cpu(q[a:b].int(), 1) for a, b in row_slices(*q.shape)])
+    pack = aten._convert_weight_to_int4pack_for_cpu
+    return torch.cat([pack(q[a:b].int(), 1) for a, b in row_slices(*q.shape)])  # (out, in / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -151,6 +152,8 @@ def pack_int4(q):
 
 
 class QuantizedProduct(torch.autograd.Function):
+    """module.product(x), with dx = dy W as the backward pass."""
+
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
@@ -168,15 +171,18 @@ class QuantizedProduct(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen, bias-free Linear with a quantized weight. Subclasses give kernel(x) for x (rows, in)
-    and dequantize(start, end, dtype) -> rows start:end of the weight, (rows, in)."""
+    """A frozen, bias-free Linear with a quantized weight. Subclasses give kernel(x) -> (rows, out)
+    for x (rows, in), and dequantize(start, end, dtype) -> rows start:end of the weight.
+    The CPU kernels are faster for a few rows (decoding), F.linear on dequantized slices for more
+    (prefill, training): kernel_max_rows is where they cross on a 2-core AVX-512 CPU."""
 
     def forward(self, x):
         return QuantizedProduct.apply(x, self)
 
     def product(self, x):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        if x.is_cuda or (len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel):
+        few = len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel
+        if x.is_cuda or few:
             y = self.kernel(x2)
         else:
             y = torch.cat([F.linear(x2, self.dequantize(a, b, x.dtype))
@@ -194,10 +200,11 @@ class Int8Linear(QuantizedLinear):
         """qweight (out, in) int8, scales (out,) float32."""
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes on other rows:
-        # it needs a multiple of 16 inputs, and a fresh copy of a tensor read at any offset of a file.
+        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes otherwise:
+        # it needs a multiple of 16 inputs, and a copy of a tensor read at any offset of a file.
         self.fits_kernel = self.in_features % 16 == 0
-        self.register_buffer("qweight", qweight if qweight.data_ptr() % 64 == 0 else qweight.clone())
+        aligned = qweight.data_ptr() % 64 == 0
+        self.register_buffer("qweight", qweight if aligned else qweight.clone())
         self.register_buffer("scales", scales)
 
     @classmethod
@@ -233,19 +240,23 @@ class Int4Linear(QuantizedLinear):
         self.group_size = group_size
         self.register_buffer("qweight", pack_int4(q))
         # (groups, out, 2): the kernels' arrangement of scales and zeros
-        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+        sz = torch.stack([scales, zeros], -1).transpose(0, 1)
+        self.register_buffer("scales_and_zeros", sz.contiguous())
 
     @classmethod
     def from_float(cls, weight, group_size):
-        parts = [quantize_int4(weight[a:b].detach(), group_size) for a, b in row_slices(*weight.shape)]
+        parts = [quantize_int4(weight[a:b].detach(), group_size)
+                 for a, b in row_slices(*weight.shape)]
         return cls(*(torch.cat(t) for t in zip(*parts)), group_size)
 
     @classmethod
     def from_portable(cls, tensors, group_size):
-        return cls(unpack_nibbles(tensors["qweight"]), tensors["scales"], tensors["zeros"], group_size)
+        q = unpack_nibbles(tensors["qweight"])
+        return cls(q, tensors["scales"], tensors["zeros"], group_size)
 
     def portable(self):
-        q = torch.cat([pack_nibbles(self.unpack(a, b)) for a, b in row_slices(self.out_features, self.in_features)])
+        slices = row_slices(self.out_features, self.in_features)
+        q = torch.cat([pack_nibbles(self.unpack(a, b)) for a, b in slices])  # (out, in / 2)
         s, z = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
         return {"qweight": q, "scales": s.contiguous(), "zeros": z.contiguous()}
 
@@ -256,13 +267,14 @@ class Int4Linear(QuantizedLinear):
 
     def unpack(self, start, end):
         if self.qweight.is_cuda:
-            raise NotImplementedError("reading back a CUDA int4 weight (backward pass, saving) is not "
-                                      "supported; quantize and save on the CPU, or use int8")
+            raise NotImplementedError("reading back a CUDA int4 weight (backward pass, saving) is "
+                                      "not supported; quantize and save on the CPU, or use int8")
         return unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, in)
 
     def dequantize(self, start=0, end=None, dtype=torch.float32):
+        """Rows start:end; start a multiple of 64, as in row_slices."""
         end = self.out_features if end is None else min(end, self.out_features)
-        s, z = self.scales_and_zeros[:, start:end].transpose(0, 1).unbind(-1)  # (rows, groups) each
+        s, z = self.scales_and_zeros[:, start:end].transpose(0, 1).unbind(-1)  # (rows, groups)
         return dequantize_int4(self.unpack(start, end), s, z, dtype)
 
 
@@ -283,15 +295,16 @@ def check_settings(mode, group_size):
 
 def check_shape(name, out_features, in_features, mode, group_size):
     if mode == "int4" and in_features % group_size:
-        raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of {group_size}; "
-                               f"choose a group size that divides {in_features}")
+        raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of "
+                               f"{group_size}; choose a group size that divides {in_features}")
     if mode == "int4" and out_features % 16:
-        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got {out_features}; use int8")
+        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got "
+                               f"{out_features}; use int8")
 
 
 def weight_slots(model):
-    """(name, parent, attribute) of every weight to quantize. A LoRALinear's base is the slot; a tied
-    model without an output module (model.output is None) gets one, from the embedding."""
+    """(name, parent, attribute) of every weight to quantize. A LoRALinear's base is the slot; a
+    tied model without an output module (model.output is None) gets one, from the embedding."""
     slots = [("output", model, "output")]
     for i, layer in enumerate(model.layers):
         for part, names in PROJECTIONS.items():
@@ -309,7 +322,7 @@ def slot_weight(model, parent, attr):
 
 
 def quantize_model(model, mode, group_size=32):
-    """Replace every projection and the output layer by an Int8Linear or Int4Linear; returns model."""
+    """Replace every projection and the output layer by an Int8Linear or Int4Linear."""
     check_settings(mode, group_size)
     slots = weight_slots(model)
     for name, parent, attr in slots:
@@ -325,17 +338,18 @@ def quantize_model(model, mode, group_size=32):
 def check_slot(model, name, parent, attr, mode, group_size):
     weight = slot_weight(model, parent, attr)
     if weight is None:
-        raise llama.InputError(f"{name} is a {type(getattr(parent, attr)).__name__}, not a Linear; "
-                               f"quantize the model right after loading it")
+        kind = type(getattr(parent, attr)).__name__
+        raise llama.InputError(f"{name} is a {kind}, not a Linear; quantize the model right after "
+                               f"loading it")
     check_shape(name, *weight.shape, mode, group_size)
 
 
 # -----------------------------------------------------------------------------
 # 5. Files
 # One safetensors file holds the whole model: the float tensors as they are, and for each quantized
-# layer its portable form (int8 weight and scales; int4 nibbles, two a byte, with scales and zeros),
-# with {"quantize": mode, "group_size": ...} as metadata. It is written to a temporary file first and
-# renamed into place, so a crash never leaves half a file under the final name.
+# layer its portable form (int8 weight and scales; int4 nibbles, two a byte, scales and zeros),
+# with {"quantize": mode, "group_size": ...} as metadata. It is written to a temporary file, then
+# renamed into place, so that a crash never leaves half a file under the final name.
 
 
 def float_state(model):
@@ -345,11 +359,13 @@ def float_state(model):
 
 
 def save_quantized(model, path):
+    """Write a quantized model to one safetensors file, for load_quantized."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     settings = {(m.mode, m.group_size) for m in layers.values()}
     if len(settings) != 1:
-        raise llama.InputError(f"the model has {'no' if not settings else 'mixed'} quantized layers; "
-                               f"run quantize_model(model, mode) once before saving")
+        kind = "mixed" if settings else "no"
+        raise llama.InputError(f"the model has {kind} quantized layers; run quantize_model(model, "
+                               f"mode) once before saving")
     (mode, group_size), = settings
     tensors = {k: v.contiguous() for k, v in float_state(model).items()}
     for name, m in layers.items():
@@ -366,32 +382,38 @@ def save_quantized(model, path):
 
 
 def load_quantized(model, path, device="cpu"):
-    """Load a save_quantized file into model (a Transformer of the same config, best built on the meta
-    device: nothing is allocated twice); the quantized modules are swapped in and packed for device."""
+    """Load a save_quantized file into model (a Transformer of the same config, best built on the
+    meta device: nothing is allocated twice); the quantized modules are swapped in and packed for
+    device."""
     try:
         with safe_open(path, "pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise llama.InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete safetensors file?") from None
+        raise llama.InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete "
+                               f"safetensors file?") from None
     if meta.get("quantize") not in MODES:
         raise llama.InputError(f"{path} is not a quantized model; write one with save_quantized")
-    mode, group_size = meta["quantize"], None if meta["group_size"] == "None" else int(meta["group_size"])
-    quantized = Int8Linear if mode == "int8" else Int4Linear
+    group_size = meta.get("group_size", "None")
+    group_size = None if group_size == "None" else int(group_size)
+    quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
     for name, parent, attr in weight_slots(model):
-        part = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros") if f"{name}.{k}" in tensors}
+        part = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")
+                if f"{name}.{k}" in tensors}
         if "qweight" not in part:
-            raise llama.InputError(f"{path} has no quantized {name}; it was saved from another model")
+            raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
         weight = slot_weight(model, parent, attr)
         layer = quantized.from_portable({k: v.to(device) for k, v in part.items()}, group_size)
         if weight is not None and weight.shape != (layer.out_features, layer.in_features):
-            raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but "
-                                   f"{(layer.out_features, layer.in_features)} in {path}; the config does not match")
+            shape = (layer.out_features, layer.in_features)
+            raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
+                                   f"{path}; the config does not match")
         setattr(parent, attr, layer)
     expected = set(float_state(model))
     if expected != set(tensors):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise llama.InputError(f"{path} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise llama.InputError(f"{path} does not match the model: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
