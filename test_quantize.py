@@ -59,7 +59,8 @@ def tiny_model(tie=False):
     model = llama.Transformer(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else torch.randn_like(p) / 8)
+            norm = name.endswith("norm.weight")
+            p.copy_(1 + 0.1 * torch.randn_like(p) if norm else torch.randn_like(p) / 8)
     return model.eval()
 
 
@@ -78,7 +79,7 @@ def dequantized_twin(model):
     return twin
 
 
-# --- layers ---------------------------------------------------------------------------------------
+# --- layers --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,7 +97,7 @@ def test_layer_equals_product_with_dequantized_weight(mode, group_size, dtype, r
 
 
 def test_cpu_int4_packing_is_read_back_exactly(monkeypatch):
-    q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # 208 rows: whole blocks and a short one
+    q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # whole blocks of rows and a short one
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
     assert torch.equal(quantize.unpack_cpu_int4(whole, *quantize.cpu_int4_layout()), q)
     monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
@@ -119,7 +120,7 @@ def test_quantization_error_is_within_half_a_step():
         assert (w - reference_int4(q, s, z, group_size)).abs().mean() < step.mean() / 3
 
 
-# --- models ---------------------------------------------------------------------------------------
+# --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
 @pytest.mark.parametrize("tie", [False, True])
@@ -133,10 +134,11 @@ def test_quantized_model_is_close_to_float(mode, group_size, tie):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     layers = quantized_modules(model)
     assert len(layers) == 7 * model.args.n_layers + 1
-    assert torch.equal(model.tok_embeddings.weight, float_model.tok_embeddings.weight)  # lookups: float
+    embedding = float_model.tok_embeddings.weight
+    assert torch.equal(model.tok_embeddings.weight, embedding)  # lookups stay in float
     x = torch.randn(5, 64 * 3, generator=torch.Generator().manual_seed(5))
-    for name, layer in layers.items():  # each product near the float one: int4 has 16 levels, int8 255
-        w = float_model.tok_embeddings.weight if name == "output" and tie else float_model.get_submodule(name).weight
+    for name, layer in layers.items():  # each product near the float one (int4: 16 levels)
+        w = embedding if name == "output" and tie else float_model.get_submodule(name).weight
         xi = x[:, :layer.in_features]
         assert relative_error(layer(xi), xi @ w.t()) < (0.01 if mode == "int8" else 0.1)
     twin = dequantized_twin(model)
@@ -160,10 +162,10 @@ def test_quantize_model_quantizes_the_base_of_lora_layers():
         f"layers.{i}.attention.{w}.lora_{ab}" for i in (0, 1) for w in ("wq", "wv") for ab in "ab"}
 
 
-# --- QLoRA ----------------------------------------------------------------------------------------
+# --- QLoRA ---------------------------------------------------------------------------------
 
 class LoRA(nn.Module):
-    """base(x) + scale * (x A^T) B^T: the adapter form of llama.LoRALinear, over any base module."""
+    """base(x) + scale * (x A^T) B^T: llama.LoRALinear's adapter, over any base module."""
 
     def __init__(self, base, rank=4, scale=2.0):
         super().__init__()
@@ -183,15 +185,23 @@ def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monke
     layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
     seen = []  # the rows of each dequantized slice: never the whole weight at once
     dequantize = layer.dequantize
-    monkeypatch.setattr(layer, "dequantize", lambda *a: seen.append(len(dequantize(*a))) or dequantize(*a))
+
+    def record(*args):
+        w = dequantize(*args)
+        seen.append(len(w))
+        return w
+
+    monkeypatch.setattr(layer, "dequantize", record)
     lora, ref = LoRA(layer), LoRA(nn.Linear(256, 208, bias=False))
     ref.base.weight.data = w
     gen = torch.Generator().manual_seed(4)
-    x, dy = torch.randn(2, rows // 2 + 1, 256, generator=gen), torch.randn(2, rows // 2 + 1, 208, generator=gen)
+    tokens = rows // 2 + 1
+    x, dy = torch.randn(2, tokens, 256, generator=gen), torch.randn(2, tokens, 208, generator=gen)
     grads = []
     for module in (lora, ref):
         xi = x.clone().requires_grad_()
-        grads.append(torch.autograd.grad((module(xi) * dy).sum(), [xi, module.lora_a, module.lora_b]))
+        loss = (module(xi) * dy).sum()
+        grads.append(torch.autograd.grad(loss, [xi, module.lora_a, module.lora_b]))
     for got, want in zip(*grads):
         assert relative_error(got, want) < 1e-5
     assert seen and max(seen) <= 64
@@ -205,7 +215,7 @@ def test_gradcheck(mode, group_size):
     assert torch.autograd.gradcheck(layer, (x,))
 
 
-# --- files ----------------------------------------------------------------------------------------
+# --- files ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 64)])
 @pytest.mark.parametrize("tie", [False, True])
@@ -230,7 +240,8 @@ def test_save_load_round_trip(mode, group_size, tie, tmp_path):
 
 def test_bad_settings_raise_input_error_before_any_change(tmp_path):
     model = tiny_model()
-    for mode, group_size, message in [("int3", 32, "unknown quantization"), ("int4", 48, "group size 48"),
+    for mode, group_size, message in [("int3", 32, "unknown quantization"),
+                                      ("int4", 48, "group size 48"),
                                       ("int4", 128, "64 inputs do not split")]:
         with pytest.raises(InputError, match=message):
             quantize.quantize_model(model, mode, group_size)
@@ -241,6 +252,7 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
     with pytest.raises(InputError, match="not a quantized model"):
         quantize.load_quantized(tiny_model(), tmp_path / "plain.safetensors")
     quantize.save_quantized(quantize.quantize_model(model, "int8"), tmp_path / "q.safetensors")
-    other = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=256)
+    other = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                            ffn_hidden_dim=256)
     with pytest.raises(InputError, match="config does not match"):
         quantize.load_quantized(llama.Transformer(other), tmp_path / "q.safetensors")
