@@ -174,7 +174,7 @@ class QuantizedLinear(nn.Module):
     """A frozen, bias-free Linear with a quantized weight. Subclasses give kernel(x) -> (rows, out)
     for x (rows, in), and dequantize(start, end, dtype) -> rows start:end of the weight.
     The CPU kernels are faster for a few rows (decoding), F.linear on dequantized slices for more
-    (prefill, training): kernel_max_rows is where they cross on a 2-core AVX-512 CPU."""
+    (prefill, training): kernel_max_rows is about where they cross on an AVX-512 CPU."""
 
     def forward(self, x):
         return QuantizedProduct.apply(x, self)

@@ -152,6 +152,18 @@ def test_quantized_model_is_close_to_float(mode, group_size, tie):
     assert agree > (0.9 if mode == "int8" else 0.4)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cached_decoding_matches_the_dequantized_twin(mode):
+    model = quantize.quantize_model(tiny_model(), mode)
+    twin = dequantized_twin(model)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), model.kv_cache(2, 12):
+        model(tokens[:, :8])
+        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]  # (2, 1, vocab) each
+        expected = twin(tokens)[:, 8:]
+    assert relative_error(torch.cat(steps, 1), expected) < 2e-2
+
+
 def test_quantize_model_quantizes_the_base_of_lora_layers():
     model = llama.apply_lora(tiny_model(), ["wq", "wv"], rank=4, alpha=8)
     lora = model.layers[0].attention.wq
