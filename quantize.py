@@ -209,8 +209,11 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight):
-        parts = [quantize_int8(weight[a:b].detach()) for a, b in row_slices(*weight.shape)]
-        return cls(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # (out, in)
+        scales = torch.empty(len(weight), device=weight.device)  # (out,)
+        for a, b in row_slices(*weight.shape):
+            q[a:b], scales[a:b] = quantize_int8(weight[a:b].detach())
+        return cls(q, scales)
 
     @classmethod
     def from_portable(cls, tensors, group_size=None):
@@ -245,9 +248,13 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight, group_size):
-        parts = [quantize_int4(weight[a:b].detach(), group_size)
-                 for a, b in row_slices(*weight.shape)]
-        return cls(*(torch.cat(t) for t in zip(*parts)), group_size)
+        out, n_in = weight.shape
+        q = torch.empty(out, n_in, dtype=torch.uint8, device=weight.device)
+        scales, zeros = (torch.empty(out, n_in // group_size, dtype=torch.bfloat16,
+                                     device=weight.device) for _ in range(2))  # (out, groups)
+        for a, b in row_slices(out, n_in):
+            q[a:b], scales[a:b], zeros[a:b] = quantize_int4(weight[a:b].detach(), group_size)
+        return cls(q, scales, zeros, group_size)
 
     @classmethod
     def from_portable(cls, tensors, group_size):

@@ -53,10 +53,14 @@ def quantized_layer(mode, group_size, w):
 
 
 def tiny_model(tie=False):
+    """tie=True: tied as Llama 3.2 1B (no output module, or one that shares the embedding);
+    tie="shared": an output Linear whose weight is the embedding's."""
     args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                           ffn_hidden_dim=192, tie_embeddings=tie)
+                           ffn_hidden_dim=192, tie_embeddings=tie is True)
     torch.manual_seed(0)
     model = llama.Transformer(args)
+    if tie == "shared":
+        model.output.weight = model.tok_embeddings.weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             norm = name.endswith("norm.weight")
@@ -123,7 +127,7 @@ def test_quantization_error_is_within_half_a_step():
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [False, True, "shared"])
 def test_quantized_model_is_close_to_float(mode, group_size, tie):
     model = tiny_model(tie)
     float_model = copy.deepcopy(model)
@@ -138,7 +142,8 @@ def test_quantized_model_is_close_to_float(mode, group_size, tie):
     assert torch.equal(model.tok_embeddings.weight, embedding)  # lookups stay in float
     x = torch.randn(5, 64 * 3, generator=torch.Generator().manual_seed(5))
     for name, layer in layers.items():  # each product near the float one (int4: 16 levels)
-        w = embedding if name == "output" and tie else float_model.get_submodule(name).weight
+        tied = name == "output" and tie is True
+        w = embedding if tied else float_model.get_submodule(name).weight
         xi = x[:, :layer.in_features]
         assert relative_error(layer(xi), xi @ w.t()) < (0.01 if mode == "int8" else 0.1)
     twin = dequantized_twin(model)
@@ -159,7 +164,7 @@ def test_cached_decoding_matches_the_dequantized_twin(mode):
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), model.kv_cache(2, 12):
         model(tokens[:, :8])
-        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]  # (2, 1, vocab) each
+        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]  # (2, 1, vocab)
         expected = twin(tokens)[:, 8:]
     assert relative_error(torch.cat(steps, 1), expected) < 2e-2
 
@@ -230,7 +235,7 @@ def test_gradcheck(mode, group_size):
 # --- files ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 64)])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [False, True, "shared"])
 def test_save_load_round_trip(mode, group_size, tie, tmp_path):
     model = quantize.quantize_model(tiny_model(tie), mode, group_size or 32)
     path = tmp_path / "model.safetensors"
@@ -241,13 +246,14 @@ def test_save_load_round_trip(mode, group_size, tie, tmp_path):
         if mode == "int4":  # the portable nibbles, not a kernel's layout
             assert f.get_tensor("layers.0.attention.wq.qweight").shape == (64, 32)
     with torch.device("meta"):
-        loaded = llama.Transformer(copy.deepcopy(model.args))
-    quantize.load_quantized(loaded, path)
-    want, got = model.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        on_meta = tiny_model(tie)
     tokens = torch.randint(0, 512, (2, 9))
-    with torch.no_grad():
-        assert torch.equal(model(tokens), loaded(tokens))
+    for loaded in (on_meta, tiny_model(tie)):  # built on the meta device, or with float weights
+        quantize.load_quantized(loaded, path)
+        want, got = model.state_dict(), loaded.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        with torch.no_grad():
+            assert torch.equal(model(tokens), loaded(tokens))
 
 
 def test_bad_settings_raise_input_error_before_any_change(tmp_path):
