@@ -225,6 +225,20 @@ def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monke
     assert not any(t.requires_grad for t in layer.buffers()) and not list(layer.parameters())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_model_gradients_flow_through_quantized_layers(mode):
+    model = quantize.quantize_model(tiny_model(), mode)
+    twin = dequantized_twin(model)
+    tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(7))
+    grads = []
+    for m in (model, twin):  # the norms and the embedding train; the twin's Linears are frozen
+        trained = [p for n, p in m.named_parameters() if "norm" in n or "tok_embeddings" in n]
+        grads.append(torch.autograd.grad(m(tokens, targets=tokens).mean(), trained))
+    assert len(grads[0]) == 2 * 2 + 2
+    for got, want in zip(*grads):
+        assert relative_error(got, want) < 1e-4
+
+
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
 def test_gradcheck(mode, group_size):
     layer, _ = quantized_layer(mode, group_size, random_weight(32, 64))
