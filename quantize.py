@@ -141,8 +141,10 @@ def pack_int4(q):
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in / 2)
         return aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    pack = aten._convert_weight_to_int4pack_for_cpu
-    return torch.cat([pack(q[a:b].int(), 1) for a, b in row_slices(*q.shape)])  # (out, in / 2)
+    packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)  # (out, in / 2)
+    for a, b in row_slices(*q.shape):
+        packed[a:b] = aten._convert_weight_to_int4pack_for_cpu(q[a:b].int(), 1)
+    return packed
 
 
 # -----------------------------------------------------------------------------
