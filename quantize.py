@@ -1,0 +1,429 @@
+"""
+Weight-only quantization (issue 13): int8 per output channel, int4 per group of inputs.
+
+    model = quantize_model(model, "int4", group_size=32)  # swaps modules; llama.py is unchanged
+    save_quantized(model, "model-int4.safetensors")  # the next start skips quantizing
+    model = load_quantized(meta_model, "model-int4.safetensors")
+
+As in gpt-fast's quantize.py, the model is built as usual and its Linear modules are then swapped:
+every projection (wq wk wv wo w1 w2 w3) and the output layer; the embedding and the norms stay as
+they are. The quantized modules are frozen, but gradients flow through them to their input, so
+LoRA adapters can be trained on a quantized base (QLoRA).
+"""
+
+import os
+import tempfile
+from functools import cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import llama
+
+aten = torch.ops.aten
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
+PROJECTIONS = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
+# Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
+# SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
+# temporaries of a slice stay in the CPU's caches.
+SLICE_ELEMENTS = 2**20
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# 1. Quantizers
+# int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale in float32.
+# int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]: the
+# convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16. They are
+# rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
+# These are the portable forms, the ones written to files; section 2 arranges them for a kernel.
+
+
+def row_slices(out_features, in_features):
+    """[(start, end), ...]: the slices of rows that cover a weight (out_features, in_features)."""
+    rows = max(64, SLICE_ELEMENTS // in_features // 64 * 64)
+    return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+def quantize_int8(w):
+    """w (out, in) float -> q (out, in) int8, scales (out,) float32."""
+    w = w.float()
+    scales = w.abs().amax(1).clamp(min=1e-12) / 127  # (out,)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q, scales, dtype=torch.float32):
+    return (q.float() * scales[:, None]).to(dtype)  # (out, in)
+
+
+def quantize_int4(w, group_size):
+    """w (out, in) float -> q (out, in) uint8 in [0, 15]; scales, zeros (out, groups) bfloat16."""
+    out, n_in = w.shape
+    g = w.float().view(out, n_in // group_size, group_size)  # (out, groups, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)  # (out, groups)
+    scales = ((hi - lo).clamp(min=1e-12) / 15).bfloat16()
+    zeros = (lo + 8 * scales.float()).bfloat16()  # the value that q = 8 stands for
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    q = torch.round((g - z) / s + 8).clamp(0, 15).to(torch.uint8)
+    return q.view(out, n_in), scales, zeros
+
+
+def dequantize_int4(q, scales, zeros, dtype=torch.float32):
+    out, n_in = q.shape
+    s = scales.float()[..., None]  # (out, groups, 1)
+    w = q.view(out, s.shape[1], -1).float().mul_(s)  # (out, groups, group_size)
+    return w.add_(zeros.float()[..., None] - 8 * s).view(out, n_in).to(dtype)  # (q - 8) s + z
+
+
+def pack_nibbles(q):
+    """(out, in) values in [0, 15] -> (out, in / 2) uint8, even inputs in the low nibbles."""
+    return q[:, ::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p):
+    return torch.stack([p & 15, p >> 4], -1).view(p.shape[0], -1)  # (out, in)
+
+
+# -----------------------------------------------------------------------------
+# 2. Kernel layouts for int4
+# CPU: _convert_weight_to_int4pack_for_cpu takes q as int32 (out, in) and arranges it by blocks of
+# 32 or 64 output rows (the CPU's vector width): for each input, a byte holds two of those rows.
+# Blocks are independent, so a slice of whole blocks packs (and unpacks) on its own: the weight is
+# packed a slice of rows at a time, and backward passes dequantize it slice by slice.
+# Which rows share a byte depends on the CPU (AVX-512, AVX2 or neither); cpu_int4_layout finds out
+# once, on a probe. This is why files hold the portable nibbles and packing happens at load.
+# CUDA (tinygemm): _convert_weight_to_int4pack takes two values a byte, even inputs in the high
+# nibble, and tiles the input dimension by inner_k_tiles * 16.
+
+
+def unpack_cpu_int4(packed, block, halves):
+    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8, rows starting a block.
+    In a whole block, a byte holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the
+    last, shorter block (rows not a multiple of block), always the latter."""
+    rows, n_in = packed.shape[0], packed.shape[1] * 2
+    full = rows // block * block
+    parts = [(packed[:full], block, halves), (packed[full:], rows - full, False)]
+    return torch.cat([unpack_blocks(p, b, h) for p, b, h in parts if len(p)])
+
+
+def unpack_blocks(packed, block, halves):
+    rows, n_in = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(rows // block, n_in, block // 2)  # (blocks, in, bytes of a block's rows)
+    lo, hi = p & 15, p >> 4
+    q = torch.cat([lo, hi], -1) if halves else torch.stack([lo, hi], -1).flatten(2)  # (.., block)
+    return q.transpose(1, 2).reshape(rows, n_in)
+
+
+@cache
+def cpu_int4_layout():
+    """(block, halves) for unpack_cpu_int4: the layout of this torch on this CPU."""
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (176, 8), dtype=torch.int32, generator=g)
+    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # whole blocks and a short one
+    for layout in ((64, True), (32, True), (32, False)):
+        if torch.equal(unpack_cpu_int4(packed, *layout), probe.to(torch.uint8)):
+            return layout
+    raise RuntimeError("this torch packs int4 CPU weights in a layout quantize.py does not know")
+
+
+def inner_k_tiles(in_features):
+    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+
+
+def pack_int4(q):
+    """q (out, in) uint8 in [0, 15] -> the int4 kernel's layout on q's device."""
+    if q.is_cuda:
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in / 2)
+        return aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
+    packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)  # (out, in / 2)
+    for a, b in row_slices(*q.shape):
+        packed[a:b] = aten._convert_weight_to_int4pack_for_cpu(q[a:b].int(), 1)
+    return packed
+
+
+# -----------------------------------------------------------------------------
+# 3. Quantized linear layers
+# y = x W^T with W frozen. The backward pass gives dx = dy W only (the adapters of QLoRA train, W
+# does not), summed over slices of dequantized rows: no float copy of the whole weight is made.
+
+
+class QuantizedProduct(torch.autograd.Function):
+    """module.product(x), with dx = dy W as the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.product(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        m, shape = ctx.module, dy.shape
+        dy = dy.reshape(-1, shape[-1])  # (tokens, out)
+        dx = torch.zeros(len(dy), m.in_features, device=dy.device,
+                         dtype=torch.promote_types(dy.dtype, torch.float32))  # (tokens, in)
+        for a, b in row_slices(m.out_features, m.in_features):
+            dx += dy[:, a:b] @ m.dequantize(a, b, dy.dtype)
+        return dx.to(dy.dtype).view(*shape[:-1], -1), None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen, bias-free Linear with a quantized weight. Subclasses give kernel(x) -> (rows, out)
+    for x (rows, in), and dequantize(start, end, dtype) -> rows start:end of the weight.
+    The CPU kernels are faster for a few rows (decoding), F.linear on dequantized slices for more
+    (prefill, training): kernel_max_rows is about where they cross on an AVX-512 CPU."""
+
+    def forward(self, x):
+        return QuantizedProduct.apply(x, self)
+
+    def product(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        few = len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel
+        if x.is_cuda or few:
+            y = self.kernel(x2)
+        else:
+            y = torch.cat([F.linear(x2, self.dequantize(a, b, x.dtype))
+                           for a, b in row_slices(self.out_features, self.in_features)], -1)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Linear(QuantizedLinear):
+    mode, group_size, kernel_max_rows = "int8", None, 32
+
+    def __init__(self, qweight, scales):
+        """qweight (out, in) int8, scales (out,) float32."""
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes otherwise:
+        # it needs a multiple of 16 inputs, and a copy of a tensor read at any offset of a file.
+        self.fits_kernel = self.in_features % 16 == 0
+        aligned = qweight.data_ptr() % 64 == 0
+        self.register_buffer("qweight", qweight if aligned else qweight.clone())
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, weight):
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # (out, in)
+        scales = torch.empty(len(weight), device=weight.device)  # (out,)
+        for a, b in row_slices(*weight.shape):
+            q[a:b], scales[a:b] = quantize_int8(weight[a:b].detach())
+        return cls(q, scales)
+
+    @classmethod
+    def from_portable(cls, tensors, group_size=None):
+        return cls(tensors["qweight"], tensors["scales"])
+
+    def portable(self):
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    def kernel(self, x):
+        if x.is_cuda:  # gpt-fast: torch.compile fuses the conversion into the product
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        # bfloat16 even for float32 inputs: the kernel's float32 path is not vectorized
+        return aten._weight_int8pack_mm(x.bfloat16(), self.qweight, self.scales.bfloat16())
+
+    def dequantize(self, start=0, end=None, dtype=torch.float32):
+        return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    mode, fits_kernel, kernel_max_rows = "int4", True, 128
+
+    def __init__(self, q, scales, zeros, group_size):
+        """q (out, in) uint8 in [0, 15]; scales, zeros (out, in // group_size) bfloat16; all on the
+        device to run on (the packing depends on it)."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.register_buffer("qweight", pack_int4(q))
+        # (groups, out, 2): the kernels' arrangement of scales and zeros
+        sz = torch.stack([scales, zeros], -1).transpose(0, 1)
+        self.register_buffer("scales_and_zeros", sz.contiguous())
+
+    @classmethod
+    def from_float(cls, weight, group_size):
+        out, n_in = weight.shape
+        q = torch.empty(out, n_in, dtype=torch.uint8, device=weight.device)
+        scales, zeros = (torch.empty(out, n_in // group_size, dtype=torch.bfloat16,
+                                     device=weight.device) for _ in range(2))  # (out, groups)
+        for a, b in row_slices(out, n_in):
+            q[a:b], scales[a:b], zeros[a:b] = quantize_int4(weight[a:b].detach(), group_size)
+        return cls(q, scales, zeros, group_size)
+
+    @classmethod
+    def from_portable(cls, tensors, group_size):
+        q = unpack_nibbles(tensors["qweight"])
+        return cls(q, tensors["scales"], tensors["zeros"], group_size)
+
+    def portable(self):
+        slices = row_slices(self.out_features, self.in_features)
+        q = torch.cat([pack_nibbles(self.unpack(a, b)) for a, b in slices])  # (out, in / 2)
+        s, z = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
+        return {"qweight": q, "scales": s.contiguous(), "zeros": z.contiguous()}
+
+    def kernel(self, x):
+        mm = aten._weight_int4pack_mm if x.is_cuda else aten._weight_int4pack_mm_for_cpu
+        # bfloat16 even for float32 inputs: the kernel's float32 path is not vectorized
+        return mm(x.bfloat16(), self.qweight, self.group_size, self.scales_and_zeros)
+
+    def unpack(self, start, end):
+        if self.qweight.is_cuda:
+            raise NotImplementedError("reading back a CUDA int4 weight (backward pass, saving) is "
+                                      "not supported; quantize and save on the CPU, or use int8")
+        return unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, in)
+
+    def dequantize(self, start=0, end=None, dtype=torch.float32):
+        """Rows start:end; start a multiple of 64, as in row_slices."""
+        end = self.out_features if end is None else min(end, self.out_features)
+        s, z = self.scales_and_zeros[:, start:end].transpose(0, 1).unbind(-1)  # (rows, groups)
+        return dequantize_int4(self.unpack(start, end), s, z, dtype)
+
+
+# -----------------------------------------------------------------------------
+# 4. Swapping the modules of a model
+# Each weight is quantized and its Linear replaced before the next one is read, so the float
+# weights go one at a time: peak memory stays near the quantized model plus one float layer.
+# Every shape is checked first: a bad setting fails before anything is changed.
+
+
+def check_settings(mode, group_size):
+    if mode not in MODES:
+        raise llama.InputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise llama.InputError(f"int4 group size {group_size!r} is not supported; "
+                               f"use one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def check_shape(name, out_features, in_features, mode, group_size):
+    if mode == "int4" and in_features % group_size:
+        raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of "
+                               f"{group_size}; choose a group size that divides {in_features}")
+    if mode == "int4" and out_features % 16:
+        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got "
+                               f"{out_features}; use int8")
+
+
+def weight_slots(model):
+    """(name, parent, attribute) of every weight to quantize. A LoRALinear's base is the slot; a
+    tied model without an output module (model.output is None) gets one, from the embedding."""
+    slots = [("output", model, "output")]
+    for i, layer in enumerate(model.layers):
+        for part, names in PROJECTIONS.items():
+            slots += [(f"layers.{i}.{part}.{n}", getattr(layer, part), n) for n in names]
+    return [(f"{name}.base", getattr(parent, attr), "base")
+            if isinstance(getattr(parent, attr), llama.LoRALinear) else (name, parent, attr)
+            for name, parent, attr in slots]
+
+
+def slot_weight(model, parent, attr):
+    module = getattr(parent, attr)
+    if module is None and parent is model and attr == "output":
+        return model.tok_embeddings.weight  # tied: the output layer is the embedding
+    return module.weight if isinstance(module, nn.Linear) else None
+
+
+def quantize_model(model, mode, group_size=32):
+    """Replace every projection and the output layer by an Int8Linear or Int4Linear."""
+    check_settings(mode, group_size)
+    slots = weight_slots(model)
+    for name, parent, attr in slots:
+        check_slot(model, name, parent, attr, mode, group_size)
+    for _, parent, attr in slots:
+        weight = slot_weight(model, parent, attr)
+        setattr(parent, attr, Int8Linear.from_float(weight) if mode == "int8"
+                else Int4Linear.from_float(weight, group_size))
+        del weight  # the float weight goes with its Linear
+    return model
+
+
+def check_slot(model, name, parent, attr, mode, group_size):
+    weight = slot_weight(model, parent, attr)
+    if weight is None:
+        kind = type(getattr(parent, attr)).__name__
+        raise llama.InputError(f"{name} is a {kind}, not a Linear; quantize the model right after "
+                               f"loading it")
+    check_shape(name, *weight.shape, mode, group_size)
+
+
+# -----------------------------------------------------------------------------
+# 5. Files
+# One safetensors file holds the whole model: the float tensors as they are, and for each quantized
+# layer its portable form (int8 weight and scales; int4 nibbles, two a byte, scales and zeros),
+# with {"quantize": mode, "group_size": ...} as metadata. It is written to a temporary file, then
+# renamed into place, so that a crash never leaves half a file under the final name.
+
+
+def float_state(model):
+    """The model's state dict less the quantized layers' buffers (which have a portable form)."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
+
+
+def save_quantized(model, path):
+    """Write a quantized model to one safetensors file, for load_quantized."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    settings = {(m.mode, m.group_size) for m in layers.values()}
+    if len(settings) != 1:
+        kind = "mixed" if settings else "no"
+        raise llama.InputError(f"the model has {kind} quantized layers; run quantize_model(model, "
+                               f"mode) once before saving")
+    (mode, group_size), = settings
+    tensors = {k: v.contiguous() for k, v in float_state(model).items()}
+    for name, m in layers.items():
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in m.portable().items()})
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"quantize": mode, "group_size": str(group_size)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_quantized(model, path, device="cpu"):
+    """Load a save_quantized file into model (a Transformer of the same config, best built on the
+    meta device: nothing is allocated twice); the quantized modules are swapped in and packed for
+    device."""
+    try:
+        with safe_open(path, "pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise llama.InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete "
+                               f"safetensors file?") from None
+    if meta.get("quantize") not in MODES:
+        raise llama.InputError(f"{path} is not a quantized model; write one with save_quantized")
+    group_size = meta.get("group_size", "None")
+    group_size = None if group_size == "None" else int(group_size)
+    quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
+    for name, parent, attr in weight_slots(model):
+        part = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")
+                if f"{name}.{k}" in tensors}
+        if "qweight" not in part:
+            raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
+        weight = slot_weight(model, parent, attr)
+        layer = quantized.from_portable({k: v.to(device) for k, v in part.items()}, group_size)
+        if weight is not None and weight.shape != (layer.out_features, layer.in_features):
+            shape = (layer.out_features, layer.in_features)
+            raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
+                                   f"{path}; the config does not match")
+        setattr(parent, attr, layer)
+    expected = set(float_state(model))
+    if expected != set(tensors):
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise llama.InputError(f"{path} does not match the model: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
+    if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
+        model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
+    return model.eval()

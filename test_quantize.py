@@ -1,0 +1,289 @@
+"""
+Tests for quantize.py: int8 / int4 weight-only layers against float products with the dequantized
+weight (written out here, not taken from quantize.py), the quantization error against its step,
+a quantized tiny Transformer against its float twin, QLoRA gradients, and save/load round trips.
+
+    python -m pytest -q test_quantize.py
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import llama
+import quantize
+from llama import InputError
+
+MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+def relative_error(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def random_weight(out_features, in_features, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    w[0, :5] *= 8  # a few outliers, so that scales differ between rows and groups
+    return w
+
+
+def reference_int8(q, scales):
+    return q.float() * scales[:, None]  # (out, in)
+
+
+def reference_int4(q, scales, zeros, group_size):
+    s = scales.float().repeat_interleave(group_size, 1)  # (out, in)
+    z = zeros.float().repeat_interleave(group_size, 1)
+    return (q.float() - 8) * s + z
+
+
+def quantized_layer(mode, group_size, w):
+    """The layer built from the portable quantization, and its dequantized weight computed here."""
+    if mode == "int8":
+        q, s = quantize.quantize_int8(w)
+        return quantize.Int8Linear(q, s), reference_int8(q, s)
+    q, s, z = quantize.quantize_int4(w, group_size)
+    return quantize.Int4Linear(q, s, z, group_size), reference_int4(q, s, z, group_size)
+
+
+def tiny_model(tie=False):
+    """tie=True: tied as Llama 3.2 1B (no output module, or one that shares the embedding);
+    tie="shared": an output Linear whose weight is the embedding's."""
+    args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                           ffn_hidden_dim=192, tie_embeddings=tie is True)
+    torch.manual_seed(0)
+    model = llama.Transformer(args)
+    if tie == "shared":
+        model.output.weight = model.tok_embeddings.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = name.endswith("norm.weight")
+            p.copy_(1 + 0.1 * torch.randn_like(p) if norm else torch.randn_like(p) / 8)
+    return model.eval()
+
+
+def quantized_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, quantize.QuantizedLinear)}
+
+
+def dequantized_twin(model):
+    """A float model whose every quantized layer is an nn.Linear holding the dequantized weight."""
+    twin = copy.deepcopy(model)
+    for name, m in quantized_modules(model).items():
+        parent, _, attr = name.rpartition(".")
+        linear = nn.Linear(m.in_features, m.out_features, bias=False)
+        linear.weight.data = m.dequantize()
+        setattr(twin.get_submodule(parent), attr, linear)
+    return twin
+
+
+# --- layers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,group_size", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 200])  # the kernels, then slices of dequantized rows
+def test_layer_equals_product_with_dequantized_weight(mode, group_size, dtype, rows, monkeypatch):
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)  # several slices, the last one short
+    layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, 208)
+    exact = dtype == torch.float32 and rows > layer.kernel_max_rows  # no bfloat16 anywhere
+    assert relative_error(y, x.float() @ w.t()) < (1e-6 if exact else 1e-2)
+    assert torch.equal(layer.dequantize(), w)
+    assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
+
+
+def test_cpu_int4_packing_is_read_back_exactly(monkeypatch):
+    q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # whole blocks of rows and a short one
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    assert torch.equal(quantize.unpack_cpu_int4(whole, *quantize.cpu_int4_layout()), q)
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
+    assert torch.equal(quantize.pack_int4(q), whole)  # packed a slice at a time: the same bytes
+    assert torch.equal(quantize.unpack_nibbles(quantize.pack_nibbles(q)), q)
+
+
+def test_quantization_error_is_within_half_a_step():
+    w = random_weight(96, 256)
+    q, s = quantize.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((w - reference_int8(q, s)).abs() <= s[:, None] / 2 * (1 + 1e-5)).all()
+    for group_size in (32, 64, 128):
+        q, s, z = quantize.quantize_int4(w, group_size)
+        assert q.dtype == torch.uint8 and q.max() <= 15
+        step = s.float().repeat_interleave(group_size, 1)
+        # scale and zero are stored in bfloat16: the grid moves by at most 2^-8 of |zero| + 8 steps
+        bound = step / 2 + 2 ** -8 * (z.float().abs().repeat_interleave(group_size, 1) + 8 * step)
+        assert ((w - reference_int4(q, s, z, group_size)).abs() <= bound).all()
+        assert (w - reference_int4(q, s, z, group_size)).abs().mean() < step.mean() / 3
+
+
+# --- models --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("tie", [False, True, "shared"])
+def test_quantized_model_is_close_to_float(mode, group_size, tie):
+    model = tiny_model(tie)
+    float_model = copy.deepcopy(model)
+    tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(tokens)
+    assert quantize.quantize_model(model, mode, group_size or 32) is model
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    layers = quantized_modules(model)
+    assert len(layers) == 7 * model.args.n_layers + 1
+    embedding = float_model.tok_embeddings.weight
+    assert torch.equal(model.tok_embeddings.weight, embedding)  # lookups stay in float
+    x = torch.randn(5, 64 * 3, generator=torch.Generator().manual_seed(5))
+    for name, layer in layers.items():  # each product near the float one (int4: 16 levels)
+        tied = name == "output" and tie is True
+        w = embedding if tied else float_model.get_submodule(name).weight
+        xi = x[:, :layer.in_features]
+        assert relative_error(layer(xi), xi @ w.t()) < (0.01 if mode == "int8" else 0.1)
+    twin = dequantized_twin(model)
+    with torch.no_grad():
+        logits, prefix = model(tokens), model(tokens[:1, :5])  # slices of rows, then the kernels
+        assert relative_error(logits, twin(tokens)) < 1e-5
+        assert relative_error(prefix, twin(tokens[:1, :5])) < 2e-2
+    # Through the layers the error grows, and random weights give nearly tied logits: loose bounds.
+    assert relative_error(logits, expected) < (0.05 if mode == "int8" else 0.45)
+    agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree > (0.9 if mode == "int8" else 0.4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cached_decoding_matches_the_dequantized_twin(mode):
+    model = quantize.quantize_model(tiny_model(), mode)
+    twin = dequantized_twin(model)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), model.kv_cache(2, 12):
+        model(tokens[:, :8])
+        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]  # (2, 1, vocab)
+        expected = twin(tokens)[:, 8:]
+    assert relative_error(torch.cat(steps, 1), expected) < 2e-2
+
+
+def test_quantize_model_quantizes_the_base_of_lora_layers():
+    model = llama.apply_lora(tiny_model(), ["wq", "wv"], rank=4, alpha=8)
+    lora = model.layers[0].attention.wq
+    quantize.quantize_model(model, "int8")
+    assert model.layers[0].attention.wq is lora and isinstance(lora.base, quantize.Int8Linear)
+    assert isinstance(model.layers[1].attention.wv.base, quantize.Int8Linear)
+    assert {n for n, p in model.named_parameters() if "lora" in n} == {
+        f"layers.{i}.attention.{w}.lora_{ab}" for i in (0, 1) for w in ("wq", "wv") for ab in "ab"}
+
+
+# --- QLoRA ---------------------------------------------------------------------------------
+
+class LoRA(nn.Module):
+    """base(x) + scale * (x A^T) B^T: llama.LoRALinear's adapter, over any base module."""
+
+    def __init__(self, base, rank=4, scale=2.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.base, self.scale = base, scale
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=g) / 10)
+        self.lora_b = nn.Parameter(torch.randn(base.out_features, rank, generator=g) / 10)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.lora_a.t()) @ self.lora_b.t()
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("rows", [3, 200])
+def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monkeypatch):
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
+    layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
+    seen = []  # the rows of each dequantized slice: never the whole weight at once
+    dequantize = layer.dequantize
+
+    def record(*args):
+        w = dequantize(*args)
+        seen.append(len(w))
+        return w
+
+    monkeypatch.setattr(layer, "dequantize", record)
+    lora, ref = LoRA(layer), LoRA(nn.Linear(256, 208, bias=False))
+    ref.base.weight.data = w
+    gen = torch.Generator().manual_seed(4)
+    tokens = rows // 2 + 1
+    x, dy = torch.randn(2, tokens, 256, generator=gen), torch.randn(2, tokens, 208, generator=gen)
+    grads = []
+    for module in (lora, ref):
+        xi = x.clone().requires_grad_()
+        loss = (module(xi) * dy).sum()
+        grads.append(torch.autograd.grad(loss, [xi, module.lora_a, module.lora_b]))
+    for got, want in zip(*grads):
+        assert relative_error(got, want) < 1e-5
+    assert seen and max(seen) <= 64
+    assert not any(t.requires_grad for t in layer.buffers()) and not list(layer.parameters())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_model_gradients_flow_through_quantized_layers(mode):
+    model = quantize.quantize_model(tiny_model(), mode)
+    twin = dequantized_twin(model)
+    tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(7))
+    grads = []
+    for m in (model, twin):  # the norms and the embedding train; the twin's Linears are frozen
+        trained = [p for n, p in m.named_parameters() if "norm" in n or "tok_embeddings" in n]
+        grads.append(torch.autograd.grad(m(tokens, targets=tokens).mean(), trained))
+    assert len(grads[0]) == 2 * 2 + 2
+    for got, want in zip(*grads):
+        assert relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+def test_gradcheck(mode, group_size):
+    layer, _ = quantized_layer(mode, group_size, random_weight(16, 32))
+    x = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+# --- files ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 64)])
+@pytest.mark.parametrize("tie", [False, True, "shared"])
+def test_save_load_round_trip(mode, group_size, tie, tmp_path):
+    model = quantize.quantize_model(tiny_model(tie), mode, group_size or 32)
+    path = tmp_path / "model.safetensors"
+    quantize.save_quantized(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"quantize": mode, "group_size": str(group_size)}
+        if mode == "int4":  # the portable nibbles, not a kernel's layout
+            assert f.get_tensor("layers.0.attention.wq.qweight").shape == (64, 32)
+    with torch.device("meta"):
+        on_meta = tiny_model(tie)
+    tokens = torch.randint(0, 512, (2, 9))
+    for loaded in (on_meta, tiny_model(tie)):  # built on the meta device, or with float weights
+        quantize.load_quantized(loaded, path)
+        want, got = model.state_dict(), loaded.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        with torch.no_grad():
+            assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_bad_settings_raise_input_error_before_any_change(tmp_path):
+    model = tiny_model()
+    for mode, group_size, message in [("int3", 32, "unknown quantization"),
+                                      ("int4", 48, "group size 48"),
+                                      ("int4", 128, "64 inputs do not split")]:
+        with pytest.raises(InputError, match=message):
+            quantize.quantize_model(model, mode, group_size)
+    assert not quantized_modules(model)
+    with pytest.raises(InputError, match="no quantized layers"):
+        quantize.save_quantized(model, tmp_path / "q.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(InputError, match="not a quantized model"):
+        quantize.load_quantized(tiny_model(), tmp_path / "plain.safetensors")
+    quantize.save_quantized(quantize.quantize_model(model, "int8"), tmp_path / "q.safetensors")
+    other = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                            ffn_hidden_dim=256)
+    with pytest.raises(InputError, match="config does not match"):
+        quantize.load_quantized(llama.Transformer(other), tmp_path / "q.safetensors")
