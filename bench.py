@@ -1,13 +1,15 @@
 """
-Benchmarks: llama.py against Hugging Face transformers on the same random-weight checkpoint, in one run,
-with the same prompt and thread count, plus the machine's memory bandwidth and the decode roofline it implies.
+Benchmarks: llama.py against Hugging Face transformers on the same random-weight checkpoint, in one
+run, with the same prompt and thread count, plus the machine's memory bandwidth and the decode
+roofline it implies.
 
     python bench.py                                  # Llama 3.2 1B shape, float32 and bf16
     python bench.py --shape 8B --dtypes bfloat16 --new_tokens 16 --skip_batch8 --skip_prefill
     python bench.py --json                           # the same figures as JSON
 
-Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout; never committed).
-Every measurement runs in a fresh process so that its peak resident memory (VmHWM) is its own.
+Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout;
+never committed). Every measurement runs in a fresh process so that its peak resident memory
+(VmHWM) is its own.
 """
 
 import argparse
@@ -50,7 +52,8 @@ def weight_bytes(args, dtype_bytes):
 
 
 def decode_bytes_per_token(args, dtype_bytes):
-    """Bytes of weights read to decode one token: every matrix, but only one row of an untied embedding."""
+    """Bytes of weights read to decode one token: every matrix, but only one row of an untied
+    embedding."""
     n = weight_bytes(args, dtype_bytes)
     return n if args.tie_embeddings else n - (args.vocab_size - 1) * args.dim * dtype_bytes
 
@@ -66,24 +69,29 @@ def best_time(fn, repeats=5):
 
 
 def read_bandwidth(gib=2):
-    """GB/s of reading far more memory than the caches hold: the faster of a sum and of float32 matrix-vector
-    products (they read at different rates; the machine can do at least the better one)."""
+    """GB/s of reading far more memory than the caches hold: the faster of a sum and of float32
+    matrix-vector products (they read at different rates; the machine can do at least the better
+    one)."""
     x = torch.ones(gib * 2**30 // 4, dtype=torch.float32)
     total = x.numel() * 4 / best_time(x.sum) / 1e9
-    mats, v = x.view(-1, 4096, 2048), torch.ones(1, 2048)  # 64 MB matrices: each fits the cache, all of them do not
-    matvec = x.numel() * 4 / best_time(lambda: [torch.nn.functional.linear(v, m) for m in mats]) / 1e9
+    # 64 MB matrices: each fits the cache, all of them do not
+    mats, v = x.view(-1, 4096, 2048), torch.ones(1, 2048)
+    matvec = x.numel() * 4 / best_time(lambda: [torch.nn.functional.linear(v, m)
+                                                for m in mats]) / 1e9
     return max(total, matvec)
 
 
 def kernel_rates():
-    """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product (weights pre-packed
-    for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a 512 x 2048 x 8192 matrix product
-    (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
+    """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product
+    (weights pre-packed for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a
+    512 x 2048 x 8192 matrix product (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
     mats = [speed.PackedLinear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
     v = torch.ones(1, 2048, dtype=torch.bfloat16)
-    rates = {"bf16_matvec_gb_s": 32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
+    rates = {"bf16_matvec_gb_s":
+             32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
     x, w = torch.randn(512, 2048), torch.randn(8192, 2048)
-    rates["f32_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: torch.nn.functional.linear(x, w)) / 1e9
+    rates["f32_gemm_gflop_s"] = (2 * 512 * 2048 * 8192
+                                 / best_time(lambda: torch.nn.functional.linear(x, w)) / 1e9)
     packed, xb = mats[0], x.bfloat16()
     rates["bf16_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: packed(xb)) / 1e9
     return rates
@@ -91,28 +99,32 @@ def kernel_rates():
 
 def matmul_params(args):
     """Parameters in matrix products per token: every layer's matrices and the output layer."""
-    untied_embedding = 0 if args.tie_embeddings else args.vocab_size * args.dim  # a lookup, not a product
-    return weight_bytes(args, 1) - untied_embedding - (2 * args.n_layers + 1) * args.dim  # and not the norms
+    # an untied embedding is a lookup, not a product; nor are the norms
+    untied_embedding = 0 if args.tie_embeddings else args.vocab_size * args.dim
+    return weight_bytes(args, 1) - untied_embedding - (2 * args.n_layers + 1) * args.dim
 
 
-# ----------------------------------------------------------------------------- one measurement, in a child process
+# ------------------------------------------------------------- one measurement, in a child process
 
 def peak_rss_gb():
-    """This process's peak resident memory. VmHWM, not ru_maxrss: ru_maxrss carries the parent's peak over fork+exec."""
+    """This process's peak resident memory. VmHWM, not ru_maxrss: ru_maxrss carries the parent's
+    peak over fork+exec."""
     try:
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024 / 1e9
+        return next(int(l.split()[1]) for l in open("/proc/self/status")
+                    if l.startswith("VmHWM")) * 1024 / 1e9
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def prompt_ids(n, batch=1):
     g = torch.Generator().manual_seed(0)
-    return torch.cat([torch.full((batch, 1), 128000), torch.randint(1000, 100000, (batch, n - 1), generator=g)], 1)
+    return torch.cat([torch.full((batch, 1), 128000),
+                      torch.randint(1000, 100000, (batch, n - 1), generator=g)], 1)
 
 
 def lora_step_child(impl, ckpt, dtype, a):
-    """Tokens/s and peak memory of LoRA training steps: rank 8 on every attention and MLP projection,
-    batch 1 x 512 tokens, AdamW; ours against transformers + peft."""
+    """Tokens/s and peak memory of LoRA training steps: rank 8 on every attention and MLP
+    projection, batch 1 x 512 tokens, AdamW; ours against transformers + peft."""
     tokens = prompt_ids(a.prefill_len + 1)
     x, y = tokens[:, :-1], tokens[:, 1:]
     if impl == "transformers":
@@ -120,10 +132,11 @@ def lora_step_child(impl, ckpt, dtype, a):
         from transformers import LlamaForCausalLM
 
         model = get_peft_model(LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype), LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                  "up_proj", "down_proj"]))
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         model.config.use_cache = False
-        loss_fn = lambda: model(input_ids=x, labels=tokens[:, :-1].clone()).loss  # noqa: E731 (HF shifts labels itself)
+        # HF shifts labels itself
+        loss_fn = lambda: model(input_ids=x, labels=tokens[:, :-1].clone()).loss  # noqa: E731
     else:
         args, sd = checkpoints.load_checkpoint(ckpt)
         args = replace(args, max_seq_len=a.prefill_len)
@@ -146,7 +159,8 @@ def lora_step_child(impl, ckpt, dtype, a):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return {"lora_step_tok_s": a.prefill_len / (sum(times[1:]) / len(times[1:])), "lora_peak_rss_gb": peak_rss_gb()}
+    return {"lora_step_tok_s": a.prefill_len / (sum(times[1:]) / len(times[1:])),
+            "lora_peak_rss_gb": peak_rss_gb()}
 
 
 def child(impl, ckpt, dtype_name, a):
@@ -174,7 +188,8 @@ def child(impl, ckpt, dtype_name, a):
             hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
             ttft = time.perf_counter() - t
             t = time.perf_counter()
-            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                        pad_token_id=0)
             total = time.perf_counter() - t
             return ttft, (new - 1) * batch / max(total - ttft, 1e-9), new
         t, t_first, steps = time.perf_counter(), None, 0
@@ -186,7 +201,8 @@ def child(impl, ckpt, dtype_name, a):
 
     with torch.inference_mode():
         decode(1, 8, 4)  # warm-up
-        out["ttft_s"], out["decode_b1_tok_s"], out["decode_b1_tokens"] = decode(1, a.prompt_len, a.new_tokens)
+        out["ttft_s"], out["decode_b1_tok_s"], out["decode_b1_tokens"] = \
+            decode(1, a.prompt_len, a.new_tokens)
         if not a.skip_batch8:
             _, out["decode_b8_tok_s"], _ = decode(8, a.prompt_len, a.new_tokens)
         if not a.skip_prefill:
@@ -204,14 +220,16 @@ def child(impl, ckpt, dtype_name, a):
 
 def run_child(impl, ckpt, dtype, a, lora=False):
     cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
-           "--threads", str(a.threads), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
-           "--prefill_len", str(a.prefill_len), "--lora_steps", str(a.lora_steps)] + ["--skip_batch8"] * a.skip_batch8 \
-        + ["--skip_prefill"] * a.skip_prefill + ["--activation_checkpointing"] * a.activation_checkpointing \
-        + ["--_lora"] * lora
+           "--threads", str(a.threads), "--prompt_len", str(a.prompt_len),
+           "--new_tokens", str(a.new_tokens), "--prefill_len", str(a.prefill_len),
+           "--lora_steps", str(a.lora_steps)] + ["--skip_batch8"] * a.skip_batch8 \
+        + ["--skip_prefill"] * a.skip_prefill \
+        + ["--activation_checkpointing"] * a.activation_checkpointing + ["--_lora"] * lora
     llama.log(f"measuring {impl} {dtype}{' LoRA step' if lora else ''} ...")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        llama.log(f"  {impl} {dtype} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        llama.log(f"  {impl} {dtype} failed: "
+                  f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -219,23 +237,28 @@ def run_child(impl, ckpt, dtype, a, lora=False):
 # ----------------------------------------------------------------------------- report
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="1B")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--impls", default="ours,ours_fast,transformers", help="comma-separated implementations")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated (default float32,bfloat16)")
+    p.add_argument("--impls", default="ours,ours_fast,transformers",
+                   help="comma-separated implementations")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--skip_batch8", action="store_true")
     p.add_argument("--skip_prefill", action="store_true")
-    p.add_argument("--lora_steps", type=int, default=3, help="timed LoRA training steps (after one warm-up)")
+    p.add_argument("--lora_steps", type=int, default=3,
+                   help="timed LoRA training steps (after one warm-up)")
     p.add_argument("--skip_lora", action="store_true")
     p.add_argument("--skip_decode", action="store_true", help="only the LoRA step")
     p.add_argument("--activation_checkpointing", action="store_true", help="for our LoRA step")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--ckpt_root", default=str(HERE / "bench_ckpt"),
-                   help="where the random checkpoints are made, once per shape (default bench_ckpt/)")
+                   help="where the random checkpoints are made, once per shape "
+                        "(default bench_ckpt/)")
     p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
@@ -249,25 +272,32 @@ def main():
     llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
     bandwidth, rates = read_bandwidth(), kernel_rates()
     machine = {"cpu": cpu_name(), "threads": a.threads, "amx": speed.cpu_has_amx(),
-               "bf16_training_products": str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
-               "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16), "torch": torch.__version__, "python": platform.python_version(),
-               "read_bandwidth_gb_s": round(bandwidth, 1), **{k: round(v, 1) for k, v in rates.items()},
+               "bf16_training_products":
+                   str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
+               "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16),
+               "torch": torch.__version__, "python": platform.python_version(),
+               "read_bandwidth_gb_s": round(bandwidth, 1),
+               **{k: round(v, 1) for k, v in rates.items()},
                "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
     results = {"machine": machine, "runs": {}}
     for dtype in a.dtypes.split(","):
         nbytes = 4 if dtype == "float32" else 2
         roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
-        gemm = max(rates["f32_gemm_gflop_s"], rates["bf16_gemm_gflop_s"]) * 1e9  # either may be used for bf16 weights
+        # either may be used for bf16 weights
+        gemm = max(rates["f32_gemm_gflop_s"], rates["bf16_gemm_gflop_s"]) * 1e9
         matvec = bandwidth if dtype == "float32" else rates["bf16_matvec_gb_s"]
-        ceilings = {"decode_kernel_tok_s": matvec * 1e9 / decode_bytes_per_token(args, nbytes),
-                    "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
-                    "lora_step_tok_s": gemm / (4 * matmul_params(args))}  # forward + input gradients, frozen weights
+        ceilings = {
+            "decode_kernel_tok_s": matvec * 1e9 / decode_bytes_per_token(args, nbytes),
+            "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
+            # forward + input gradients, frozen weights
+            "lora_step_tok_s": gemm / (4 * matmul_params(args))}
         runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls}
         for impl in ("ours", "transformers"):
             if impl in impls and not a.skip_lora and (impl == "ours" or installed("peft")):
-                runs[impl] = {**(runs[impl] or {}), **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
-        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9, "roofline_tok_s": roofline,
-                                  "ceilings": ceilings, **runs}
+                runs[impl] = {**(runs[impl] or {}),
+                              **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
+        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9,
+                                  "roofline_tok_s": roofline, "ceilings": ceilings, **runs}
     if a.json:
         print(json.dumps(results, indent=2))
     else:
@@ -281,44 +311,51 @@ def installed(module):
 
 def cpu_name():
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
 def print_table(results):
     m = results["machine"]
-    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}; "
-          f"read bandwidth {m['read_bandwidth_gb_s']} GB/s")
+    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+          f"{m['date']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
           f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}")
-    print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix product "
-          f"{m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
-    cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1 tok/s"),
-            ("decode_b8_tok_s", "decode b8 tok/s"), ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
+    print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
+          f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
+    cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"),
+            ("decode_b1_tok_s", "decode b1 tok/s"), ("decode_b8_tok_s", "decode b8 tok/s"),
+            ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
             ("lora_peak_rss_gb", "LoRA peak GB")]
     for dtype, r in results["runs"].items():
         c = r["ceilings"]
-        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline {r['roofline_tok_s']:.1f} tok/s "
-              f"(with the fastest matrix-vector kernel: {c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
+        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline "
+              f"{r['roofline_tok_s']:.1f} tok/s (with the fastest matrix-vector kernel: "
+              f"{c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
               f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
         print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in cols))
         for impl in ("ours", "ours_fast", "transformers"):
             if r.get(impl):
-                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}" for k, _ in cols))
+                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}"
+                                               for k, _ in cols))
         ours, hf = r.get("ours"), r.get("transformers")
         if ours and "decode_b1_tok_s" in ours:
             fast = r.get("ours_fast") or ours
-            print(f"  decode b1 / roofline: ours {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}, ours_fast "
-                  f"{fast['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
+            print(f"  decode b1 / roofline: "
+                  f"ours {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}, "
+                  f"ours_fast {fast['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
                   f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
         if ours and hf:
-            ratios = [f"{name} {ours[k] / hf[k]:.2f}x" + (" (lower is better)" if k == "lora_peak_rss_gb" else "")
+            ratios = [f"{name} {ours[k] / hf[k]:.2f}x"
+                      + (" (lower is better)" if k == "lora_peak_rss_gb" else "")
                       for k, name in cols[3:] if k in ours and k in hf]
             print("  ours / transformers: " + ", ".join(ratios))
         if r.get("ours_fast") and hf and "decode_b1_tok_s" in hf:
-            print("  ours_fast / transformers: " + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x" for k, name in
-                                                         cols[3:6] if k in r["ours_fast"] and k in hf))
+            print("  ours_fast / transformers: "
+                  + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x"
+                              for k, name in cols[3:6] if k in r["ours_fast"] and k in hf))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """
-Data for finetuning: TinyStories (downloaded once, resumably) or your own documents, tokenized in parallel
-into a flat uint32 file of BOS doc EOS BOS doc EOS ... that the training loop memory-maps.
+Data for finetuning: TinyStories (downloaded once, resumably) or your own documents, tokenized in
+parallel into a flat uint32 file of BOS doc EOS BOS doc EOS ... that the training loop memory-maps.
 
-    python prepare.py --ckpt_dir DIR                    # TinyStories into data/tinystories/{train,val}.bin
+    python prepare.py --ckpt_dir DIR    # TinyStories into data/tinystories/{train,val}.bin
     python prepare.py --ckpt_dir DIR --data my.txt --data_dir out/data
 
-Formats: .txt, documents separated by blank lines (TinyStories: by <|endoftext|> lines); .jsonl, one
-{"text": "..."} document or {"messages": [{"role", "content"}, ...]} conversation per line. Conversations
-also get a .mask.bin: one byte per token, 1 where the token carries loss (the assistant's words).
+Formats: .txt, documents separated by blank lines (TinyStories: by <|endoftext|> lines); .jsonl,
+one {"text": "..."} document or {"messages": [{"role", "content"}, ...]} conversation per line.
+Conversations also get a .mask.bin: one byte per token, 1 where the token carries loss (the
+assistant's words).
 """
 
 import argparse
@@ -23,11 +24,13 @@ import numpy as np
 import llama
 from llama import InputError, log
 
-TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+TINYSTORIES = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+               "TinyStoriesV2-GPT4-{}.txt")
 
 
 def download(url, path):
-    """Download with a progress line, resuming a partial download (HTTP Range) and caching the result."""
+    """Download with a progress line, resuming a partial download (HTTP Range) and caching the
+    result."""
     import urllib.request
 
     path = Path(path)
@@ -48,14 +51,17 @@ def download(url, path):
                     f.write(chunk)
                     done += len(chunk)
                     rate = (done - have) / 1e6 / max(time.time() - t0, 1e-9)
-                    print(f"\rdownloading {path.name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB ({rate:.1f} MB/s)",
-                          end="", file=sys.stderr)
-    except OSError as e:  # URLError, HTTPError, timeouts, a broken connection: what arrived stays in .part
-        raise InputError(f"cannot download {url} ({getattr(e, 'reason', e)}); check the connection and run "
-                         f"again (it resumes), or pass --data FILE") from None
+                    print(f"\rdownloading {path.name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB "
+                          f"({rate:.1f} MB/s)", end="", file=sys.stderr)
+    except OSError as e:  # URLError, HTTPError, timeouts, a broken connection
+        # what arrived stays in .part
+        raise InputError(f"cannot download {url} ({getattr(e, 'reason', e)}); check the connection "
+                         f"and run again (it resumes), or pass --data FILE") from None
     print(file=sys.stderr)
-    if total > have and done < total:  # the connection closed early: never call a partial file complete
-        raise InputError(f"download of {url} stopped at {done:,} of {total:,} bytes; run again to resume")
+    # the connection closed early: never call a partial file complete
+    if total > have and done < total:
+        raise InputError(f"download of {url} stopped at {done:,} of {total:,} bytes; "
+                         f"run again to resume")
     part.rename(path)
     return path
 
@@ -66,13 +72,14 @@ def check_source(data):
         return
     path = Path(data)
     if not path.is_file():
-        raise InputError(f"data file {path} does not exist; pass --data tinystories or a .txt / .jsonl file")
+        raise InputError(f"data file {path} does not exist; "
+                         f"pass --data tinystories or a .txt / .jsonl file")
     if path.suffix not in (".txt", ".jsonl", ".md", ""):
         log(f"note: {path.name} is read as plain text (documents separated by blank lines)")
 
 
 def read_documents(path):
-    """-> documents: strings, or lists of messages for conversations (see the module's docstring)."""
+    """-> documents: strings, or message lists for conversations (see the module's docstring)."""
     path = Path(path)
     check_source(str(path))
     if path.suffix == ".jsonl":
@@ -94,7 +101,8 @@ def read_documents(path):
     else:
         text = path.read_text(encoding="utf-8")
         docs = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.split("\n\n")
-    docs = [d.strip() if isinstance(d, str) else d for d in docs if not isinstance(d, str) or d.strip()]
+    docs = [d.strip() if isinstance(d, str) else d
+            for d in docs if not isinstance(d, str) or d.strip()]
     if not docs:
         raise InputError(f"{path} holds no text; give it documents separated by blank lines")
     return docs
@@ -119,8 +127,8 @@ def encode_documents(docs):
 
 
 def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
-    """Tokenize documents in parallel, with progress, into out_path (and its .mask.bin for conversations).
-    The .bin is renamed into place last: when it exists, the split is complete."""
+    """Tokenize documents in parallel, with progress, into out_path (and its .mask.bin for
+    conversations). The .bin is renamed into place last: when it exists, the split is complete."""
     out_path = Path(out_path)
     chat = any(not isinstance(d, str) for d in docs)
     mask_path = out_path.with_suffix(".mask.bin")
@@ -128,7 +136,8 @@ def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
     jobs = [docs[i:i + 1000] for i in range(0, len(docs), 1000)]
     workers = min(workers or os.cpu_count(), len(jobs))
     start_worker(tokenizer)  # a single job runs here: starting processes would take longer
-    pool = mp.get_context("spawn").Pool(workers, start_worker, (tokenizer,)) if workers > 1 else None
+    pool = (mp.get_context("spawn").Pool(workers, start_worker, (tokenizer,)) if workers > 1
+            else None)
     with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm:
         n = 0
         for i, (ids, train_on) in enumerate(pool.imap(encode_documents, jobs) if pool else
@@ -136,8 +145,8 @@ def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
             f.write(ids.tobytes())
             fm.write(train_on.tobytes() if chat else b"")
             n += len(ids)
-            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of {out_path.name}: "
-                f"{n:,} tokens")
+            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of "
+                f"{out_path.name}: {n:,} tokens")
     if pool:
         pool.close()
     mask_tmp.rename(mask_path) if chat else mask_tmp.unlink()
@@ -153,8 +162,9 @@ def load_bin(path):
 
 
 def prepare_data(data, tokenizer, data_dir):
-    """--data tinystories | FILE -> (train, val), each (tokens, loss mask or None), tokenized once and
-    cached in data_dir (re-tokenized when the source file changes). A file's last 5% is for validation."""
+    """--data tinystories | FILE -> (train, val), each (tokens, loss mask or None), tokenized once
+    and cached in data_dir (re-tokenized when the source file changes). A file's last 5% is for
+    validation."""
     check_source(data)
     data_dir = Path(data_dir)
     out = [data_dir / "train.bin", data_dir / "val.bin"]
@@ -162,7 +172,8 @@ def prepare_data(data, tokenizer, data_dir):
     stamp = {"source": data} if data == "tinystories" else \
         {"source": str(source), "bytes": source.stat().st_size, "mtime": source.stat().st_mtime}
     stamp_path = data_dir / "source.json"
-    if all(p.exists() for p in out) and stamp_path.exists() and llama.read_json(stamp_path) == stamp:
+    if (all(p.exists() for p in out) and stamp_path.exists()
+            and llama.read_json(stamp_path) == stamp):
         log(f"using the tokenized data in {data_dir}")
         return [load_bin(p) for p in out]
     for p in out:
@@ -184,11 +195,13 @@ def prepare_data(data, tokenizer, data_dir):
 def main(argv=None):
     import checkpoints
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", required=True, help="checkpoint whose tokenizer to use")
-    p.add_argument("--data", default="tinystories", help="'tinystories' or a .txt / .jsonl file (default "
-                                                         "tinystories)")
-    p.add_argument("--data_dir", default="data/tinystories", help="output folder (default data/tinystories)")
+    p.add_argument("--data", default="tinystories",
+                   help="'tinystories' or a .txt / .jsonl file (default tinystories)")
+    p.add_argument("--data_dir", default="data/tinystories",
+                   help="output folder (default data/tinystories)")
     a = p.parse_args(argv)
     check_source(a.data)
     prepare_data(a.data, checkpoints.load_tokenizer(a.ckpt_dir), a.data_dir)

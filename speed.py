@@ -1,16 +1,18 @@
 """
-Speed paths beside llama.py, applied by swapping modules in at one assembly point (generate.load and
-finetune.py call for_inference / for_training); llama.py itself keeps one plain path. Each swapped-in module
-computes what the module it replaces computes (the tests compare them):
+Speed paths beside llama.py, applied by swapping modules in at one assembly point (generate.load
+and finetune.py call for_inference / for_training); llama.py itself keeps one plain path. Each
+swapped-in module computes what the module it replaces computes (the tests compare them):
 
-- CPU, bf16 generation: weights packed once into oneDNN's blocked layout (PackedLinear), wq|wk|wv and w1|w3
-  as one product each; the memory-mapped originals are handed back to the OS as they are packed.
-- CPU, training: products with frozen bf16 weights run in float32 where bf16 products are slow (no AMX);
-  RMSNorm, SwiGLU and LoRA backwards written out so that no float32 copy of an activation is kept; the output
-  layer's cross-entropy a chunk at a time, never holding the (tokens, vocab) logits; freed memory handed
-  back to the OS before each step and before the logits.
-- GPUs: the one-token decoding step compiled with torch.compile over a static KV cache (static_decoding),
-  and compiled flex attention for packed documents (use_flex_attention).
+- CPU, bf16 generation: weights packed once into oneDNN's blocked layout (PackedLinear), wq|wk|wv
+  and w1|w3 as one product each; the memory-mapped originals are handed back to the OS as they
+  are packed.
+- CPU, training: products with frozen bf16 weights run in float32 where bf16 products are slow
+  (no AMX); RMSNorm, SwiGLU and LoRA backwards written out so that no float32 copy of an
+  activation is kept; the output layer's cross-entropy a chunk at a time, never holding the
+  (tokens, vocab) logits; freed memory handed back to the OS before each step and before the
+  logits.
+- GPUs: the one-token decoding step compiled with torch.compile over a static KV cache
+  (static_decoding), and compiled flex attention for packed documents (use_flex_attention).
 """
 
 import ctypes
@@ -31,23 +33,27 @@ import llama
 # Memory: hand pages back to the operating system
 
 def release_freed_memory():
-    """glibc keeps the pages of freed blocks for reuse, long after the tensors are gone: hand them back."""
+    """glibc keeps the pages of freed blocks for reuse, long after the tensors are gone: hand them
+    back."""
     if sys.platform == "linux":
         ctypes.CDLL(None).malloc_trim(0)
 
 
 def release_pages(t):
-    """Drop a memory-mapped tensor's pages (madvise DONTNEED) once nothing will read it again; only whole
-    pages inside it are touched. Without this the original stays resident beside its converted copy."""
+    """Drop a memory-mapped tensor's pages (madvise DONTNEED) once nothing will read it again; only
+    whole pages inside it are touched. Without this the original stays resident beside its
+    converted copy."""
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first and sys.platform == "linux" and t.device.type == "cpu":
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # DONTNEED
+        # 4: MADV_DONTNEED
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)
 
 
 def convert(state_dict, device, dtype):
-    """Each weight in dtype on device, dropping the source's pages as soon as it is converted: loading bf16
-    weights as float32 then peaks near the float32 copy alone, not both. Consumes state_dict."""
+    """Each weight in dtype on device, dropping the source's pages as soon as it is converted:
+    loading bf16 weights as float32 then peaks near the float32 copy alone, not both. Consumes
+    state_dict."""
     out = {}
     for key in list(state_dict):
         t = state_dict.pop(key)
@@ -62,18 +68,21 @@ def convert(state_dict, device, dtype):
 
 @functools.cache
 def cpu_has_amx():
-    """AMX tiles (Intel Sapphire Rapids and later) multiply bf16 several times faster than AVX-512."""
+    """AMX tiles (Intel Sapphire Rapids and later) multiply bf16 several times faster than
+    AVX-512."""
     return bool(getattr(torch._C._cpu, "_init_amx", lambda: False)())
 
 
 def can_pack(device, dtype):
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and dtype == torch.bfloat16
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
     """A frozen bf16 Linear for CPU inference, its weight arranged once in oneDNN's blocked layout.
-    F.linear re-arranges a bf16 weight on every call, so one-token decoding reads each weight ~1.6x over;
-    pre-arranged, it runs near memory bandwidth. Same kernel, same arithmetic: bit-identical results."""
+    F.linear re-arranges a bf16 weight on every call, so one-token decoding reads each weight ~1.6x
+    over; pre-arranged, it runs near memory bandwidth. Same kernel, same arithmetic: bit-identical
+    results."""
 
     def __init__(self, weight):
         super().__init__()
@@ -84,8 +93,9 @@ class PackedLinear(nn.Module):
 
 
 class FusedProducts(nn.Module):
-    """Several Linears that read the same input (wq, wk, wv; w1, w3) as one packed product: one pass over
-    the input, each output the same dot product as before. part(i) stands in for the i-th Linear."""
+    """Several Linears that read the same input (wq, wk, wv; w1, w3) as one packed product: one
+    pass over the input, each output the same dot product as before. part(i) stands in for the
+    i-th Linear."""
 
     def __init__(self, weights):
         super().__init__()
@@ -116,10 +126,11 @@ class FusedPart(nn.Module):
 
 
 def pack_for_cpu_inference(model):
-    """Every projection (and the output, a packed copy when tied to the embedding) as packed products,
-    one weight at a time: peak memory stays near one copy of the weights."""
+    """Every projection (and the output, a packed copy when tied to the embedding) as packed
+    products, one weight at a time: peak memory stays near one copy of the weights."""
     for module, names in [(m, n) for layer in model.layers
-                          for m, n in ((layer.attention, ("wq", "wk", "wv")), (layer.feed_forward, ("w1", "w3")))]:
+                          for m, n in ((layer.attention, ("wq", "wk", "wv")),
+                                       (layer.feed_forward, ("w1", "w3")))]:
         fused = FusedProducts([getattr(module, n).weight for n in names])
         for i, n in enumerate(names):
             release_pages(getattr(module, n).weight)
@@ -149,9 +160,9 @@ class StaticKVCache(llama.KVCache):
 
 
 def static_decoding(generator, compile=True):
-    """Swap a llama.Llama's decoding step and KV cache for static-shape ones (compiled with torch.compile
-    unless compile=False). The cache is kept between generations of the same batch size: a new one would
-    mean a new compilation."""
+    """Swap a llama.Llama's decoding step and KV cache for static-shape ones (compiled with
+    torch.compile unless compile=False). The cache is kept between generations of the same batch
+    size: a new one would mean a new compilation."""
     model, a = generator.model, generator.model.args
     compiled = torch.compile(model, dynamic=False) if compile else model
 
@@ -160,8 +171,8 @@ def static_decoding(generator, compile=True):
         w, cache = model.tok_embeddings.weight, model.layers[0].attention.cache
         if cache is None or cache.k.shape[0] != batch_size:
             for layer in model.layers:
-                layer.attention.cache = StaticKVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.head_dim,
-                                                      w.dtype, w.device)
+                layer.attention.cache = StaticKVCache(batch_size, a.max_seq_len, a.n_kv_heads,
+                                                      a.head_dim, w.dtype, w.device)
         yield
 
     def step(tokens, start_pos, last_only=False):
@@ -169,16 +180,16 @@ def static_decoding(generator, compile=True):
         positions = start_pos + torch.arange(T, device=device)  # (T,)
         mask = torch.arange(a.max_seq_len, device=device)[None, :] <= positions[:, None]  # (T, S)
         forward = compiled if T == 1 else model  # prompts are prefilled eagerly: their lengths vary
-        return forward(tokens, torch.tensor(start_pos, device=device), mask=mask, positions=positions,
-                       last_only=last_only)
+        return forward(tokens, torch.tensor(start_pos, device=device), mask=mask,
+                       positions=positions, last_only=last_only)
 
     generator.step, generator.kv_cache = step, kv_cache
     return generator
 
 
 def for_inference(model, device, dtype, compile=False):
-    """The inference speed paths that apply on this device: packed weights for bf16 on CPUs (not with
-    compile: torch.compile cannot trace oneDNN's packed layout)."""
+    """The inference speed paths that apply on this device: packed weights for bf16 on CPUs (not
+    with compile: torch.compile cannot trace oneDNN's packed layout)."""
     if can_pack(torch.device(device), dtype) and not compile:
         pack_for_cpu_inference(model)
     return model
@@ -188,17 +199,18 @@ def for_inference(model, device, dtype, compile=False):
 # Training on CPUs: lean autograd Functions. Each keeps for backward only what its backward needs.
 
 def matmul_dtype(x):
-    """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs without AMX, where oneDNN's
-    bf16 products run at about half the float32 rate; x's own elsewhere. Both accumulate in float32."""
+    """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs without AMX, where
+    oneDNN's bf16 products run at about half the float32 rate; x's own elsewhere. Both accumulate
+    in float32."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or cpu_has_amx():
         return x.dtype
     return torch.float32
 
 
 class Scratch:
-    """Buffers reused by every call with the same slot name ("weight", "in", "out"): each holds one value
-    at a time, which the caller consumes before asking for the slot again. Fresh 16-67 MB float32
-    temporaries would each cost page faults and heap growth."""
+    """Buffers reused by every call with the same slot name ("weight", "in", "out"): each holds one
+    value at a time, which the caller consumes before asking for the slot again. Fresh 16-67 MB
+    float32 temporaries would each cost page faults and heap growth."""
     buffers = {}
 
     @classmethod
@@ -222,12 +234,13 @@ def needs_grad(*tensors):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """llama.RMSNorm's forward, ops unchanged, with its backward written out: it keeps x and one number
-    per row, not autograd's float32 copy of x."""
+    """llama.RMSNorm's forward, ops unchanged, with its backward written out: it keeps x and one
+    number per row, not autograd's float32 copy of x."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # x.float(), but float64 stays (gradcheck)
+        # x.float(), but float64 stays (gradcheck)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
         return (x32 * rstd).type_as(x) * weight
@@ -252,7 +265,8 @@ class LeanRMSNorm(llama.RMSNorm):
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(a) * b. Autograd would keep a, b and silu(a); a and b are enough (silu is cheap to redo)."""
+    """silu(a) * b. Autograd would keep a, b and silu(a); a and b are enough (silu is cheap to
+    redo)."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -262,7 +276,8 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)  # what autograd itself runs
+        # silu_backward: what autograd itself runs
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
 
 
 class LeanFeedForward(llama.FeedForward):
@@ -272,10 +287,11 @@ class LeanFeedForward(llama.FeedForward):
 
 
 class LoRAProduct(torch.autograd.Function):
-    """y = x W^T + scale * (x_a A^T) B^T with W frozen and x_a = dropout(x), and its backward written out.
-    Autograd would keep a float32 copy of x for each adapter (A and B are float32). Here only x_a (the
-    activation itself, shared by wq, wk and wv) and the thin (tokens, rank) product are kept, and the
-    products run in matmul_dtype, their float32 operands in scratch buffers."""
+    """y = x W^T + scale * (x_a A^T) B^T with W frozen and x_a = dropout(x), and its backward
+    written out. Autograd would keep a float32 copy of x for each adapter (A and B are float32).
+    Here only x_a (the activation itself, shared by wq, wk and wv) and the thin (tokens, rank)
+    product are kept, and the products run in matmul_dtype, their float32 operands in scratch
+    buffers."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -284,7 +300,8 @@ class LoRAProduct(torch.autograd.Function):
         xc = Scratch.upcast(flat(x), c, "in")
         u = (flat(x_a).to(c) if x_a is not x else xc) @ lora_a.to(c).t()  # (tokens, rank)
         y = Scratch.get("out", (len(xc), weight.shape[0]), c, x.device) if c != x.dtype else None
-        y = torch.mm(xc, Scratch.upcast(weight, c).t(), out=y).addmm_(u, lora_b.to(c).t(), alpha=scale)
+        y = (torch.mm(xc, Scratch.upcast(weight, c).t(), out=y)
+             .addmm_(u, lora_b.to(c).t(), alpha=scale))
         ctx.save_for_backward(x if weight.requires_grad else None, x_a, weight, lora_a, lora_b, u)
         ctx.scale, ctx.x_shape, ctx.dropout = scale, x.shape, x_a is not x
         return y.to(x.dtype).view(*x.shape[:-1], -1)  # (..., out)
@@ -298,9 +315,11 @@ class LoRAProduct(torch.autograd.Function):
         du = (dy @ lora_b.to(c)).mul_(scale)  # (tokens, rank)
         d_lora_b = (dy.t() @ u).mul_(scale).to(lora_b.dtype)  # (out, rank)
         d_weight = (dy.t() @ flat(x).to(c)).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        dx = Scratch.get("out", (len(dy), weight.shape[1]), c, dy.device) if c != x_a.dtype else None
-        dx = torch.mm(dy, Scratch.upcast(weight, c), out=dx)  # (tokens, in): the frozen weight's share
-        dx_a = du @ lora_a.to(c) if ctx.dropout else None  # the adapter's share, added to dx when x_a is x
+        dx = (Scratch.get("out", (len(dy), weight.shape[1]), c, dy.device) if c != x_a.dtype
+              else None)
+        dx = torch.mm(dy, Scratch.upcast(weight, c), out=dx)  # (tokens, in): frozen weight's share
+        # the adapter's share, added to dx when x_a is x
+        dx_a = du @ lora_a.to(c) if ctx.dropout else None
         if not ctx.dropout:
             dx.addmm_(du, lora_a.to(c))
         d_lora_a = (du.t() @ Scratch.upcast(flat(x_a), c, "in")).to(lora_a.dtype)  # (rank, in)
@@ -315,17 +334,19 @@ class LeanLoRALinear(llama.LoRALinear):
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of a frozen output layer's logits (LoRA, norm tuning). Token t's loss
-    depends on its own hidden state alone, so the forward pass computes d loss_t / d h_t right away
-    ((softmax - one-hot) W) and keeps only that (N, dim): the (N, vocab) float32 logits, their softmax and
-    gradient are never kept for backward, which scales it row by row. Tokens go a chunk at a time, the
-    weight a slice at a time, multiplied in matmul_dtype."""
-    max_logits, weight_rows = 2**26, 8192  # (tokens, vocab) float32 logits of at most 256 MB; slices
+    """Per-token cross-entropy of a frozen output layer's logits (LoRA, norm tuning). Token t's
+    loss depends on its own hidden state alone, so the forward pass computes d loss_t / d h_t right
+    away ((softmax - one-hot) W) and keeps only that (N, dim): the (N, vocab) float32 logits, their
+    softmax and gradient are never kept for backward, which scales it row by row. Tokens go a chunk
+    at a time, the weight a slice at a time, multiplied in matmul_dtype."""
+    # (tokens, vocab) float32 logits of at most 256 MB; weight slices
+    max_logits, weight_rows = 2**26, 8192
 
     @staticmethod
     def forward(ctx, h, weight, targets):  # h: (N, dim) final-normed hidden states, targets: (N,)
         c, vocab = matmul_dtype(h), weight.shape[0]
-        acc = torch.promote_types(c, torch.float32)  # logits and losses: float32 (float64 in gradcheck)
+        # logits and losses: float32 (float64 in gradcheck)
+        acc = torch.promote_types(c, torch.float32)
         losses = torch.empty(len(h), dtype=acc, device=h.device)
         grad_h = torch.zeros(h.shape, dtype=c, device=h.device) if ctx.needs_input_grad[0] else None
         rows, cols = max(1, HeadCrossEntropy.max_logits // vocab), HeadCrossEntropy.weight_rows
@@ -360,20 +381,24 @@ class ChunkedCrossEntropy(llama.CrossEntropy):
             release_freed_memory()  # the forward pass's temporaries, before the logits
         if type(output) is not nn.Linear or needs_grad(output.weight):
             return super().forward(h, output, targets)
-        return HeadCrossEntropy.apply(h.flatten(0, 1), output.weight, targets.flatten()).view(targets.shape)
+        return (HeadCrossEntropy.apply(h.flatten(0, 1), output.weight, targets.flatten())
+                .view(targets.shape))
 
 
 def for_training(model):
-    """Swap in the lean training modules: each is a subclass of the module it replaces, with the same
-    parameters and the same forward arithmetic (only the backward is written out), so the class is swapped
-    in place. Call after apply_lora and set_trainable."""
+    """Swap in the lean training modules: each is a subclass of the module it replaces, with the
+    same parameters and the same forward arithmetic (only the backward is written out), so the
+    class is swapped in place. Call after apply_lora and set_trainable."""
     lean = {llama.RMSNorm: LeanRMSNorm, llama.FeedForward: LeanFeedForward,
             llama.LoRALinear: LeanLoRALinear, llama.CrossEntropy: ChunkedCrossEntropy}
     for module in model.modules():
-        if type(module) in lean and (type(module) is not llama.LoRALinear or type(module.base) is nn.Linear):
+        if type(module) in lean and (type(module) is not llama.LoRALinear
+                                     or type(module.base) is nn.Linear):
             module.__class__ = lean[type(module)]
-    if next(model.parameters()).device.type == "cpu":  # what the last backward pass freed, before each step
-        model.register_forward_pre_hook(lambda module, args: release_freed_memory() if module.training else None)
+    if next(model.parameters()).device.type == "cpu":
+        # hand back what the last backward pass freed, before each step
+        model.register_forward_pre_hook(
+            lambda module, args: release_freed_memory() if module.training else None)
     return model
 
 
@@ -383,19 +408,22 @@ def for_training(model):
 def use_flex_attention(model):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    kernel = torch.compile(flex_attention, dynamic=False) if model.freqs_cis.is_cuda else flex_attention
+    kernel = (torch.compile(flex_attention, dynamic=False) if model.freqs_cis.is_cuda
+              else flex_attention)
     causal, last = {}, {}  # BlockMasks: causal ones by shape, and the last document mask's
 
-    def attend(q, k, v, mask):  # q: (B, T, heads, head_dim); mask: (B, 1, T, S) booleans or None: causal
+    def attend(q, k, v, mask):
+        # q: (B, T, heads, head_dim); mask: (B, 1, T, S) booleans or None: causal
         B, T, S = q.shape[0], q.shape[1], k.shape[1]
         if mask is None:
             if (B, T, S) not in causal:
-                causal[B, T, S] = create_block_mask(lambda b, h, i, j: i >= j, B, None, T, S, device=q.device)
+                causal[B, T, S] = create_block_mask(lambda b, h, i, j: i >= j, B, None, T, S,
+                                                    device=q.device)
             block = causal[B, T, S]
         else:  # every layer of one forward pass gets the same mask: convert it once
             if last.get("mask") is not mask:
-                last.update(mask=mask, block=create_block_mask(lambda b, h, i, j: mask[b, 0, i, j], B, None,
-                                                               T, S, device=q.device))
+                last.update(mask=mask, block=create_block_mask(
+                    lambda b, h, i, j: mask[b, 0, i, j], B, None, T, S, device=q.device))
             block = last["block"]
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block,
                    enable_gqa=q.shape[2] != k.shape[2])
