@@ -131,6 +131,8 @@ def pack_for_cpu_inference(model):
     for module, names in [(m, n) for layer in model.layers
                           for m, n in ((layer.attention, ("wq", "wk", "wv")),
                                        (layer.feed_forward, ("w1", "w3")))]:
+        if not all(type(getattr(module, n)) is nn.Linear for n in names):
+            continue  # quantized: those modules have kernels of their own
         fused = FusedProducts([getattr(module, n).weight for n in names])
         for i, n in enumerate(names):
             release_pages(getattr(module, n).weight)
