@@ -9,6 +9,10 @@ As in gpt-fast's quantize.py, the model is built as usual and its Linear modules
 every projection (wq wk wv wo w1 w2 w3) and the output layer; the embedding and the norms stay as
 they are. The quantized modules are frozen, but gradients flow through them to their input, so
 LoRA adapters can be trained on a quantized base (QLoRA).
+
+torch's int kernels take bfloat16 activations: float32 ones are rounded to bfloat16 for products
+of a few rows (decoding); longer ones stay in float32. On CUDA (untested here) int4 runs forward
+only: its tinygemm layout is not read back, so int4 on CUDA neither trains nor saves (int8 does).
 """
 
 import os
