@@ -9,6 +9,10 @@ As in gpt-fast's quantize.py, the model is built as usual and its Linear modules
 every projection (wq wk wv wo w1 w2 w3) and the output layer; the embedding and the norms stay as
 they are. The quantized modules are frozen, but gradients flow through them to their input, so
 LoRA adapters can be trained on a quantized base (QLoRA).
+
+torch's int kernels take bfloat16 activations: float32 ones are rounded to bfloat16 for products
+of a few rows (decoding); longer ones stay in float32. On CUDA (untested here) int4 runs forward
+only: its tinygemm layout is not read back, so int4 on CUDA neither trains nor saves (int8 does).
 """
 
 import os
@@ -132,6 +136,13 @@ def cpu_int4_layout():
     raise RuntimeError("this torch packs int4 CPU weights in a layout quantize.py does not know")
 
 
+def kernel_input(x):
+    """x (rows, in) as the kernels read it: bfloat16 (their float32 paths are not vectorized),
+    contiguous, and at an aligned address (the int8 CPU kernel crashes on others)."""
+    x = x.bfloat16().contiguous()
+    return x if x.data_ptr() % 64 == 0 else x.clone()
+
+
 def inner_k_tiles(in_features):
     return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
 
@@ -227,8 +238,7 @@ class Int8Linear(QuantizedLinear):
     def kernel(self, x):
         if x.is_cuda:  # gpt-fast: torch.compile fuses the conversion into the product
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        # bfloat16 even for float32 inputs: the kernel's float32 path is not vectorized
-        return aten._weight_int8pack_mm(x.bfloat16(), self.qweight, self.scales.bfloat16())
+        return aten._weight_int8pack_mm(kernel_input(x), self.qweight, self.scales.bfloat16())
 
     def dequantize(self, start=0, end=None, dtype=torch.float32):
         return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype)
@@ -271,8 +281,7 @@ class Int4Linear(QuantizedLinear):
 
     def kernel(self, x):
         mm = aten._weight_int4pack_mm if x.is_cuda else aten._weight_int4pack_mm_for_cpu
-        # bfloat16 even for float32 inputs: the kernel's float32 path is not vectorized
-        return mm(x.bfloat16(), self.qweight, self.group_size, self.scales_and_zeros)
+        return mm(kernel_input(x), self.qweight, self.group_size, self.scales_and_zeros)
 
     def unpack(self, start, end):
         if self.qweight.is_cuda:

@@ -99,6 +99,15 @@ def test_layer_equals_product_with_dequantized_weight(mode, group_size, dtype, r
     assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
 
 
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+def test_layer_takes_strided_and_unaligned_inputs(mode, group_size):
+    layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
+    h = torch.randn(6, 3, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
+    buffer = h.flatten()
+    for x in (h[:, -1], buffer[3:3 + 6 * 256].view(6, 256)):  # rows apart; an odd address
+        assert relative_error(layer(x), x.float() @ w.t()) < 1e-2
+
+
 def test_cpu_int4_packing_is_read_back_exactly(monkeypatch):
     q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # whole blocks of rows and a short one
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
