@@ -27,6 +27,7 @@ import torch
 import checkpoints
 import generate
 import llama
+import quantize
 import speed
 
 HERE = Path(__file__).parent
@@ -141,6 +142,8 @@ def lora_step_child(impl, ckpt, dtype, a):
         args, sd = checkpoints.load_checkpoint(ckpt)
         args = replace(args, max_seq_len=a.prefill_len)
         model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype, fused=True)
+        if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
+            quantize.quantize_model(model, QUANTIZED[impl], release=speed.release_pages)
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
         speed.for_training(model)
@@ -163,9 +166,36 @@ def lora_step_child(impl, ckpt, dtype, a):
             "lora_peak_rss_gb": peak_rss_gb()}
 
 
+QUANTIZED = {"ours_int8": "int8", "ours_int4": "int4"}  # generate.py --fast --quantize MODE
+
+
+def accuracy_child(ckpt, a):
+    """The quantized models against the bf16 model on the same weights, teacher-forced on real text
+    (this README): relative error of the logits, KL(bf16 || quantized) and top-1 agreement."""
+    text = (HERE / "README.md").read_text()
+    g = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", dtype="bfloat16", fast=True)
+    tokens = torch.tensor([g.tokenizer.encode(text, bos=True)[:a.accuracy_tokens]])
+    with torch.inference_mode():
+        ref = g.model(tokens)[0]  # (T, vocab) float32
+        out = {}
+        for impl, mode in QUANTIZED.items():
+            q = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", fast=True,
+                              quantize=mode).model(tokens)[0]
+            kl = torch.nn.functional.kl_div(q.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                            reduction="none").sum(-1)
+            out[impl] = {"logits_rel_error": ((q - ref).norm() / ref.norm()).item(),
+                         "kl_mean": kl.mean().item(), "top1_agreement":
+                         (q.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                         "tokens": tokens.shape[1]}
+    return out
+
+
 def child(impl, ckpt, dtype_name, a):
     torch.set_num_threads(a.threads)
     dtype = llama.DTYPES[dtype_name]
+    if impl == "accuracy":
+        print(json.dumps(accuracy_child(ckpt, a)))
+        return
     if a._lora:
         print(json.dumps(lora_step_child(impl, ckpt, dtype, a)))
         return
@@ -177,7 +207,7 @@ def child(impl, ckpt, dtype_name, a):
         hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     else:
         g = generate.load(ckpt, max_seq_len=1024, max_batch_size=8, device="cpu", dtype=dtype_name,
-                          fast=impl == "ours_fast")
+                          fast=impl != "ours", quantize=QUANTIZED.get(impl))
     out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, peak_rss_gb()
 
     def decode(batch, prompt_len, new):
@@ -222,7 +252,8 @@ def run_child(impl, ckpt, dtype, a, lora=False):
     cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
            "--threads", str(a.threads), "--prompt_len", str(a.prompt_len),
            "--new_tokens", str(a.new_tokens), "--prefill_len", str(a.prefill_len),
-           "--lora_steps", str(a.lora_steps)] + ["--skip_batch8"] * a.skip_batch8 \
+           "--lora_steps", str(a.lora_steps), "--accuracy_tokens", str(a.accuracy_tokens)] \
+        + ["--skip_batch8"] * a.skip_batch8 \
         + ["--skip_prefill"] * a.skip_prefill \
         + ["--activation_checkpointing"] * a.activation_checkpointing + ["--_lora"] * lora
     llama.log(f"measuring {impl} {dtype}{' LoRA step' if lora else ''} ...")
@@ -242,8 +273,11 @@ def main():
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="1B")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--impls", default="ours,ours_fast,transformers",
-                   help="comma-separated implementations")
+    p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_int4",
+                   help="comma-separated implementations; ours_int8/int4 (bf16 runs only) are "
+                        "generate.py --fast --quantize")
+    p.add_argument("--accuracy_tokens", type=int, default=400,
+                   help="teacher-forced tokens of text for the quantized models' accuracy")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
@@ -291,11 +325,18 @@ def main():
             "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
             # forward + input gradients, frozen weights
             "lora_step_tok_s": gemm / (4 * matmul_params(args))}
-        runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls}
-        for impl in ("ours", "transformers"):
-            if impl in impls and not a.skip_lora and (impl == "ours" or installed("peft")):
+        for impl in impls if dtype == "bfloat16" else []:  # quantized once, then read at each load
+            if impl in QUANTIZED and not quantize.saved_path(ckpt, QUANTIZED[impl]).exists():
+                subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(ckpt),
+                                "--mode", QUANTIZED[impl]], check=True)
+        runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls
+                if impl not in QUANTIZED or dtype == "bfloat16"}
+        for impl in ("ours", "transformers", "ours_int4"):
+            if impl in runs and not a.skip_lora and (impl != "transformers" or installed("peft")):
                 runs[impl] = {**(runs[impl] or {}),
                               **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
+        if dtype == "bfloat16" and set(QUANTIZED) & set(impls) and not a.skip_decode:
+            runs["quantization_accuracy"] = run_child("accuracy", ckpt, dtype, a)
         results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9,
                                   "roofline_tok_s": roofline, "ceilings": ceilings, **runs}
     if a.json:
@@ -336,7 +377,7 @@ def print_table(results):
               f"{c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
               f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
         print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in cols))
-        for impl in ("ours", "ours_fast", "transformers"):
+        for impl in ("ours", "ours_fast", "transformers", *QUANTIZED):
             if r.get(impl):
                 print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}"
                                                for k, _ in cols))
@@ -356,6 +397,15 @@ def print_table(results):
             print("  ours_fast / transformers: "
                   + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x"
                               for k, name in cols[3:6] if k in r["ours_fast"] and k in hf))
+        for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
+            q, fast = r.get(impl), r.get("ours_fast")
+            if q and fast and "decode_b1_tok_s" in q:
+                print(f"  {impl} / ours_fast: " + ", ".join(
+                    f"{name} {q[k] / fast[k]:.2f}x" for k, name in cols[1:6] if k in q and k in fast))
+        for impl, acc in (r.get("quantization_accuracy") or {}).items():
+            print(f"  {impl} vs bf16 over {acc['tokens']} tokens of text: logits' relative error "
+                  f"{acc['logits_rel_error']:.3f}, KL {acc['kl_mean']:.4f}, "
+                  f"top-1 agreement {acc['top1_agreement']:.3f}")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def main(argv=None):
     args = replace(args, max_seq_len=max(cfg.seq_len, 256))
     model = llama.build_model(args, speed.convert(state_dict, device, dtype), device, dtype, True)
     if cfg.quantize:  # QLoRA: the frozen base quantized, adapters and norms in float32
-        quantize.quantize_model(model, cfg.quantize, cfg.group_size)
+        quantize.quantize_model(model, cfg.quantize, cfg.group_size, release=speed.release_pages)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)

@@ -33,7 +33,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     out_dir, or a PEFT adapter), weights quantized (read from what quantize.py saved, if it did), and
     the speed paths that apply on this device."""
     device, t0 = llama.resolve_device(device), time.time()
-    dtype = llama.resolve_dtype(dtype, device)
+    dtype = llama.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
     args, state_dict = (checkpoints.read_args(ckpt_dir), None) if saved else \
@@ -52,7 +52,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
         if quantize:
             llama.log(f"quantizing to {quantize} (python quantize.py --ckpt_dir {ckpt_dir} --mode "
                       f"{quantize} saves the result, for the next start)")
-            quant.quantize_model(model, quantize, group_size)
+            quant.quantize_model(model, quantize, group_size, release=speed.release_pages)
     speed.for_inference(model, device, dtype, compile)
     g = llama.Llama(model, tokenizer, max_batch_size, seed, fast)
     llama.log(f"loaded {ckpt_dir} in {time.time() - t0:.1f}s ({device}, {quantize or dtype})")

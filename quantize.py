@@ -15,9 +15,12 @@ of a few rows (decoding); longer ones stay in float32. On CUDA (untested here) i
 only: its tinygemm layout is not read back, so int4 on CUDA neither trains nor saves (int8 does).
 """
 
+import argparse
 import os
+import sys
 import tempfile
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -339,8 +342,10 @@ def slot_weight(model, parent, attr):
     return module.weight if isinstance(module, nn.Linear) else None
 
 
-def quantize_model(model, mode, group_size=32):
-    """Replace every projection and the output layer by an Int8Linear or Int4Linear."""
+def quantize_model(model, mode, group_size=32, release=None):
+    """Replace every projection and the output layer by an Int8Linear or Int4Linear. release(w), if
+    given, is called on each float weight once it is quantized (the loaders pass
+    speed.release_pages, which hands a memory-mapped weight's pages back to the OS)."""
     check_settings(mode, group_size)
     slots = weight_slots(model)
     for name, parent, attr in slots:
@@ -349,6 +354,8 @@ def quantize_model(model, mode, group_size=32):
         weight = slot_weight(model, parent, attr)
         setattr(parent, attr, Int8Linear.from_float(weight) if mode == "int8"
                 else Int4Linear.from_float(weight, group_size))
+        if release and weight is not model.tok_embeddings.weight:
+            release(weight)
         del weight  # the float weight goes with its Linear
     return model
 
@@ -436,3 +443,41 @@ def load_quantized(model, path, device="cpu"):
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# 6. Command line: quantize a checkpoint once, so that generate.py --quantize starts quickly.
+
+def saved_path(ckpt_dir, mode, group_size=32):
+    """Where the command line saves a checkpoint's quantized weights, and generate.py looks."""
+    suffix = f"-g{group_size}" if mode == "int4" else ""
+    return Path(ckpt_dir) / f"model-{mode}{suffix}.safetensors"
+
+
+def main(argv=None):
+    import checkpoints
+    import speed
+
+    p = argparse.ArgumentParser(description="Quantize a checkpoint's weights once, into "
+                                "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize reads.")
+    p.add_argument("--ckpt_dir", required=True, help="a checkpoint in either layout")
+    p.add_argument("--mode", choices=MODES, default="int4", help="(default int4)")
+    p.add_argument("--group_size", type=int, choices=GROUP_SIZES, default=32,
+                   help="inputs per int4 scale (default 32)")
+    a = p.parse_args(argv)
+    check_settings(a.mode, a.group_size)
+    args, state_dict = checkpoints.load_checkpoint(a.ckpt_dir)
+    dtype = torch.bfloat16  # the kernels' dtype; Meta ships bf16, so nothing is lost
+    model = llama.build_model(args, speed.convert(state_dict, "cpu", dtype), "cpu", dtype)
+    llama.log(f"quantizing to {a.mode} ...")
+    quantize_model(model, a.mode, a.group_size, release=speed.release_pages)
+    save_quantized(model, saved_path(a.ckpt_dir, a.mode, a.group_size))
+    llama.log(f"saved {saved_path(a.ckpt_dir, a.mode, a.group_size)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except llama.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
