@@ -810,11 +810,10 @@ MODES = ("lora", "norm", "lora+norm", "full")
 class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
-        out_features, in_features = base.weight.shape
-        device = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device))  # float32: trained
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.base, self.scale = base, alpha / rank  # base: an nn.Linear, or quantize.py's modules
+        device = next(iter(base.state_dict().values())).device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))  # float32
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.dropout = nn.Dropout(dropout)
 

@@ -296,3 +296,113 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
                             ffn_hidden_dim=256)
     with pytest.raises(InputError, match="config does not match"):
         quantize.load_quantized(llama.Transformer(other), tmp_path / "q.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# End to end: generate.py and finetune.py with --quantize
+
+import subprocess
+import sys
+from pathlib import Path
+
+import checkpoints
+import generate
+
+HERE = Path(__file__).parent
+META_TOKENIZER = Path(__import__("llama_models").__file__).parent / "llama3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
+                           ffn_hidden_dim=192, multiple_of=32, use_scaled_rope=True)
+    path = tmp_path_factory.mktemp("q") / "ckpt"
+    checkpoints.save_meta_checkpoint(args, checkpoints.random_state_dict(args, seed=4), path,
+                                     META_TOKENIZER)
+    return path
+
+
+def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny_ckpt):
+    prompt = [128000, 791, 6864, 315]
+    for mode in ("int8", "int4"):
+        at_load = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=mode)
+        assert isinstance(at_load.model.layers[0].attention.wq, quantize.QuantizedLinear)
+        expected = at_load.generate([prompt], 12, temperature=0)[0]
+        r = subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(tiny_ckpt),
+                            "--mode", mode], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and quantize.saved_path(tiny_ckpt, mode).exists(), r.stderr
+        saved = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=mode)
+        assert saved.generate([prompt], 12, temperature=0)[0] == expected
+        r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(tiny_ckpt),
+                            "--prompt", "The capital of", "--quantize", mode, "--temperature", "0",
+                            "--max_new_tokens", "8"], capture_output=True, text=True, timeout=300)
+        ids = saved.tokenizer.encode("The capital of", bos=True)
+        want = saved.tokenizer.decode(saved.generate([ids], 8, temperature=0)[0][0])
+        assert r.returncode == 0 and r.stdout == "The capital of" + want + "\n", r.stderr
+
+
+def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
+    # LoRA over an int4 base (with speed.py's training modules) against llama.py's plain LoRA over a
+    # float base holding the dequantized weights: the same losses and adapter gradients
+    import speed
+
+    def build():
+        return llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu", torch.float32, True)
+
+    quantized = quantize.quantize_model(build(), "int4", 32)
+    twin = dequantize_into(build(), quantized)
+    # 2 x 99 rows: past the kernels' row limit, the products use the dequantized weights in float32
+    x = torch.randint(0, 128256, (2, 100), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model, lean in ((quantized, True), (twin, False)):
+        torch.manual_seed(0)
+        llama.apply_lora(model, ["wq", "wk", "w2", "output"], 4, 8)
+        llama.set_trainable(model, "lora")
+        for m in model.modules():
+            if isinstance(m, llama.LoRALinear):
+                m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        if lean:
+            speed.for_training(model)
+        losses, weights = llama.token_losses(model.train(), x[:, :-1], x[:, 1:], 128000)
+        (losses * weights).sum().backward()
+        results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()
+                                          if p.requires_grad}))
+    (l_q, g_q), (l_f, g_f) = results
+    torch.testing.assert_close(l_q, l_f, atol=2e-4, rtol=2e-4)
+    assert sorted(g_q) == sorted(g_f) and len(g_q) == 2 * (3 * 2 + 1)  # A and B of each adapter
+    for name in g_q:
+        torch.testing.assert_close(g_q[name], g_f[name], atol=1e-4, rtol=1e-3)
+
+
+def dequantize_into(model, quantized):
+    """Give a float model the dequantized weights of its quantized twin."""
+    for (module, name), (qmodule, _) in zip(llama.projections(model), llama.projections(quantized)):
+        weight = getattr(qmodule, name).dequantize(dtype=torch.float32)
+        setattr(module, name, torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        getattr(module, name).weight = torch.nn.Parameter(weight, requires_grad=False)
+    return model
+
+
+def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny_ckpt, tmp_path):
+    import finetune
+
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy." for i in range(300)))
+    common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
+              "--batch_size", "2", "--grad_accum", "1", "--max_steps", "6", "--lr", "1e-2",
+              "--eval_every", "3", "--eval_batches", "2", "--sample_every", "0", "--device", "cpu",
+              "--quantize", "int4", "--dtype", "bfloat16", "--lora_dropout", "0.1"]
+    model, _ = finetune.main(common + ["--out_dir", str(tmp_path / "whole")])
+    assert isinstance(model.layers[0].attention.wq.base, quantize.Int4Linear)
+    finetune.main(common + ["--out_dir", str(tmp_path / "cut"), "--stop_at", "3"])
+    finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
+    logs = [[{k: v for k, v in __import__("json").loads(line).items() if k != "tokens_per_s"}
+             for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
+    assert logs[0] == logs[1] and len(logs[0]) == 8
+    checkpoints.main(["export", str(tmp_path / "whole"), str(tmp_path / "merged"), "--to", "hf",
+                      "--dtype", "float32"])
+    merged = generate.load(tmp_path / "merged", device="cpu").model
+    base = llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu", torch.float32)
+    assert all(isinstance(getattr(m, n), torch.nn.Linear) for m, n in llama.projections(merged))
+    delta = (merged.layers[0].attention.wq.weight - base.layers[0].attention.wq.weight).abs().max()
+    assert delta > 0  # the adapters merged into the unquantized base weights
