@@ -1,18 +1,20 @@
 """
-Checkpoint formats beside llama.py: Hugging Face's layout (read and write, tokenizer.json included), Meta's
-layout (write), finetune runs merged into full checkpoints or written as PEFT LoRA adapters, GGUF files for
-llama.cpp (gguf_export.py), and random-weight checkpoints of real shapes for trying things offline.
+Checkpoint formats beside llama.py: Hugging Face's layout (read and write, tokenizer.json
+included), Meta's layout (write), finetune runs merged into full checkpoints or written as PEFT LoRA
+adapters, GGUF files for llama.cpp (gguf_export.py), and random-weight checkpoints of real shapes
+for trying things offline.
 
-    python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf   # or --to meta
-    python checkpoints.py convert Llama-3.2-1B-hf Llama-3.2-1B.gguf --to gguf --gguf_dtype q8_0  # llama.cpp
-    python checkpoints.py export out merged --to hf         # a finetune run merged into its base model
-    python checkpoints.py export out adapter --to peft      # a LoRA run's adapters, for transformers + peft
-    python checkpoints.py export out tuned.gguf --to gguf   # a finetune run merged, as one GGUF file
-    python generate.py --ckpt_dir Llama-3.2-1B-hf --lora adapter --prompt "Hi"  # a PEFT adapter, here
-    python checkpoints.py random tiny_random --shape tiny   # random weights (gibberish), the real tokenizer
+    python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf  # or --to meta
+    python checkpoints.py convert Llama-3.2-1B-hf Llama-3.2-1B.gguf --to gguf --gguf_dtype q8_0
+    python checkpoints.py export out merged --to hf        # a finetune run merged into its base
+    python checkpoints.py export out adapter --to peft     # a LoRA run's adapters, for peft
+    python checkpoints.py export out tuned.gguf --to gguf  # a finetune run merged, one GGUF file
+    python generate.py --ckpt_dir Llama-3.2-1B-hf --lora adapter --prompt "Hi"  # a PEFT adapter
+    python checkpoints.py random tiny_random --shape tiny  # random weights, the real tokenizer
 
-A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read, and every
-Hugging Face checkpoint written here has tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read,
+and every Hugging Face checkpoint written here has tokenizer.json, tokenizer_config.json and
+special_tokens_map.json.
 """
 
 import argparse
@@ -31,9 +33,10 @@ from llama import InputError, log
 
 # -----------------------------------------------------------------------------
 # Reading either layout
-# Hugging Face's layout: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
-# The same tensors under other names, except that HF permutes the rows of wq and wk: its rotary code pairs
-# dimension i with i + head_dim/2 ("rotate_half"), where Meta pairs 2i with 2i+1 (complex numbers).
+# Hugging Face's layout: config.json + model.safetensors (or shards listed in
+# model.safetensors.index.json). The same tensors under other names, except that HF permutes the
+# rows of wq and wk: its rotary code pairs dimension i with i + head_dim/2 ("rotate_half"), where
+# Meta pairs 2i with 2i+1 (complex numbers).
 
 HF_REQUIRED = {"hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
                "num_attention_heads": int, "vocab_size": int, "rms_norm_eps": float}
@@ -50,7 +53,7 @@ def args_from_hf_config(cfg, where="config.json"):
     if missing:
         raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
     llama.check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
-    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes both inside rope_parameters
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5, both inside rope_parameters
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is None:
@@ -60,9 +63,10 @@ def args_from_hf_config(cfg, where="config.json"):
         raise InputError(f"{where}: rope_type {rope_type!r} is not Llama 3's ('llama3' or none)")
     n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    if dim % n_heads or n_heads % n_kv_heads or cfg.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise InputError(f"{where}: hidden_size {dim}, {n_heads} heads, {n_kv_heads} KV heads and head_dim "
-                         f"{cfg.get('head_dim')} do not fit together as in Llama 3")
+    if (dim % n_heads or n_heads % n_kv_heads
+            or cfg.get("head_dim", dim // n_heads) != dim // n_heads):
+        raise InputError(f"{where}: hidden_size {dim}, {n_heads} heads, {n_kv_heads} KV heads and "
+                         f"head_dim {cfg.get('head_dim')} do not fit together as in Llama 3")
     scaled = rope_type == "llama3"
     return llama.ModelArgs(
         dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
@@ -77,8 +81,8 @@ def args_from_hf_config(cfg, where="config.json"):
 
 def hf_names(n_layers):
     """Meta name -> HF name, for every weight."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
@@ -106,37 +110,44 @@ def load_hf_checkpoint(ckpt_dir):
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
-    args = args_from_hf_config(llama.read_json(ckpt_dir / "config.json"), str(ckpt_dir / "config.json"))
+    args = args_from_hf_config(llama.read_json(ckpt_dir / "config.json"),
+                               str(ckpt_dir / "config.json"))
     index = ckpt_dir / "model.safetensors.index.json"
     files = ["model.safetensors"]
     if index.exists():
         files = sorted(set((llama.read_json(index).get("weight_map") or {}).values()))
         for f in files:
             if not (ckpt_dir / f).exists():
-                raise InputError(f"{index.name} lists {f} but it is not in {ckpt_dir}; download it again")
+                raise InputError(f"{index.name} lists {f} but it is not in {ckpt_dir}; "
+                                 f"download it again")
     hf_to_meta = {hf: meta for meta, hf in hf_names(args.n_layers).items()}
     state_dict = {}
     log(f"loading {len(files)} safetensors file(s) from {ckpt_dir}")
     for i, f in enumerate(files):
         try:
-            handle = safe_open(ckpt_dir / f, framework="pt")  # memory-mapped: tensors are read when used
+            # memory-mapped: tensors are read when used
+            handle = safe_open(ckpt_dir / f, framework="pt")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as e:
-            raise InputError(f"cannot read {ckpt_dir / f}: {str(e).splitlines()[0]}; the file is truncated "
-                             f"or corrupt, download it again") from None
+            raise InputError(f"cannot read {ckpt_dir / f}: {str(e).splitlines()[0]}; the file is "
+                             f"truncated or corrupt, download it again") from None
         for name, t in tensors.items():
             if name not in hf_to_meta:
-                raise InputError(f"{f} holds '{name}', which is not a Llama weight for this config.json")
+                raise InputError(f"{f} holds '{name}', which is not a Llama weight for this "
+                                 f"config.json")
             state_dict[hf_to_meta[name]] = t
         log(f"  mapped {f} ({i + 1}/{len(files)})")
     for key, n_heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
         for i in range(args.n_layers):
             t = state_dict.get(f"layers.{i}.attention.{key}.weight")
-            if t is not None and t.shape[0] % (2 * n_heads) == 0:  # (a wrong shape: build_model names it)
-                # in place: the mapping is private copy-on-write, so the file is untouched, no copy stays
+            # a wrong shape is left for build_model to name
+            if t is not None and t.shape[0] % (2 * n_heads) == 0:
+                # in place: the mapping is private copy-on-write, so the file is untouched
+                # and no copy stays
                 t.copy_(permute_rows_from_hf(t, n_heads))
     if not args.tie_embeddings and "output.weight" not in state_dict:
-        raise InputError(f"{ckpt_dir} has no lm_head.weight but config.json says the output is not tied")
+        raise InputError(f"{ckpt_dir} has no lm_head.weight but config.json says the output is "
+                         f"not tied")
     return llama.tie_output(args, state_dict)
 
 
@@ -144,8 +155,10 @@ def checkpoint_layout(ckpt_dir):
     """-> ("hf", dir) or ("meta", dir) for a checkpoint directory, or a one-line error."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder holding the weights")
-    safetensors = any(ckpt_dir.glob("*.safetensors")) or (ckpt_dir / "model.safetensors.index.json").exists()
+        raise InputError(f"checkpoint directory {ckpt_dir} does not exist; pass the folder "
+                         f"holding the weights")
+    safetensors = (any(ckpt_dir.glob("*.safetensors"))
+                   or (ckpt_dir / "model.safetensors.index.json").exists())
     if (ckpt_dir / "config.json").exists() and safetensors:
         return "hf", ckpt_dir
     for d in (ckpt_dir, ckpt_dir / "original"):
@@ -153,12 +166,12 @@ def checkpoint_layout(ckpt_dir):
             return "meta", d
     if (ckpt_dir / "config.json").exists():
         raise InputError(f"{ckpt_dir} has config.json but no *.safetensors weights; download them")
-    raise InputError(f"{ckpt_dir} holds neither layout: expected params.json + consolidated.*.pth (Meta) "
-                     f"or config.json + *.safetensors (Hugging Face)")
+    raise InputError(f"{ckpt_dir} holds neither layout: expected params.json + "
+                     f"consolidated.*.pth (Meta) or config.json + *.safetensors (Hugging Face)")
 
 
 def read_args(ckpt_dir):
-    """The model's shape from its config file alone (no weights): for checks before anything slow."""
+    """The model's shape from its config alone (no weights): for checks before anything slow."""
     layout, d = checkpoint_layout(ckpt_dir)
     if layout == "hf":
         return args_from_hf_config(llama.read_json(d / "config.json"), str(d / "config.json"))
@@ -166,8 +179,9 @@ def read_args(ckpt_dir):
 
 
 def load_checkpoint(ckpt_dir):
-    """A checkpoint directory in either layout -> (ModelArgs, state_dict in Meta's names). A Meta directory,
-    an HF directory, or an HF repository root that also has Meta's files in original/ (safetensors win)."""
+    """A checkpoint directory in either layout -> (ModelArgs, state_dict in Meta's names). A Meta
+    directory, an HF directory, or an HF repository root that also has Meta's files in original/
+    (safetensors win)."""
     layout, d = checkpoint_layout(ckpt_dir)
     if layout == "hf" and (d / "original" / "params.json").exists():
         log(f"{d} has both layouts: using the safetensors (HF), not original/ (Meta)")
@@ -175,7 +189,7 @@ def load_checkpoint(ckpt_dir):
 
 
 def find_tokenizer(ckpt_dir):
-    """tokenizer.model (Meta's, tiktoken) or else tokenizer.json (Hugging Face's), in DIR or DIR/original."""
+    """tokenizer.model (Meta's, tiktoken), else tokenizer.json (HF's), in DIR or DIR/original."""
     checkpoint_layout(ckpt_dir)  # a missing or wrong directory is named first
     d = Path(ckpt_dir)
     for path in (d / "tokenizer.model", d / "original" / "tokenizer.model",
@@ -197,16 +211,18 @@ def read_tokenizer(path):
 
 # -----------------------------------------------------------------------------
 # tokenizer.json: Hugging Face's file for the same byte-level BPE, read and written as plain JSON
-# model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's byte-to-unicode
-# table); model.merges lists the pairs to merge, first listed first. tiktoken instead merges the pair whose
-# result has the lowest rank. Llama 3's tokenizer.json was made from tokenizer.model by transformers' tiktoken
-# converter: its vocab ids ARE the ranks, and its merges are listed in the order of the merged token's id,
-# which makes the two algorithms one (test_formats.py checks transformers encodes as tiktoken does). So the
-# ranks are read as the vocab ids, after checking that the merges are in id order.
+# model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's
+# byte-to-unicode table); model.merges lists the pairs to merge, first listed first. tiktoken
+# instead merges the pair whose result has the lowest rank. Llama 3's tokenizer.json was made from
+# tokenizer.model by transformers' tiktoken converter: its vocab ids ARE the ranks, and its merges
+# are listed in the order of the merged token's id, which makes the two algorithms one
+# (test_formats.py checks transformers encodes as tiktoken does). So the ranks are read as the
+# vocab ids, after checking that the merges are in id order.
 
 def byte_to_unicode():
-    """GPT-2's table: printable bytes stand for themselves, the others for chr(256 + n) in byte order."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~" "¡".."¬" "®".."ÿ"
+    """GPT-2's table: printable bytes as themselves, the others as chr(256 + n) in byte order."""
+    # "!".."~" "¡".."¬" "®".."ÿ"
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     table, n = {}, 0
     for b in range(256):
         table[b] = chr(b) if b in printable else chr(256 + n)
@@ -226,41 +242,45 @@ def read_tokenizer_json(path):
     """tokenizer.json -> llama.Tokenizer, or a one-line error when it is not Llama 3's tokenizer."""
     tj = llama.read_json(path)
     model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not isinstance(model.get("vocab"), dict):
+    if (model.get("type") != "BPE" or model.get("byte_fallback")
+            or not isinstance(model.get("vocab"), dict)):
         kind = "SentencePiece-style BPE" if model.get("byte_fallback") else model.get("type")
         raise InputError(f"{path} holds a {kind} tokenizer, not Llama 3's byte-level BPE; "
                          f"use the tokenizer of a Llama 3 model")
     steps = pre.get("pretokenizers", [pre])
     regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    if regexes != [llama.LLAMA3_SPLIT_PATTERN] or [s.get("type") for s in steps][-1:] != ["ByteLevel"]:
-        raise InputError(f"{path}: the pre-tokenizer is not Llama 3's (its split pattern, then bytes); "
-                         f"use the tokenizer of a Llama 3 model")
+    if (regexes != [llama.LLAMA3_SPLIT_PATTERN]
+            or [s.get("type") for s in steps][-1:] != ["ByteLevel"]):
+        raise InputError(f"{path}: the pre-tokenizer is not Llama 3's (its split pattern, then "
+                         f"bytes); use the tokenizer of a Llama 3 model")
     added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
     try:
-        ranks = {bytes(UNICODE_TO_BYTE[c] for c in s): i for s, i in model["vocab"].items() if s not in added}
+        ranks = {bytes(UNICODE_TO_BYTE[c] for c in s): i
+                 for s, i in model["vocab"].items() if s not in added}
     except KeyError:
-        raise InputError(f"{path}: a vocab entry is not in byte-level spelling; the file is not Llama 3's") \
-            from None
+        raise InputError(f"{path}: a vocab entry is not in byte-level spelling; the file is not "
+                         f"Llama 3's") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise InputError(f"{path}: the vocab ids are not 0..{len(ranks) - 1}; the file is damaged")
     specials = {i: s for s, i in added.items() if i >= len(ranks)}
     if specials != {len(ranks) + i: s for i, s in enumerate(llama.SPECIAL_TOKENS)}:
-        raise InputError(f"{path}: the special tokens from id {len(ranks)} on are not Llama 3's 256 "
-                         f"(<|begin_of_text|> ...); use the tokenizer of a Llama 3 model")
+        raise InputError(f"{path}: the special tokens from id {len(ranks)} on are not Llama 3's "
+                         f"256 (<|begin_of_text|> ...); use the tokenizer of a Llama 3 model")
     vocab, last = model["vocab"], -1
     for m in model.get("merges") or []:
         a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (tokenizers < 0.20) or ["a", "b"]
         merged = vocab.get(a + b, -1)
         if merged < last:
-            raise InputError(f"{path}: the merges are not in vocab-id order ('{a}' + '{b}'), so the ids are "
-                             f"not BPE ranks; this is not a tokenizer.json of Llama 3's kind")
+            raise InputError(f"{path}: the merges are not in vocab-id order ('{a}' + '{b}'), "
+                             f"so the ids are not BPE ranks; this is not a tokenizer.json of "
+                             f"Llama 3's kind")
         last = merged
     return llama.Tokenizer(ranks, Path(path).name)
 
 
 def bpe_merges(ranks):
-    """Every pair of tokens that forms a token, in the order of the formed token's rank (ties: by the
-    ranks of the two parts), as Hugging Face's tiktoken converter lists them."""
+    """Every pair of tokens that forms a token, in the order of the formed token's rank (ties: by
+    the ranks of the two parts), as Hugging Face's tiktoken converter lists them."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         pairs = [(token[:i], token[i:]) for i in range(1, len(token))
@@ -270,38 +290,45 @@ def bpe_merges(ranks):
 
 
 def tokenizer_json(tokenizer):
-    """tokenizer.json as the hub's Llama 3.x repositories have it (a <|begin_of_text|> is prepended)."""
+    """tokenizer.json as the hub's Llama 3.x repositories have it (prepending <|begin_of_text|>)."""
     bos = "<|begin_of_text|>"
-    template = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-    pair = template + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    template = [{"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}]
+    pair = template + [{"SpecialToken": {"id": bos, "type_id": 1}},
+                       {"Sequence": {"id": "B", "type_id": 1}}]
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for s, i in tokenizer.special_tokens.items()],
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for s, i in tokenizer.special_tokens.items()],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": llama.LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated",
-             "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            {"type": "Split", "pattern": {"Regex": llama.LLAMA3_SPLIT_PATTERN},
+             "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]},
         "post_processor": {"type": "Sequence", "processors": [
-            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+             "use_regex": True},
             {"type": "TemplateProcessing", "single": template, "pair": pair, "special_tokens": {
                 bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": True,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
                   "vocab": {token_string(t): r for t, r in tokenizer.ranks.items()},
-                  "merges": [f"{token_string(a)} {token_string(b)}" for a, b in bpe_merges(tokenizer.ranks)]},
+                  "merges": [f"{token_string(a)} {token_string(b)}"
+                             for a, b in bpe_merges(tokenizer.ranks)]},
     }
 
 
-# Our chat format (Meta's ChatFormat, llama.Tokenizer.encode_dialog_prompt) as a Jinja template, so that
-# transformers' apply_chat_template gives the same tokens. It is Meta-Llama-3-8B-Instruct's template without
-# its `| trim` of each message (Meta's code does not strip) and with tool -> ipython and <|eom_id|> after an
-# assistant message with stop_reason end_of_message. The 3.1+ hub template is not used: it always writes a
-# system header with "Cutting Knowledge Date: December 2023 / Today Date: ..." and tool instructions, which
-# Meta's ChatFormat (and so ours) does not.
+# Our chat format (Meta's ChatFormat, llama.Tokenizer.encode_dialog_prompt) as a Jinja template,
+# so that transformers' apply_chat_template gives the same tokens. It is Meta-Llama-3-8B-Instruct's
+# template without its `| trim` of each message (Meta's code does not strip) and with tool ->
+# ipython and <|eom_id|> after an assistant message with stop_reason end_of_message. The 3.1+ hub
+# template is not used: it always writes a system header with "Cutting Knowledge Date: December
+# 2023 / Today Date: ..." and tool instructions, which Meta's ChatFormat (and so ours) does not.
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
@@ -310,17 +337,20 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' and message.get('stop_reason') == 'end_of_message' %}"
     "{{- '<|eom_id|>' }}{%- else %}{{- '<|eot_id|>' }}{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
 
 
 def special_token(s):
-    return {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
 
 
 def tokenizer_config(tokenizer, args):
-    """tokenizer_config.json as on the hub, with the class every transformers version reads (transformers 5
-    writes TokenizersBackend, which older versions cannot load). clean_up_tokenization_spaces is off (the
-    hub's files say true): decoding must give the text back exactly, " ." included."""
+    """tokenizer_config.json as on the hub, with the class every transformers version reads
+    (transformers 5 writes TokenizersBackend, which older versions cannot load).
+    clean_up_tokenization_spaces is off (the hub's files say true): decoding must give the text back
+    exactly, " ." included."""
     return {"added_tokens_decoder": {str(i): {**special_token(s), "special": True}
                                      for s, i in tokenizer.special_tokens.items()},
             "bos_token": "<|begin_of_text|>", "chat_template": CHAT_TEMPLATE,
@@ -333,8 +363,8 @@ def write_tokenizer_model(tokenizer, path):
     """tokenizer.model: one "base64(token bytes) rank" line per token, in rank order, as Meta's."""
     import base64
 
-    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(tokenizer.ranks.items(),
-                                                                        key=lambda kv: kv[1]))
+    lines = (f"{base64.b64encode(t).decode()} {r}\n"
+             for t, r in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1]))
     Path(path).write_text("".join(lines))
 
 
@@ -349,24 +379,30 @@ def copy_tokenizer_model(tokenizer_path, dst):
 def write_hf_tokenizer(tokenizer, args, out_dir):
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
     out_dir = Path(out_dir)
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer), ensure_ascii=False))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, args), indent=2))
+    (out_dir / "tokenizer.json").write_text(
+        json.dumps(tokenizer_json(tokenizer), ensure_ascii=False))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(tokenizer, args), indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": special_token("<|begin_of_text|>"), "eos_token": special_token("<|end_of_text|>")},
-        indent=2))
+        {"bos_token": special_token("<|begin_of_text|>"),
+         "eos_token": special_token("<|end_of_text|>")}, indent=2))
 
 
 # -----------------------------------------------------------------------------
 # Writing either layout (atomically: a directory is complete or absent)
 
 def meta_params(args):
-    """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce ffn_hidden_dim."""
+    """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce
+    ffn_hidden_dim."""
     multiple_of, multiplier = args.multiple_of, args.ffn_dim_multiplier
     if llama.meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
-        # from a Hugging Face config, which stores the width itself: find Meta's two numbers, plainest first
+        # from a Hugging Face config, which stores the width itself: find Meta's two numbers,
+        # plainest first
         ratio = args.ffn_hidden_dim / int(2 * 4 * args.dim / 3)
-        candidates = [(m, r) for r in (None, round(ratio, 1), round(ratio, 2), round(ratio, 4), ratio)
-                      for m in (256, 1024, 4096, 32, 64, 128, 512, 2048) if args.ffn_hidden_dim % m == 0]
+        candidates = [(m, r)
+                      for r in (None, round(ratio, 1), round(ratio, 2), round(ratio, 4), ratio)
+                      for m in (256, 1024, 4096, 32, 64, 128, 512, 2048)
+                      if args.ffn_hidden_dim % m == 0]
         fits = [(m, r) for m, r in candidates
                 if llama.meta_ffn_hidden_dim(args.dim, m, r) == args.ffn_hidden_dim]
         if not fits:
@@ -374,17 +410,20 @@ def meta_params(args):
                              f"multiple_of/ffn_dim_multiplier")
         multiple_of, multiplier = fits[0]
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "multiple_of": multiple_of,
-              "ffn_dim_multiplier": multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+              "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+              "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
               "use_scaled_rope": args.use_scaled_rope}
     return {k: v for k, v in params.items() if v is not None}
 
 
 def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
-    """params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and tokenizer.model."""
+    """params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and
+    tokenizer.model."""
     if args.use_scaled_rope and args.rope_scaling_factor != 8.0:
-        log(f"note: params.json cannot record the RoPE scaling factor {args.rope_scaling_factor:g} (readers "
-            f"assume 8): pass --rope_scaling_factor {args.rope_scaling_factor:g} when loading {out_dir}")
+        log(f"note: params.json cannot record the RoPE scaling factor {args.rope_scaling_factor:g} "
+            f"(readers assume 8): pass --rope_scaling_factor {args.rope_scaling_factor:g} when "
+            f"loading {out_dir}")
     if "output.weight" not in state_dict:  # Meta's files always carry the output layer, tied or not
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     with llama.atomic_directory(out_dir) as tmp:
@@ -406,8 +445,9 @@ def hf_config(args):
            "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
            "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
            "rope_theta": args.rope_theta, "max_position_embeddings": args.context,
-           "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-           "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+           "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu",
+           "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000,
+           "eos_token_id": 128001, "torch_dtype": "bfloat16"}
     if args.use_scaled_rope:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
                                "low_freq_factor": args.rope_low_freq_factor,
@@ -423,15 +463,17 @@ def hf_tensors(args, state_dict):
         if key == "output.weight" and args.tie_embeddings:
             continue
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
-            t = permute_rows_to_hf(t, args.n_heads if key.endswith("wq.weight") else args.n_kv_heads)
+            t = permute_rows_to_hf(t, args.n_heads if key.endswith("wq.weight")
+                                   else args.n_kv_heads)
         tensors[names[key]] = t.contiguous()
     return tensors
 
 
 def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
-    """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with an
-    index), tokenizer.json + tokenizer_config.json + special_tokens_map.json, and Meta's tokenizer.model
-    under original/, as the HF hub repositories are laid out. tokenizer_path: either tokenizer file."""
+    """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with
+    an index), tokenizer.json + tokenizer_config.json + special_tokens_map.json, and Meta's
+    tokenizer.model under original/, as the HF hub repositories are laid out.
+    tokenizer_path: either tokenizer file."""
     from safetensors.torch import save_file
 
     tensors = hf_tensors(args, state_dict)
@@ -468,7 +510,8 @@ def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtyp
     if layout == "gguf":
         import gguf_export
 
-        return gguf_export.write_gguf(args, state_dict, read_tokenizer(tokenizer_path), out_dir, gguf_dtype)
+        return gguf_export.write_gguf(args, state_dict, read_tokenizer(tokenizer_path), out_dir,
+                                      gguf_dtype)
     save = {"meta": save_meta_checkpoint, "hf": save_hf_checkpoint}[layout]
     save(args, state_dict, out_dir, tokenizer_path)
 
@@ -477,15 +520,17 @@ def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtyp
 # Finetune runs: a base checkpoint plus what the run trained (LoRA adapters, norms, or everything)
 
 def apply_run_lora(model, run):
-    """Give a model the LoRA modules of a finetune run (if it used LoRA), so that its saved weights fit."""
+    """Give a model a finetune run's LoRA modules (if it used LoRA), so its saved weights fit."""
     if run["mode"] in ("lora", "lora+norm"):
-        llama.apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"], run["lora_dropout"])
+        llama.apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"],
+                         run["lora_dropout"])
     return model
 
 
 def load_finetuned(model, run_dir):
-    """A base model with a finetune run's weights merged in (in float32, then back to the model's dtype).
-    run_dir: the --out_dir of a finetune run, or a PEFT LoRA adapter directory (adapter_config.json)."""
+    """A base model with a finetune run's weights merged in (in float32, then back to the model's
+    dtype). run_dir: the --out_dir of a finetune run, or a PEFT LoRA adapter directory
+    (adapter_config.json)."""
     dtype = model.tok_embeddings.weight.dtype
     if is_peft_adapter(run_dir):
         model, what = load_peft_adapter(model, run_dir), "PEFT LoRA adapter"
@@ -501,7 +546,7 @@ def load_finetuned(model, run_dir):
 
 
 def check_finetuned(run_dir):
-    """A finetune run or a PEFT adapter, checked from its settings alone (before loading weights)."""
+    """A finetune run or a PEFT adapter, checked from its settings alone, before loading weights."""
     if is_peft_adapter(run_dir):
         return peft_settings(run_dir)
     return llama.read_run(run_dir)
@@ -510,13 +555,15 @@ def check_finetuned(run_dir):
 # -----------------------------------------------------------------------------
 # PEFT LoRA adapters (Hugging Face's peft library), both ways
 # adapter_config.json + adapter_model.safetensors, keyed by HF module names:
-# base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight (out, r), the
-# update being (lora_alpha / r) B A, as ours. lora_A reads the input, which HF does not permute; lora_B's rows
-# are q_proj/k_proj's output rows, which HF permutes as it does the weights: so B is permuted, A is not.
+# base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
+# (out, r), the update being (lora_alpha / r) B A, as ours. lora_A reads the input, which HF does
+# not permute; lora_B's rows are q_proj/k_proj's output rows, which HF permutes as it does the
+# weights: so B is permuted, A is not.
 
 PEFT_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
                 "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
-PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks",
+                    "alpha_pattern": "per-module alphas",
                     "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
                     "lora_bias": "LoRA biases", "target_parameters": "target_parameters"}
 
@@ -530,13 +577,14 @@ def peft_settings(adapter_dir):
     where = Path(adapter_dir) / "adapter_config.json"
     cfg = llama.read_json(where)
     if cfg.get("peft_type") != "LORA":
-        raise InputError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters apply")
+        raise InputError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA "
+                         f"adapters apply")
     used = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key)]
     if cfg.get("bias", "none") != "none":
         used.append(f"bias {cfg['bias']!r}")
     if used:
-        raise InputError(f"{where} uses {', '.join(used)}, which this code does not run; merge the adapter "
-                         f"with peft (merge_and_unload) and load the merged model instead")
+        raise InputError(f"{where} uses {', '.join(used)}, which this code does not run; merge the "
+                         f"adapter with peft (merge_and_unload) and load the merged model instead")
     if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
         raise InputError(f"{where} has no integer r and number lora_alpha; is the file complete?")
     llama.check_types(cfg, {"lora_dropout": float}, str(where))
@@ -545,7 +593,8 @@ def peft_settings(adapter_dir):
 
 def peft_key(args, module_name):
     """Our module name (layers.0.attention.wq, output) -> peft's key prefix for it."""
-    return "base_model.model." + hf_names(args.n_layers)[module_name + ".weight"].removesuffix(".weight")
+    return ("base_model.model."
+            + hf_names(args.n_layers)[module_name + ".weight"].removesuffix(".weight"))
 
 
 def permute_lora_b(t, module_name, args, to_hf):
@@ -559,13 +608,14 @@ def permute_lora_b(t, module_name, args, to_hf):
 def lora_modules(model):
     """{our module name: LoRALinear} of a model."""
     names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(getattr(module, name))]: getattr(module, name) for module, name in llama.projections(model)
+    return {names[id(getattr(module, name))]: getattr(module, name)
+            for module, name in llama.projections(model)
             if isinstance(getattr(module, name), llama.LoRALinear)}
 
 
 def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
-    """A model with LoRA modules, or a LoRA finetune run's directory -> a PEFT adapter directory that
-    peft's PeftModel.from_pretrained applies to the HF-layout base model (written atomically)."""
+    """A model with LoRA modules, or a LoRA finetune run's directory -> a PEFT adapter directory
+    (written atomically) that peft's PeftModel.from_pretrained applies to the HF base model."""
     from safetensors.torch import load_file, save_file
 
     if isinstance(model_or_run_dir, torch.nn.Module):
@@ -578,9 +628,10 @@ def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
         run_dir = Path(model_or_run_dir)
         run = llama.read_run(run_dir)
         if run["mode"] != "lora":
-            why = "trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm" else \
-                "trained no LoRA adapters"
-            raise InputError(f"{run_dir} (mode {run['mode']}) {why}; export it --to hf (a merged model)")
+            why = ("trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm"
+                   else "trained no LoRA adapters")
+            raise InputError(f"{run_dir} (mode {run['mode']}) {why}; export it --to hf "
+                             f"(a merged model)")
         args = read_args(run["ckpt_dir"])
         saved = load_file(run_dir / "checkpoint" / "trainable.safetensors")
         pairs = {k.removesuffix(".lora_a"): (v, saved[k.removesuffix("_a") + "_b"])
@@ -593,11 +644,13 @@ def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
     for name, (a, b) in pairs.items():
         key = peft_key(args, name)
         tensors[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
-        tensors[f"{key}.lora_B.weight"] = permute_lora_b(b.detach().float(), name, args, True).contiguous()
+        tensors[f"{key}.lora_B.weight"] = (
+            permute_lora_b(b.detach().float(), name, args, True).contiguous())
     targets = sorted({PEFT_MODULES[n.rsplit(".", 1)[-1]] for n in pairs})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path}
     with llama.atomic_directory(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -606,8 +659,9 @@ def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
 
 
 def load_peft_adapter(model, adapter_dir):
-    """Give our model a PEFT LoRA adapter's modules and weights (unmerged: merge_lora folds them in).
-    The adapter's tensors say which modules it adapts (target_modules may be a regular expression)."""
+    """Give our model a PEFT LoRA adapter's modules and weights (unmerged: merge_lora folds them
+    in). The adapter's tensors say which modules it adapts (target_modules may be a regular
+    expression)."""
     from safetensors.torch import load_file
 
     cfg, adapter_dir = peft_settings(adapter_dir), Path(adapter_dir)
@@ -627,10 +681,11 @@ def load_peft_adapter(model, adapter_dir):
     for key, t in saved.items():
         prefix, _, leaf = key.rpartition(".lora_")
         if key.endswith(".base_layer.weight"):
-            continue  # peft's copy of a base weight (lm_head as a target): the same as our base model's
+            # peft's copy of a base weight (lm_head as a target): the same as our base model's
+            continue
         if prefix not in ours or leaf not in ("A.weight", "B.weight"):
-            raise InputError(f"{path}: '{key}' is not a LoRA weight of a projection of this model (q/k/v/o, "
-                             f"gate/up/down, lm_head); is the adapter for another model?")
+            raise InputError(f"{path}: '{key}' is not a LoRA weight of a projection of this model "
+                             f"(q/k/v/o, gate/up/down, lm_head); is the adapter for another model?")
         pairs.setdefault(ours[prefix], {})[leaf[0]] = t
     targets = sorted({n.rsplit(".", 1)[-1] for n in pairs})
     llama.apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))
@@ -646,34 +701,36 @@ def load_peft_adapter(model, adapter_dir):
                 raise InputError(f"{path}: {name} has a LoRA weight of shape {tuple(t.shape)}, not "
                                  f"{tuple(p.shape)}; the adapter is for another model or rank")
         module.lora_a.data = ab["A"].float().to(module.lora_a.device)
-        module.lora_b.data = permute_lora_b(ab["B"].float(), name, args, False).to(module.lora_b.device)
+        module.lora_b.data = (
+            permute_lora_b(ab["B"].float(), name, args, False).to(module.lora_b.device))
     return model
 
 
 def state_dict_of(model):
-    """A model's weights in Meta's names, and its args with tie_embeddings as the model has it now."""
+    """A model's weights (Meta's names) and its args, tie_embeddings as the model now has it."""
     tied = model.output.weight is model.tok_embeddings.weight
     args = replace(model.args, tie_embeddings=tied)
-    return args, {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+    return args, {k: v for k, v in model.state_dict().items()
+                  if not (tied and k == "output.weight")}
 
 
 # -----------------------------------------------------------------------------
-# Random weights of real shapes (for tests, benchmarks and trying things offline: they write gibberish)
+# Random weights of real shapes (tests, benchmarks, trying things offline: they write gibberish)
 
 SHAPES = {
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden_dim=768, multiple_of=256,
                  tie_embeddings=True),
-    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
-               ffn_dim_multiplier=1.5, tie_embeddings=True),
-    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192, multiple_of=256,
-               ffn_dim_multiplier=1.0, tie_embeddings=True),
-    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, multiple_of=1024,
-               ffn_dim_multiplier=1.3),
+    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192,
+               multiple_of=256, ffn_dim_multiplier=1.5, tie_embeddings=True),
+    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192,
+               multiple_of=256, ffn_dim_multiplier=1.0, tie_embeddings=True),
+    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336,
+               multiple_of=1024, ffn_dim_multiplier=1.3),
 }
 
 
 def random_state_dict(args, seed=0, dtype=torch.bfloat16):
-    """std 1/sqrt(dim) keeps activations O(1), so greedy outputs are varied and free of near-ties."""
+    """std 1/sqrt(dim) keeps activations O(1): greedy outputs are varied and free of near-ties."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in llama.Transformer(args).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
@@ -689,12 +746,12 @@ def random_state_dict(args, seed=0, dtype=torch.bfloat16):
 
 
 def bundled_tokenizer():
-    """The real Llama 3 tokenizer.model shipped inside Meta's llama-models package (a test dependency)."""
+    """The real Llama 3 tokenizer.model in Meta's llama-models package (a test dependency)."""
     try:
         import llama_models
     except ImportError:
-        raise InputError("no tokenizer given and llama-models is not installed; pass --tokenizer PATH, or "
-                         "pip install llama-models") from None
+        raise InputError("no tokenizer given and llama-models is not installed; pass --tokenizer "
+                         "PATH, or pip install llama-models") from None
     return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 
 
@@ -702,9 +759,11 @@ def bundled_tokenizer():
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert a checkpoint between Meta's and HF's layouts (lossless)")
+    c = sub.add_parser("convert",
+                       help="convert a checkpoint between Meta's and HF's layouts (lossless)")
     c.add_argument("src", help="checkpoint directory in either layout")
     c.add_argument("dst", help="output directory (written atomically; must not be src)")
     c.add_argument("--to", choices=["hf", "meta", "gguf"], required=True,
@@ -712,8 +771,8 @@ def main(argv=None):
     c.add_argument("--rope_scaling_factor", type=float, default=None,
                    help="the llama3 RoPE factor of a Meta source, which params.json cannot record "
                         "(32 for 3.2 1B/3B; default: 8, or what config.json says)")
-    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base checkpoint, "
-                                      "or write its LoRA adapters for peft")
+    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base "
+                                      "checkpoint, or write its LoRA adapters for peft")
     e.add_argument("run_dir", help="the --out_dir of a finetune run")
     e.add_argument("dst", help="output directory, or file for --to gguf (written atomically)")
     e.add_argument("--to", choices=["hf", "meta", "peft", "gguf"], required=True,
@@ -723,16 +782,18 @@ def main(argv=None):
     for sp in (c, e):
         sp.add_argument("--gguf_dtype", choices=["f32", "bf16", "q8_0"], default="bf16",
                         help="weights of a GGUF file (default bf16; norms stay f32)")
-    r = sub.add_parser("random", help="a random-weight checkpoint of a real shape (writes gibberish)")
+    r = sub.add_parser("random",
+                       help="a random-weight checkpoint of a real shape (writes gibberish)")
     r.add_argument("out_dir", help="output directory")
     r.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="(default tiny)")
-    r.add_argument("--tokenizer", default=None, help="tokenizer.model to copy (default: llama-models')")
+    r.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model to copy (default: llama-models')")
     r.add_argument("--seed", type=int, default=0, help="(default 0)")
     a = p.parse_args(argv)
     if a.command == "convert":
-        if Path(a.dst).resolve() == Path(a.src).resolve() or Path(a.src).resolve().is_relative_to(
-                Path(a.dst).resolve()):
-            raise InputError(f"convert would write {a.dst} over its own source; choose another output directory")
+        if Path(a.src).resolve().is_relative_to(Path(a.dst).resolve()):  # dst is src or holds it
+            raise InputError(f"convert would write {a.dst} over its own source; choose another "
+                             f"output directory")
         args, state_dict = load_checkpoint(a.src)
         if a.rope_scaling_factor is not None:
             args = replace(args, rope_scaling_factor=a.rope_scaling_factor)
@@ -747,11 +808,13 @@ def main(argv=None):
         if a.to != "gguf":  # (GGUF: float32 to write_gguf, which rounds once, to --gguf_dtype)
             dtype = llama.DTYPES[a.dtype]
             state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to, a.gguf_dtype)
+        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to,
+                        a.gguf_dtype)
     else:
         args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
         log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
-        save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir, a.tokenizer or bundled_tokenizer())
+        save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir,
+                             a.tokenizer or bundled_tokenizer())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """
-GGUF out: one file holding a Llama 3.x model, its tokenizer and its chat template, for llama.cpp (and the tools
-built on it). Written as llama.cpp's convert_hf_to_gguf.py writes a Llama 3 checkpoint; the gguf package
-(pip install gguf) is an optional dependency, imported only here. In its own file because checkpoints.py, which
-the command line goes through, already holds three other formats.
+GGUF out: one file holding a Llama 3.x model, its tokenizer and its chat template, for llama.cpp
+(and the tools built on it). Written as llama.cpp's convert_hf_to_gguf.py writes a Llama 3
+checkpoint; the gguf package (pip install gguf) is an optional dependency, imported only here.
+In its own file because checkpoints.py, which the command line goes through, already holds three
+other formats.
 
     python checkpoints.py convert Llama-3.2-1B Llama-3.2-1B-q8_0.gguf --to gguf --gguf_dtype q8_0
-    python checkpoints.py export out tuned.gguf --to gguf --gguf_dtype bf16   # a finetune run, merged
+    python checkpoints.py export out tuned.gguf --to gguf --gguf_dtype bf16  # a finetune run merged
 """
 
 import math
@@ -21,14 +22,16 @@ from llama import InputError, log
 
 # -----------------------------------------------------------------------------
 # Names and types
-# llama.cpp's names for our weights. Its converter permutes HF's q_proj/k_proj rows back (LlamaModel.permute,
-# the inverse of HF's permutation): a GGUF file holds wq/wk in Meta's interleaved layout, which is ours, so
-# our tensors go in unchanged. 1-D tensors (the norms, rope_freqs) stay float32 in every file type.
+# llama.cpp's names for our weights. Its converter permutes HF's q_proj/k_proj rows back
+# (LlamaModel.permute, the inverse of HF's permutation): a GGUF file holds wq/wk in Meta's
+# interleaved layout, which is ours, so our tensors go in unchanged. 1-D tensors (the norms,
+# rope_freqs) stay float32 in every file type.
 
 GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
               "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
-              "feed_forward.w2": "ffn_down", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate",
+              "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
+              "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 GGUF_DTYPES = ("f32", "bf16", "q8_0")
 
 
@@ -42,11 +45,14 @@ def gguf_name(key):
 
 
 def rope_freq_factors(args):
-    """llama.cpp's rope_freqs tensor for llama3 RoPE scaling: what each frequency is divided by (1 for short
-    wavelengths, factor for long ones, interpolated between), computed as its converter computes it."""
+    """llama.cpp's rope_freqs tensor for llama3 RoPE scaling: what each frequency is divided by
+    (1 for short wavelengths, factor for long ones, interpolated between), computed as its
+    converter computes it."""
     head_dim = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    freqs = 1.0 / (args.rope_theta
+                   ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = (args.rope_scaling_factor, args.rope_low_freq_factor,
+                         args.rope_high_freq_factor)
     old_ctx = args.rope_original_context
     factors = []
     for freq in freqs.tolist():
@@ -63,8 +69,9 @@ def rope_freq_factors(args):
 
 # -----------------------------------------------------------------------------
 # Writing
-# Tensor infos first, then the data one tensor at a time (each converted just before it is written): memory
-# stays near one tensor beyond the state dict. A temporary file replaces path at the end: complete or absent.
+# Tensor infos first, then the data one tensor at a time (each converted just before it is
+# written): memory stays near one tensor beyond the state dict. A temporary file replaces path at
+# the end: complete or absent.
 
 def write_gguf(args, state_dict, tokenizer, path, dtype="bf16", name="nano-llama3"):
     """Meta-named weights (a tied output omitted or not) + llama.Tokenizer -> a GGUF file at path.
@@ -83,7 +90,8 @@ def write_gguf(args, state_dict, tokenizer, path, dtype="bf16", name="nano-llama
     if args.use_scaled_rope:
         tensors["rope_freqs.weight"] = rope_freq_factors(args)
     for key, t in state_dict.items():
-        if not (key == "output.weight" and args.tie_embeddings):  # tied: llama.cpp reuses token_embd
+        # tied: llama.cpp reuses token_embd
+        if not (key == "output.weight" and args.tie_embeddings):
             tensors[gguf_name(key)] = t
 
     path = Path(path)
@@ -93,13 +101,14 @@ def write_gguf(args, state_dict, tokenizer, path, dtype="bf16", name="nano-llama
     plan = {}
     for gname, t in tensors.items():
         q = qtype if t.dim() > 1 else Q.F32
-        if q == Q.Q8_0 and t.shape[-1] % 32:  # rows must be whole blocks; llama.cpp falls back, as we do
+        # rows must be whole blocks; llama.cpp falls back, as we do
+        if q == Q.Q8_0 and t.shape[-1] % 32:
             log(f"note: {gname} has rows of {t.shape[-1]}, not a multiple of 32: written as f32")
             q = Q.F32
         block, nbytes = gguf.GGML_QUANT_SIZES[q]
         plan[gname] = q
-        w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), t.numel() // block * nbytes,
-                          raw_dtype=q)
+        w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32),
+                          t.numel() // block * nbytes, raw_dtype=q)
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
@@ -115,7 +124,7 @@ def write_gguf(args, state_dict, tokenizer, path, dtype="bf16", name="nano-llama
 
 
 def tensor_bytes(gguf, t, q):
-    """A tensor as the bytes of GGUF type q (numpy, rows as in torch: the writer stores dims reversed)."""
+    """A tensor as the bytes of GGUF type q (numpy, rows as in torch: the writer reverses dims)."""
     from gguf import GGMLQuantizationType as Q
 
     t = t.detach().cpu().contiguous()
@@ -127,8 +136,9 @@ def tensor_bytes(gguf, t, q):
 
 
 def add_metadata(w, gguf, args, tokenizer, name, ftype):
-    """The keys llama.cpp's converter writes for a Llama 3 model: shape, RoPE, and the tokenizer (GPT-2
-    style BPE: byte-level token strings, "a b" merges in rank order, pre-tokenizer "llama-bpe")."""
+    """The keys llama.cpp's converter writes for a Llama 3 model: shape, RoPE, and the tokenizer
+    (GPT-2 style BPE: byte-level token strings, "a b" merges in rank order, pre-tokenizer
+    "llama-bpe")."""
     w.add_name(name)
     w.add_vocab_size(args.vocab_size)
     w.add_context_length(args.context)
@@ -153,8 +163,10 @@ def add_metadata(w, gguf, args, tokenizer, name, ftype):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
     w.add_token_list([checkpoints.token_string(t) for t in ranked] + specials)
-    # every special token, reserved ones included, is "control" (llama.cpp's converter: special added tokens)
-    w.add_token_types([gguf.TokenType.NORMAL] * len(ranked) + [gguf.TokenType.CONTROL] * len(specials))
+    # every special token, reserved ones included, is "control" (llama.cpp's converter: special
+    # added tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(ranked)
+                      + [gguf.TokenType.CONTROL] * len(specials))
     w.add_token_merges([f"{checkpoints.token_string(a)} {checkpoints.token_string(b)}"
                         for a, b in checkpoints.bpe_merges(tokenizer.ranks)])
     w.add_bos_token_id(tokenizer.bos_id)
