@@ -99,7 +99,7 @@ def check(a):
     if len(a.prompt) > a.max_batch_size and not a.chat:
         raise llama.InputError(f"{len(a.prompt)} prompts but --max_batch_size {a.max_batch_size}")
     for name in ("max_new_tokens", "threads"):
-        if (getattr(a, name) or 1) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise llama.InputError(f"--{name} must be at least 1, got {getattr(a, name)}")
     llama.check_sampling(a.temperature, a.top_p, a.top_k)
     llama.resolve_device(a.device)

@@ -1155,7 +1155,7 @@ def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
     (["--seq_len", "200000"], "context"),
     (["--lora_targets", "wq,attn"], "unknown LoRA target"),
     (["--lora_rank", "0"], "lora_rank must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "-1"], "--lr and --grad_clip must be positive"),
     (["--lora_dropout", "1.5"], "lora_dropout"),
     (["--seq_len", "3000"], "validation data has"),  # checked before the model loads, not after training steps
     (["--resume"], "holds no finetune checkpoint"),
@@ -1187,7 +1187,7 @@ def test_finetune_resume_from_other_mode_fails(ckpt_gqa, corpus, tmp_path):
         train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora", "--max_steps", 2, "--resume")
     r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa), "--data",
                         str(tmp_path / "nothing.txt"), "--out_dir", str(tmp_path / "x"), "--device", "cpu"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
 
 
@@ -1355,7 +1355,8 @@ def test_terminal_chat_keeps_history_and_resets(ckpt_gqa):
                             {"role": "user", "content": "How are you?"}], 8)
     assert r.stdout == f"> {r1}\n> {r2}\n> > {r1}\n> \n" and "[history cleared]" in r.stderr
     one = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(ckpt_gqa), "--chat", "--prompt",
-                          "Hello", "--temperature", "0", "--max_new_tokens", "8"], capture_output=True, text=True)
+                          "Hello", "--temperature", "0", "--max_new_tokens", "8"], capture_output=True, text=True,
+                         timeout=300)
     assert one.returncode == 0 and one.stdout == chat_reply(model, [{"role": "user", "content": "Hello"}], 8) + "\n"
 
 
@@ -1387,16 +1388,19 @@ def test_ctrl_c_stops_the_reply_not_the_chat(ckpt_gqa):
     out = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: p.stdout.read(1), "")), daemon=True)
     reader.start()
-    p.stdin.write("Write a very long story\n")
-    p.stdin.flush()
-    deadline = time.time() + 120
-    while len("".join(out)) < 40 and time.time() < deadline:  # the reply is streaming
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    time.sleep(1)
-    p.stdin.write("/exit\n")
-    p.stdin.flush()
-    assert p.wait(timeout=120) == 0
+    try:
+        p.stdin.write("Write a very long story\n")
+        p.stdin.flush()
+        deadline = time.time() + 120
+        while len("".join(out)) < 40 and time.time() < deadline:  # the reply is streaming
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        time.sleep(1)
+        p.stdin.write("/exit\n")
+        p.stdin.flush()
+        assert p.wait(timeout=120) == 0
+    finally:
+        p.kill()  # never leave a child behind, whatever failed
     reader.join(timeout=10)
     assert "[stopped]" in "".join(out) and "Traceback" not in p.stderr.read()
 
