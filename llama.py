@@ -3,17 +3,18 @@ nano-llama3: Llama 3.x (3.1 8B/70B/405B, 3.2 1B/3B, 3.3 70B) in one file of PyTo
 
 Read it top to bottom:
   1. config       - the model's shape, from Meta's params.json
-  2. tokenizer    - tiktoken BPE with Llama 3's split pattern, 256 special tokens, and the chat format
-  3. model        - RMSNorm, RoPE with llama3 frequency scaling, grouped-query attention, SwiGLU, a KV cache
-  4. checkpoints  - Meta's consolidated.*.pth shards, memory-mapped into a model built on the meta device
+  2. tokenizer    - tiktoken BPE, Llama 3's split pattern, 256 special tokens, the chat format
+  3. model        - RMSNorm, RoPE with llama3 scaling, grouped-query attention, SwiGLU, a KV cache
+  4. checkpoints  - Meta's consolidated.*.pth shards, memory-mapped into a model built on "meta"
   5. generation   - Meta's sampling loop (greedy, temperature/top-p/top-k), batched, streaming, chat
   6. LoRA         - low-rank adapters and RMSNorm tuning, merged losslessly into the base weights
-  7. finetuning   - packed documents with BOS-aware attention masking; the loop, with exact resume and DDP
+  7. finetuning   - packed documents with BOS-aware masking; the loop, with exact resume and DDP
 
 By default the arithmetic is Meta's, op for op, so the output is token-exact with Meta's reference
-implementation (reference.py runs it; test_llama.py compares). Everything optional lives beside this file and
-is applied by swapping modules in: checkpoints.py (Hugging Face layout, conversion), speed.py (CPU and GPU fast
-paths), quantize.py (int8/int4 weights), prepare.py (data). generate.py and finetune.py put them together.
+implementation (reference.py runs it; test_llama.py compares). Everything optional lives beside
+this file and is applied by swapping modules in: checkpoints.py (Hugging Face layout, conversion),
+speed.py (CPU and GPU fast paths), quantize.py (int8/int4 weights), prepare.py (data).
+generate.load puts them together, for any checkpoint layout; finetune.py trains.
 """
 
 import codecs
@@ -25,7 +26,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 
 class InputError(ValueError):
-    """Bad input from the user (files, shapes, settings). The message names the problem and the fix."""
+    """Bad user input (files, shapes, settings); the message names the problem and the fix."""
 
 
 def log(msg):
@@ -43,28 +44,28 @@ def log(msg):
 
 # -----------------------------------------------------------------------------
 # 1. Config
-# One frozen dataclass describes every Llama 3.x text model. The fields follow Meta's params.json; the RoPE
-# scaling fields are explicit because Meta's code hard-codes them.
+# One frozen dataclass describes every Llama 3.x text model. The fields follow Meta's params.json;
+# the RoPE scaling fields are explicit because Meta's code hard-codes them.
 
 @dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
     n_heads: int
-    n_kv_heads: int  # < n_heads: grouped-query attention, each K/V head serves n_heads // n_kv_heads queries
+    n_kv_heads: int  # < n_heads: grouped-query attention, each K/V head serves several query heads
     vocab_size: int
     ffn_hidden_dim: int  # SwiGLU width, from multiple_of / ffn_dim_multiplier in params.json
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    # Llama 3.1+ stretch the low RoPE frequencies to reach 128k context ("llama3" scaling). params.json says
-    # only use_scaled_rope, and Meta's reference hard-codes factor 8: right for 3.1 and 3.3, but Llama 3.2
-    # 1B/3B were trained with factor 32 (their HF config.json says so).
+    # Llama 3.1+ stretch the low RoPE frequencies to reach 128k context ("llama3" scaling).
+    # params.json says only use_scaled_rope, and Meta's reference hard-codes factor 8: right for 3.1
+    # and 3.3, but Llama 3.2 1B/3B were trained with factor 32 (their HF config.json says so).
     use_scaled_rope: bool = False
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
-    tie_embeddings: bool = False  # Llama 3.2 1B/3B share the output matrix with the token embedding
+    tie_embeddings: bool = False  # Llama 3.2 1B/3B share the output matrix with the embedding
     max_seq_len: int = 2048  # the longest sequence this run will process (a runtime choice)
     multiple_of: int = 256  # kept only to write params.json back as Meta does
     ffn_dim_multiplier: float | None = None
@@ -86,18 +87,17 @@ META_OPTIONAL = {"n_kv_heads": int, "ffn_dim_multiplier": float, "use_scaled_rop
 def check_types(cfg, types, where):
     for key, want in types.items():
         value = cfg.get(key)
-        if value is None:
-            continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = isinstance(value, bool) if want is bool else (
             number and (want is float or float(value).is_integer()))
-        if not ok:
-            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; fix the file")
+        if value is not None and not ok:
+            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; "
+                             f"fix the file")
 
 
 def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
-    # 2/3 of 4*dim (SwiGLU has three matrices: keep the parameter count of a 4*dim MLP), times an optional
-    # multiplier, rounded up to a multiple of multiple_of
+    # 2/3 of 4*dim (SwiGLU has three matrices: keep the parameter count of a 4*dim MLP), times an
+    # optional multiplier, rounded up to a multiple of multiple_of
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -107,7 +107,8 @@ def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
 def args_from_meta_params(params, where="params.json"):
     missing = [k for k in META_REQUIRED if k not in params]
     if missing:
-        raise InputError(f"{where} is missing required keys {missing}; is this a Llama 3 params.json?")
+        raise InputError(f"{where} is missing required keys {missing}; "
+                         f"is this a Llama 3 params.json?")
     check_types(params, {**META_REQUIRED, **META_OPTIONAL}, where)
     unknown = sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL))
     if unknown:
@@ -129,9 +130,9 @@ def args_from_meta_params(params, where="params.json"):
 
 # -----------------------------------------------------------------------------
 # 2. Tokenizer
-# Byte-level BPE (tiktoken) over 128,000 ranks, then 256 special tokens. User text is always encoded as plain
-# text: "<|eot_id|>" typed by a user is 9 ordinary tokens, so nobody can forge a turn boundary. Special tokens
-# are added only by code, by id.
+# Byte-level BPE (tiktoken) over 128,000 ranks, then 256 special tokens. User text is always encoded
+# as plain text: "<|eot_id|>" typed by a user is 9 ordinary tokens, so nobody can forge a turn
+# boundary. Special tokens are added only by code, by id.
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -141,19 +142,20 @@ SPECIAL_TOKENS = [
     "<|eot_id|>",  # end of turn
     "<|python_tag|>", "<|image|>",
 ]
-SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(SPECIAL_TOKENS) + 2)]
+SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>"
+                   for i in range(2, 256 - len(SPECIAL_TOKENS) + 2)]
 
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken panics on much longer inputs
-MAX_NO_WHITESPACES_CHARS = 25_000  # and is quadratic on very long runs of (non-)whitespace: split them
+MAX_NO_WHITESPACES_CHARS = 25_000  # and is quadratic on long runs of (non-)whitespace: split them
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython",
          "ipython": "ipython"}
 
 
 class Tokenizer:
     def __init__(self, ranks, name="llama3"):
-        """ranks: {token bytes: rank} of the 128,000 byte-level BPE tokens (tokenizer.model's content)."""
+        """ranks: {token bytes: rank} of the 128,000 byte-level BPE tokens (tokenizer.model)."""
         import tiktoken
 
         self.ranks = ranks
@@ -180,15 +182,16 @@ class Tokenizer:
             raise InputError(f"{path} is not a Llama 3 tokenizer.model (base64 token and rank per "
                              f"line); use the one that came with the weights") from None
         if len(ranks) < 256 or sorted(ranks.values()) != list(range(len(ranks))):
-            raise InputError(f"{path} is damaged: it needs ranks 0..N-1 covering at least the 256 bytes; "
-                             f"use the tokenizer.model that came with the weights")
+            raise InputError(f"{path} is damaged: it needs ranks 0..N-1 covering at least the 256 "
+                             f"bytes; use the tokenizer.model that came with the weights")
         return Tokenizer(ranks, Path(path).name)
 
     def encode(self, s, bos=False, eos=False):
         assert isinstance(s, str), f"encode takes a str, got {type(s).__name__}"
         ids = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
-            for piece in split_long_runs(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+            chunk = s[i:i + TIKTOKEN_MAX_ENCODE_CHARS]
+            for piece in split_long_runs(chunk, MAX_NO_WHITESPACES_CHARS):
                 # disallowed_special=(): special-token strings in the text are encoded as plain text
                 ids.extend(self.model.encode(piece, allowed_special=set(), disallowed_special=()))
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
@@ -197,13 +200,13 @@ class Tokenizer:
         return self.model.decode(list(ids))
 
     def stream_decoder(self):
-        """An incremental decoder: .decode(token bytes) -> new text, holding back the bytes of a character
-        split across tokens; .decode(b"", final=True) flushes what is left at the end."""
+        """An incremental decoder: .decode(token bytes) -> new text, holding back the bytes of a
+        character split across tokens; .decode(b"", final=True) flushes what is left at the end."""
         return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     # The chat format of the instruct models: <|begin_of_text|>, then per message
-    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, and an open assistant header to
-    # answer in. An assistant message that called a tool ends with <|eom_id|> (the tool's answer comes next).
+    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, and an open assistant header
+    # to answer in. An assistant message that called a tool ends with <|eom_id|> (the tool answers).
     def encode_header(self, role):
         return ([self.special_tokens["<|start_header_id|>"]] + self.encode(ROLES[role])
                 + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n"))
@@ -219,8 +222,8 @@ class Tokenizer:
         return self.encode_dialog(messages, where)[0] + self.encode_header("assistant")
 
     def encode_dialog(self, messages, where="dialog"):
-        """(tokens, train_on): the conversation, and which tokens carry loss in finetuning: the assistant's
-        words and its closing <|eot_id|>/<|eom_id|>; never headers, system prompts or the user's words."""
+        """(tokens, train_on): the conversation, and which tokens carry loss in finetuning: the
+        assistant's words and its closing <|eot_id|>/<|eom_id|>; never headers, system or user."""
         check_dialog(messages, where)
         tokens, train_on = [self.bos_id], [False]
         for m in messages:
@@ -237,14 +240,15 @@ def check_dialog(messages, where="dialog"):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             got = m.get("role") if isinstance(m, dict) else m
-            raise InputError(f"{where}, message {i}: role must be one of {', '.join(ROLES)}, got {got!r}")
+            raise InputError(f"{where}, message {i}: role must be one of {', '.join(ROLES)}, "
+                             f"got {got!r}")
         if not isinstance(m.get("content"), str):
             raise InputError(f"{where}, message {i}: content must be a string, "
                              f"got {type(m.get('content')).__name__}")
 
 
 def split_long_runs(s, max_len):
-    """Split s so that no piece has over max_len consecutive whitespace or non-whitespace chars (as Meta)."""
+    """Split s so that no piece has a run of over max_len (non-)whitespace chars, as Meta does."""
     run_len, run_is_space, start = 0, (s[0].isspace() if s else False), 0
     for i, ch in enumerate(s):
         if ch.isspace() != run_is_space:
@@ -259,9 +263,9 @@ def split_long_runs(s, max_len):
 
 # -----------------------------------------------------------------------------
 # 3. Model
-# A decoder-only transformer: pre-norm blocks of attention then SwiGLU, each added to the residual stream.
-# The arithmetic follows Meta's reference op for op (float32 norms, RoPE and softmax), which is what makes
-# the outputs token-exact. The KV cache exists only while generating.
+# A decoder-only transformer: pre-norm blocks of attention then SwiGLU, each added to the residual
+# stream. The arithmetic follows Meta's reference op for op (float32 norms, RoPE and softmax), which
+# is what makes the outputs token-exact. The KV cache exists only while generating.
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -270,9 +274,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 even for bf16 activations (Meta's ops), then scale in the model's dtype
+        # normalise in float32 even for bf16 activations (Meta's ops), then scale in the model dtype
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+                * self.weight)
 
 
 def rope_frequencies(args):
@@ -280,8 +285,8 @@ def rope_frequencies(args):
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
     if not args.use_scaled_rope:
         return freqs
-    # llama3 scaling: wavelengths longer than the original context are slowed down by `factor`, short
-    # ones are kept, and the band between is interpolated smoothly
+    # llama3 scaling: wavelengths longer than the original context are slowed down by `factor`,
+    # short ones are kept, and the band between is interpolated smoothly
     factor, low, high, old_ctx = (args.rope_scaling_factor, args.rope_low_freq_factor,
                                   args.rope_high_freq_factor, args.rope_original_context)
     wavelen = 2 * math.pi / freqs
@@ -294,20 +299,22 @@ def rope_frequencies(args):
 def precompute_freqs_cis(args, device=None):
     freqs = rope_frequencies(args).to(device)
     angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)  # (max_seq_len, head_dim // 2): e^(i*pos*freq)
+    # (max_seq_len, head_dim // 2) complex numbers e^(i * pos * freq)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x, freqs_cis):
-    # x: (B, T, heads, head_dim). Meta's layout: dimensions (0,1), (2,3), ... are (real, imag) pairs.
-    # (Hugging Face permutes the rows of wq/wk so that pairs are (i, i + head_dim/2); undone on load.)
-    # freqs_cis: (T, head_dim // 2), or (B, T, head_dim // 2) when positions differ per row
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, head_dim // 2)
+    # x: (B, T, heads, head_dim). Meta's layout: dimensions (0,1), (2,3), ... are (real, imag)
+    # pairs. (Hugging Face permutes the rows of wq/wk so that pairs are (i, i + head_dim/2); undone
+    # on load.) freqs_cis: (T, head_dim // 2), or (B, T, head_dim // 2) when positions differ by row
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, hd // 2)
     return torch.view_as_real(xc * freqs_cis[..., None, :]).flatten(3).type_as(x)
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. Layout (B, max_len, n_kv_heads,
-    head_dim), as Meta's: same strides, so the same matmul kernels and bit-identical float32 results."""
+    """Keys and values of the positions seen so far, for one layer. Layout (B, max_len,
+    n_kv_heads, head_dim), as Meta's: same strides, so the same matmul kernels and bit-identical
+    float32 results."""
 
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
         shape = (batch_size, max_len, n_kv_heads, head_dim)
@@ -329,7 +336,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.fused = fused  # SDPA kernels (flash attention on GPUs) instead of Meta's explicit arithmetic
+        self.fused = fused  # SDPA kernels (flash attention on GPUs) instead of Meta's arithmetic
         self.cache = None  # a KVCache while generating
 
     def forward(self, x, freqs_cis, start_pos, mask):
@@ -343,15 +350,16 @@ class Attention(nn.Module):
         return self.wo(self.attend(q, k, v, mask).reshape(B, T, -1))
 
     def attend(self, q, k, v, mask):
-        """q: (B, T, heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); mask: (T, S) or (B, 1, T, S)
-        booleans, True where a query may attend, or None: causal. -> (B, T, heads, head_dim)"""
+        """q: (B, T, heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); mask: (T, S) or
+        (B, 1, T, S) booleans, True where a query may attend, or None: causal. -> q's shape"""
         if self.fused:  # without a mask: causal for T > 1, everything for T == 1 (decoding)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=mask is None and q.shape[1] > 1, enable_gqa=self.n_kv_heads != self.n_heads)
+                is_causal=mask is None and q.shape[1] > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads)
             return y.transpose(1, 2)
-        # Meta's attention, op for op and layout for layout: each K/V head repeated for its query heads,
-        # explicit scores, an additive -inf mask, float32 softmax
+        # Meta's attention, op for op and layout for layout: each K/V head repeated for its query
+        # heads, explicit scores, an additive -inf mask, float32 softmax
         B, S, n_kv, hd = k.shape
         n_rep, T = self.n_heads // n_kv, q.shape[1]
         k = k[:, :, :, None, :].expand(B, S, n_kv, n_rep, hd).reshape(B, S, n_kv * n_rep, hd)
@@ -361,8 +369,8 @@ class Attention(nn.Module):
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
-            scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(
-                ~mask, float("-inf"))
+            scores = scores + torch.zeros(mask.shape, dtype=scores.dtype,
+                                          device=q.device).masked_fill(~mask, float("-inf"))
         return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v).transpose(1, 2)
 
 
@@ -395,7 +403,8 @@ class CrossEntropy(nn.Module):
 
     def forward(self, h, output, targets):
         logits = output(h).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                               reduction="none").view(targets.shape)
 
 
 class Transformer(nn.Module):
@@ -412,21 +421,23 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
         self.activation_checkpointing = False
 
-    def forward(self, tokens, start_pos=0, mask=None, positions=None, targets=None, last_only=False):
-        """tokens (B, T) -> float32 logits (B, T, vocab), (B, 1, vocab) with last_only; or, given targets
-        (B, T), the per-token cross-entropy losses (B, T), as nanoGPT does (DDP then wraps the whole step).
-
-        start_pos > 0 continues a sequence held in the KV cache. mask: booleans (T, S) or (B, 1, T, S), True
-        where a token may attend (default: causal); positions (B, T): the RoPE positions, when they are not
-        start_pos, start_pos + 1, ... (packed documents restart them at each document)."""
+    def forward(self, tokens, start_pos=0, mask=None, positions=None, targets=None,
+                last_only=False):
+        """tokens (B, T) -> float32 logits (B, T, vocab), (B, 1, vocab) with last_only; or, given
+        targets (B, T), the per-token cross-entropy losses (B, T), as nanoGPT does (DDP then wraps
+        the whole step). start_pos > 0 continues a sequence held in the KV cache. mask: booleans
+        (T, S) or (B, 1, T, S), True where a token may attend (default: causal); positions (B, T):
+        RoPE positions, when not start_pos, start_pos + 1, ... (packed documents restart them)."""
         B, T = tokens.shape
         if mask is None and T > 1 and start_pos > 0:
             # new tokens see the whole cache and each other causally: query i sits at start_pos + i
-            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T] if positions is None else self.freqs_cis[positions]
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool,
+                              device=tokens.device).tril(start_pos)
+        freqs_cis = (self.freqs_cis[start_pos:start_pos + T] if positions is None
+                     else self.freqs_cis[positions])
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training:  # recompute in backward: less memory
+            if self.activation_checkpointing and self.training:  # recompute in backward: less mem
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, start_pos, mask,
                                                       use_reentrant=False)
             else:
@@ -441,7 +452,8 @@ class Transformer(nn.Module):
         """A KV cache for one generation, freed when the block ends."""
         a, w = self.args, self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+            layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, w.dtype,
+                                            w.device)
         try:
             yield
         finally:
@@ -451,9 +463,9 @@ class Transformer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 4. Checkpoints
-# Meta's layout: params.json + consolidated.NN.pth (one shard per model-parallel rank) + tokenizer.model.
-# Weights are memory-mapped and assigned into a model built on the meta device, so that no second copy is
-# made: peak memory stays near the size of the weights. (checkpoints.py reads Hugging Face's layout.)
+# Meta's layout: params.json, consolidated.NN.pth (one per model-parallel rank), tokenizer.model.
+# Weights are memory-mapped and assigned into a model built on the meta device: no second copy is
+# made, so peak memory stays near the size of the weights. (checkpoints.py reads Hugging Face's.)
 
 def default_device():
     if torch.cuda.is_available():
@@ -485,7 +497,8 @@ def resolve_device(device):
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but this torch has no CUDA (or no GPU is visible); use --device cpu")
+        raise InputError("--device cuda, but this torch has no CUDA (or no GPU is visible); "
+                         "use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("--device mps, but MPS is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -498,7 +511,8 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is the file complete?") from None
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; "
+                         f"is the file complete?") from None
 
 
 def read_json(path):
@@ -518,7 +532,7 @@ def meta_shard_dim(key):
 
 
 def merge_meta_shards(shards, args):
-    merged = {}
+    merged, kv_rows = {}, args.n_kv_heads * args.head_dim
     for key in shards[0]:
         if any(key not in s for s in shards):
             raise InputError(f"'{key}' is in consolidated.00.pth but not in every shard; "
@@ -527,9 +541,8 @@ def merge_meta_shards(shards, args):
         if dim is None or len(shards) == 1:
             merged[key] = parts[0]
             continue
-        kv_rows = args.n_kv_heads * args.head_dim
         if key.endswith(("wk.weight", "wv.weight")) and sum(p.shape[0] for p in parts) > kv_rows:
-            # more shards than K/V heads (405B on 16 ranks): consecutive shards hold copies of one head
+            # more shards than K/V heads (405B on 16 ranks): consecutive shards hold copies of one
             copies = sum(p.shape[0] for p in parts) // kv_rows
             for i in range(0, len(parts), copies):
                 if not all(torch.equal(parts[i], p) for p in parts[i + 1:i + copies]):
@@ -567,34 +580,37 @@ def load_meta_checkpoint(ckpt_dir):
 
 
 def build_model(args, state_dict, device, dtype, fused=False):
-    """A Transformer holding these weights (Meta's names), in dtype on device. Built on the meta device and
-    assigned: a weight already in the right dtype and device is used as it is, memory-mapped."""
+    """A Transformer holding these weights (Meta's names), in dtype on device. Built on the meta
+    device and assigned: a weight already in the right dtype and device is used as it is, mapped."""
     with torch.device("meta"):
         model = Transformer(args, fused)
     if args.tie_embeddings:
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise InputError(f"checkpoint does not match the config: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     for key, t in state_dict.items():
         if t.shape != expected[key].shape:
             raise InputError(f"'{key}' has shape {tuple(t.shape)} but the config implies "
-                             f"{tuple(expected[key].shape)}; the config and weights are from different models")
+                             f"{tuple(expected[key].shape)}; the config and weights are from "
+                             f"different models")
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in state_dict.items()},
                           assign=True, strict=True)
     if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # assign=True gave each name its own Parameter
+        # assign=True gave each name its own Parameter: tie them again
+        model.output.weight = model.tok_embeddings.weight
     model.freqs_cis = precompute_freqs_cis(args, device)
     return model.eval()
 
 
 @contextmanager
 def atomic_directory(out_dir):
-    """Write a directory completely or not at all: files go to a temporary sibling that replaces out_dir at
-    the end. The old directory is moved aside first and deleted last; if a crash comes between the two
-    renames, the next atomic_directory (or recover_directory) on the same path puts the old one back."""
+    """Write a directory completely or not at all: files go to a temporary sibling that replaces
+    out_dir at the end. The old directory is moved aside first and deleted last; if a crash comes
+    between the two renames, the next atomic_directory (or recover_directory) puts it back."""
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     recover_directory(out_dir)
@@ -616,12 +632,13 @@ def recover_directory(out_dir):
 
 # -----------------------------------------------------------------------------
 # 5. Generation
-# Meta's loop, kept exactly: the batch is decoded from the shortest prompt's length on, and positions still
-# inside a longer prompt take the prompt's token instead of the sample. Same tensors, same order of random
-# draws, so a seed gives Meta's tokens. It only stops earlier: once every row is finished.
+# Meta's loop, kept exactly: the batch is decoded from the shortest prompt's length on, and
+# positions still inside a longer prompt take the prompt's token instead of the sample. Same
+# tensors, same order of random draws, so a seed gives Meta's tokens. It only stops earlier: once
+# every row is finished.
 
 def sample_top_p(probs, p, generator=None):
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p (Meta's code)."""
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p (Meta's code)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mask = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
     probs_sort[mask] = 0.0
@@ -657,50 +674,41 @@ def check_vocab(tokenizer, args):
 
 
 class Llama:
+    """Generation with a built Transformer and its Tokenizer (generate.load builds both, for any
+    layout). With Meta's arithmetic (the default), float32 and bf16 runs are bit-identical to
+    Meta's reference, even long sampled ones; fused attention agrees to ~1e-5 in float32."""
+
     def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
         """fast: compute only the last position's logits (Meta computes all of them)."""
         check_vocab(tokenizer, model.args)
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.args, self.fast = model.args, fast
         self.device = model.tok_embeddings.weight.device
-        self.generator = torch.Generator(self.device).manual_seed(seed)  # as Meta's global seed does
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # as Meta's global seed
         # what one decoding step calls, and the cache it runs in (speed.py swaps in compiled ones)
         self.step, self.kv_cache = model, model.kv_cache
-
-    @staticmethod
-    def build(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1, fast=False):
-        """Load a Meta-layout checkpoint for generation (generate.load reads every layout and applies the
-        speed paths). By default the arithmetic is Meta's, op for op: float32 and bf16 runs are
-        bit-identical to its reference, so even long sampled runs give Meta's tokens. fast=True uses fused
-        attention kernels (SDPA) and last-position logits: logits agree to ~1e-5 in float32."""
-        device = resolve_device(device)
-        args, state_dict = load_meta_checkpoint(ckpt_dir)
-        tokenizer = Tokenizer.load(Path(ckpt_dir) / "tokenizer.model")
-        check_vocab(tokenizer, args)
-        model = build_model(replace(args, max_seq_len=max_seq_len), state_dict, device,
-                            resolve_dtype(dtype, device), fused=fast)
-        return Llama(model, tokenizer, max_batch_size, seed, fast)
 
     def check_prompts(self, prompt_tokens, max_gen_len):
         if not prompt_tokens:
             raise InputError("no prompts given; pass at least one prompt")
         if len(prompt_tokens) > self.max_batch_size:
-            raise InputError(f"{len(prompt_tokens)} prompts but max_batch_size is {self.max_batch_size}; "
-                             f"raise max_batch_size or pass fewer prompts")
+            raise InputError(f"{len(prompt_tokens)} prompts but max_batch_size is "
+                             f"{self.max_batch_size}; raise max_batch_size or pass fewer prompts")
         longest = max(len(t) for t in prompt_tokens)
         if longest == 0:
             raise InputError("a prompt has no tokens; start every prompt with <|begin_of_text|>")
         if longest >= self.args.max_seq_len:
-            raise InputError(f"a prompt of {longest} tokens does not fit max_seq_len {self.args.max_seq_len} "
-                             f"with room for a new token; raise max_seq_len or shorten the prompt")
+            raise InputError(f"a prompt of {longest} tokens does not fit max_seq_len "
+                             f"{self.args.max_seq_len} with room for a new token; "
+                             f"raise max_seq_len or shorten the prompt")
         if max_gen_len < 1:
             raise InputError(f"max_gen_len must be at least 1, got {max_gen_len}")
 
     @torch.inference_mode()
     def generate_steps(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0,
                        logprobs=False):
-        """Meta's decoding loop as a generator. Yields (tokens, token_logprobs, cur_pos, done) after each
-        step: tokens (B, total_len) holds prompts and generated ids up to cur_pos."""
+        """Meta's decoding loop as a generator. Yields (tokens, token_logprobs, cur_pos, done) after
+        each step: tokens (B, total_len) holds prompts and generated ids up to cur_pos."""
         self.check_prompts(prompt_tokens, max_gen_len)
         check_sampling(temperature, top_p, top_k)
         bsz, pad_id = len(prompt_tokens), self.tokenizer.pad_id
@@ -724,8 +732,8 @@ class Llama:
                 tokens[:, cur_pos] = next_token
                 if logprobs:
                     token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
-                        logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none",
-                        ignore_index=pad_id)
+                        logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1],
+                        reduction="none", ignore_index=pad_id)
                 generating = ~in_prompt[:, cur_pos]
                 done |= generating & (torch.isin(next_token, stop_tokens)
                                       | (cur_pos + 1 - prompt_lens >= max_gen_len))
@@ -734,13 +742,13 @@ class Llama:
                 if done.all():
                     break
 
-    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0, logprobs=False,
-                 echo=False):
-        """prompt_tokens: lists of ids. -> (ids per prompt, logprobs per prompt or None, stop per prompt:
-        the stop token that ended it, or None when it ran out of max_gen_len or max_seq_len). The prompt is
-        included only with echo; the stop token never is."""
-        for tokens, token_logprobs, _, _ in self.generate_steps(prompt_tokens, max_gen_len, temperature,
-                                                                top_p, top_k, logprobs):
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0,
+                 logprobs=False, echo=False):
+        """prompt_tokens: lists of ids. -> (ids per prompt, logprobs per prompt or None, stop per
+        prompt: the stop token that ended it, or None when it ran out of max_gen_len or
+        max_seq_len). The prompt is included only with echo; the stop token never is."""
+        steps = self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
+        for tokens, token_logprobs, _, _ in steps:
             pass
         out, lps, stops = [], [], []
         for i, prompt in enumerate(prompt_tokens):
@@ -753,12 +761,12 @@ class Llama:
         return out, (lps if logprobs else None), stops
 
     def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
-        """One prompt; yields (token_id, text) as each token is generated. Text is decoded incrementally, so
-        a character split across tokens appears whole once its last byte has arrived (a final flush yields
-        (None, text) for bytes left at the end). The stop token is not yielded."""
+        """One prompt; yields (token_id, text) per new token, the text decoded incrementally (a
+        character split across tokens comes with its last byte; a final (None, text) flushes what
+        is left). The stop token is not yielded."""
         decoder, n = self.tokenizer.stream_decoder(), len(prompt_tokens)
-        for tokens, _, cur_pos, done in self.generate_steps([prompt_tokens], max_gen_len, temperature,
-                                                            top_p, top_k):
+        for tokens, _, cur_pos, done in self.generate_steps([prompt_tokens], max_gen_len,
+                                                            temperature, top_p, top_k):
             token = tokens[0, cur_pos].item()
             if cur_pos < n:
                 continue
@@ -770,38 +778,40 @@ class Llama:
 
     def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None,
                         logprobs=False):
-        """Answer each dialog (a list of {"role", "content"} messages ending with a user or tool message).
-        -> [{"generation": {"role": "assistant", "content", "stop_reason"}, "tokens": [...]}]"""
+        """Answer each dialog (a list of {"role", "content"} messages ending with a user or tool
+        message). -> [{"generation": {"role": "assistant", "content", "stop_reason"}, "tokens"}]"""
         for i, dialog in enumerate(dialogs):
             check_dialog(dialog, f"dialog {i}")
             if dialog[-1]["role"] not in ("user", "tool", "ipython"):
-                raise InputError(f"dialog {i} ends with a {dialog[-1]['role']} message; a reply needs a user "
-                                 f"(or tool) message last")
+                raise InputError(f"dialog {i} ends with a {dialog[-1]['role']} message; a reply "
+                                 f"needs a user (or tool) message last")
         prompt_tokens = [self.tokenizer.encode_dialog_prompt(d) for d in dialogs]
         tokens, lps, stops = self.generate(prompt_tokens, max_gen_len or self.args.max_seq_len - 1,
                                            temperature, top_p, top_k, logprobs)
         reasons = {self.tokenizer.eot_id: "end_of_turn", self.tokenizer.eom_id: "end_of_message",
                    self.tokenizer.eos_id: "end_of_turn", None: "out_of_tokens"}
         return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t),
-                                "stop_reason": reasons[s]}, "tokens": t, **({"logprobs": lp} if logprobs else {})}
+                                "stop_reason": reasons[s]},
+                 "tokens": t, **({"logprobs": lp} if logprobs else {})}
                 for t, lp, s in zip(tokens, lps or [None] * len(tokens), stops)]
 
     def text_completion(self, prompts, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None,
                         logprobs=False, echo=False):
-        """Complete each prompt string. -> [{"generation": str, "tokens": [ids], "logprobs": [...]?}]"""
+        """Complete each prompt string. -> [{"generation": str, "tokens": [ids], "logprobs"?}]"""
         prompt_tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        tokens, lps, _ = self.generate(prompt_tokens, max_gen_len or self.args.max_seq_len - 1, temperature,
-                                       top_p, top_k, logprobs, echo)
-        return [{"generation": self.tokenizer.decode(t), "tokens": t, **({"logprobs": lp} if logprobs else {})}
+        tokens, lps, _ = self.generate(prompt_tokens, max_gen_len or self.args.max_seq_len - 1,
+                                       temperature, top_p, top_k, logprobs, echo)
+        return [{"generation": self.tokenizer.decode(t), "tokens": t,
+                 **({"logprobs": lp} if logprobs else {})}
                 for t, lp in zip(tokens, lps or [None] * len(tokens))]
 
 
 # -----------------------------------------------------------------------------
 # 6. LoRA and RMSNorm tuning
-# A frozen weight W gets a trainable low-rank update: y = W x + (alpha / rank) * B A x, with A (rank, in)
-# and B (out, rank). B starts at zero, so before training the model is exactly the base model; afterwards
-# W + (alpha / rank) B A merges back (in float32) and the model is plain Linear layers again. Norm tuning
-# trains only the RMSNorm weights: a few thousand numbers that shift every layer's scale.
+# A frozen weight W gets a trainable low-rank update: y = W x + (alpha / rank) * B A x, with A
+# (rank, in) and B (out, rank). B starts at zero, so before training the model is exactly the base
+# model; afterwards W + (alpha / rank) B A merges back (in float32) into plain Linear layers.
+# Norm tuning trains only the RMSNorm weights: a few thousand numbers that rescale every layer.
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 MODES = ("lora", "norm", "lora+norm", "full")
@@ -824,7 +834,8 @@ class LoRALinear(nn.Module):
     def merged(self):
         w = self.base.weight
         merged = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        merged.weight.data = (w.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())).to(w.dtype)
+        update = self.scale * (self.lora_b.float() @ self.lora_a.float())
+        merged.weight.data = (w.float() + update).to(w.dtype)
         return merged
 
 
@@ -862,7 +873,7 @@ def merge_lora(model):
 
 
 def set_trainable(model, mode):
-    """Frozen weights get no gradient (and so no gradient buffers). Trained ones are kept in float32."""
+    """Frozen weights get no gradient (so no gradient buffers); trained ones are kept in float32."""
     lora, norm = mode in ("lora", "lora+norm"), mode in ("norm", "lora+norm")
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -875,28 +886,28 @@ def set_trainable(model, mode):
 
 # -----------------------------------------------------------------------------
 # 7. Finetuning
-# Training sequences are windows of a stream of documents, each <|begin_of_text|> ... <|end_of_text|>.
-# Llama 3 was trained so that a token never attends past the BOS of its own document: the causal mask is
-# block-diagonal and RoPE positions restart at each BOS, so each document is computed exactly as if it were
-# alone (the tests check this). Nothing is learned across a boundary: targets that are a BOS carry no loss.
+# Training sequences are windows of a stream of documents, <|begin_of_text|> ... <|end_of_text|>.
+# Llama 3 was trained so that a token never attends past its own document's BOS: the causal mask is
+# block-diagonal and RoPE positions restart at each BOS, so each document is computed exactly as if
+# alone (the tests check this). Nothing is learned across a boundary: BOS targets carry no loss.
 
 def document_mask(tokens, bos_id):
-    """tokens (B, T) -> (positions (B, T), "may attend" mask (B, 1, T, T)); (None, None) when no row holds
-    more than one document: plain causal attention then (the fused kernels' fast path)."""
+    """tokens (B, T) -> (positions (B, T), "may attend" mask (B, 1, T, T)); (None, None) when no row
+    holds more than one document: plain causal attention then (the fused kernels' fast path)."""
     B, T = tokens.shape
     is_bos = tokens == bos_id
     if not is_bos[:, 1:].any():
         return None, None
     idx = torch.arange(T, device=tokens.device).expand(B, T)
     doc = is_bos.cumsum(1)  # (B, T) document id of each token
-    positions = idx - torch.where(is_bos, idx, 0).cummax(1).values  # distance from the document's BOS
+    positions = idx - torch.where(is_bos, idx, 0).cummax(1).values  # distance from its doc's BOS
     causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
     return positions, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def token_losses(model, x, y, bos_id, loss_mask=None):
-    """Per-token cross-entropy (B, T), and the weights (B, T) that say which targets count: never a BOS,
-    and with a loss mask (conversations) only the masked-in ones."""
+    """Per-token cross-entropy (B, T), and the weights (B, T) that say which targets count: never a
+    BOS, and with a loss mask (conversations) only the masked-in ones."""
     positions, mask = document_mask(x, bos_id)
     return model(x, mask=mask, positions=positions, targets=y), token_weights(y, bos_id, loss_mask)
 
@@ -906,9 +917,9 @@ def token_weights(y, bos_id, loss_mask=None):
 
 
 def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
-    """The batch of one step, drawn from (seed, step) alone: resuming needs only the step, and the ranks of
-    a DDP run take disjoint slices of the same global batch, so N processes see what one would.
-    data: (tokens, loss mask or None) -> inputs (B, T), targets (B, T), targets' loss mask or None."""
+    """The batch of one step, drawn from (seed, step) alone: resuming needs only the step, and the
+    ranks of a DDP run take disjoint slices of the same global batch, so N processes see what one
+    would. data: (tokens, loss mask or None) -> inputs (B, T), targets (B, T), loss mask or None."""
     tokens, mask = data
     if len(tokens) <= seq_len + 1:
         raise InputError(f"the data has {len(tokens)} tokens, too few for sequences of {seq_len}; "
@@ -916,7 +927,8 @@ def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cp
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world,), generator=g)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
-    window = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts])
+    window = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64"))
+                          for s in starts])
     loss_mask = None if mask is None else torch.stack(
         [torch.from_numpy(mask[s + 1:s + seq_len + 1].astype(bool)) for s in starts]).to(device)
     window = window.to(device)
@@ -927,24 +939,26 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, max_steps - warmup)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return lr * (min_lr_ratio
+                 + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def save_training_state(out_dir, model, optimizer, step, run, log_lines):
-    """Trained weights (safetensors), optimizer, step, RNG states, the run's settings and its log up to this
-    step: one directory, written atomically. log.jsonl beside it is then replaced: never ahead of it."""
+    """Trained weights, optimizer, step, RNG states, settings and log up to this step, in one
+    directory written atomically; log.jsonl beside it is replaced only then: never ahead of it."""
     from safetensors.torch import save_file
 
+    out_dir = Path(out_dir)
     trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    with atomic_directory(Path(out_dir) / "checkpoint") as tmp:
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    with atomic_directory(out_dir / "checkpoint") as tmp:
         save_file(trained, tmp / "trainable.safetensors", metadata={"format": "pt"})
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps({**run, "step": step}, indent=2))
         (tmp / "log.jsonl").write_text("".join(line + "\n" for line in log_lines))
-    shutil.copyfile(Path(out_dir) / "checkpoint" / "log.jsonl", Path(out_dir) / ".log.jsonl.tmp")
-    os.replace(Path(out_dir) / ".log.jsonl.tmp", Path(out_dir) / "log.jsonl")
+    shutil.copyfile(out_dir / "checkpoint" / "log.jsonl", out_dir / ".log.jsonl.tmp")
+    os.replace(out_dir / ".log.jsonl.tmp", out_dir / "log.jsonl")
 
 
 def read_run(out_dir):
@@ -952,57 +966,43 @@ def read_run(out_dir):
     recover_directory(Path(out_dir) / "checkpoint")
     path = Path(out_dir) / "checkpoint" / "run.json"
     if not path.exists():
-        raise InputError(f"{out_dir} holds no finetune checkpoint ({path.name} missing); pass the --out_dir "
-                         f"of a finetune run")
+        raise InputError(f"{out_dir} holds no finetune checkpoint ({path.name} missing); pass the "
+                         f"--out_dir of a finetune run")
     return read_json(path)
 
 
 def load_trained(model, out_dir):
-    """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model built like it."""
+    """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model like it."""
     from safetensors.torch import load_file
 
     path = Path(out_dir) / "checkpoint" / "trainable.safetensors"
     saved, params = load_file(path), dict(model.named_parameters())
     for name, t in saved.items():
         if name not in params or params[name].shape != t.shape:
-            raise InputError(f"{path}: '{name}' does not fit this model; the run used another base model")
+            raise InputError(f"{path}: '{name}' does not fit this model; the run used another base "
+                             f"model")
         params[name].data = t.to(params[name].device)
     return model
 
 
-class StopSignal:
-    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send) set a flag; the loop stops at the next step
-    boundary and saves, so that a resumed run continues exactly where this one stopped."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text=None):
-    """The training loop. cfg: the settings finetune.py parses (see its --help); run: what run.json records.
-    Returns the signal that stopped it, or None when it ran to its end."""
+    """The training loop. cfg: the settings finetune.py parses (see its --help); run: what run.json
+    records. Returns the signal that stopped it, "stop_at", or None when it ran to its end."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, main_process = model.tok_embeddings.weight.device, rank == 0
     say = log if main_process else (lambda msg: None)
     out_dir = Path(out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # weight decay on matrices only, never on norms
+    no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                   {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     step, log_lines = 0, []
     if cfg.resume:
         load_trained(model, out_dir)
-        state = torch.load(out_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(out_dir / "checkpoint" / "state.pt", map_location="cpu",
+                           weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -1024,7 +1024,8 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
         total, count = 0.0, 0.0
         with torch.no_grad(), autocast:
             for i in range(cfg.eval_batches):
-                x, y, m = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank, world, device)
+                x, y, m = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank,
+                                    world, device)
                 losses, weights = token_losses(model, x, y, tokenizer.bos_id, m)
                 total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
         model.train()
@@ -1034,22 +1035,33 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
     def record(**values):
         log_lines.append(json.dumps({"step": step, **values}))
 
+    # Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set a flag: the loop stops at the next
+    # step boundary and saves, so that a resumed run continues exactly where this one stopped
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
     model.train()
-    with StopSignal() as stop:
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
         while step < cfg.max_steps:
             t0 = time.time()
             lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [get_batch(train_data, step * cfg.grad_accum + i, cfg.batch_size, cfg.seq_len, cfg.seed,
-                                 rank, world, device) for i in range(cfg.grad_accum)]
-            # normalise by the tokens of the whole step on all ranks, so that N processes x M micro-batches
-            # give exactly the gradient of one big batch (DDP averages over ranks: multiply back by world)
-            n_tokens = all_sum(sum(token_weights(y, tokenizer.bos_id, m).sum().item() for _, y, m in batches))[0]
+            batches = [get_batch(train_data, step * cfg.grad_accum + i, cfg.batch_size, cfg.seq_len,
+                                 cfg.seed, rank, world, device) for i in range(cfg.grad_accum)]
+            # normalise by the tokens of the whole step on all ranks, so that N processes x M
+            # micro-batches give exactly the gradient of one big batch (DDP averages over ranks:
+            # multiply back by world)
+            n_tokens = all_sum(sum(token_weights(y, tokenizer.bos_id, m).sum().item()
+                                   for _, y, m in batches))[0]
             loss_sum = 0.0
             for i, (x, y, loss_mask) in enumerate(batches):
                 last = i == cfg.grad_accum - 1
-                with autocast, (train_model.no_sync() if world > 1 and not last else torch.enable_grad()):
+                sync = train_model.no_sync() if world > 1 and not last else torch.enable_grad()
+                with autocast, sync:
                     losses, w = token_losses(train_model, x, y, tokenizer.bos_id, loss_mask)
                     loss = (losses * w).sum()
                     (loss * world / n_tokens).backward()
@@ -1059,9 +1071,11 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = all_sum(loss_sum)[0] / n_tokens
-            tokens_per_s = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world / (time.time() - t0)
+            tokens_per_s = (cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+                            / (time.time() - t0))
             record(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
-            say(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
+            say(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = evaluate()
                 record(val_loss=val_loss)
@@ -1069,12 +1083,16 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             if sample_text and cfg.sample_every and step % cfg.sample_every == 0 and main_process:
                 say(f"sample: {sample_text(model)!r}")
             # every rank learns of a signal that reached any of them, and all stop at the same step
-            stopping = all_sum(float(stop.received is not None))[0] > 0
+            stopping = all_sum(float(stop["signal"] is not None))[0] > 0
             if main_process and (step % cfg.save_every == 0 or step == cfg.max_steps or stopping
                                  or step == cfg.stop_at):
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
                 say(f"saved step {step} to {out_dir / 'checkpoint'}")
             if stopping or step == cfg.stop_at:
-                say(f"stopped at step {step}; continue with: finetune.py --out_dir {out_dir} --resume")
-                return stop.received or "stop_at"
+                say(f"stopped at step {step}; continue with: "
+                    f"finetune.py --out_dir {out_dir} --resume")
+                return stop["signal"] or "stop_at"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return None
