@@ -192,7 +192,7 @@ def accuracy_child(ckpt, a):
 
 def child(impl, ckpt, dtype_name, a):
     torch.set_num_threads(a.threads)
-    dtype = llama.DTYPES[dtype_name]
+    dtype = speed.DTYPES[dtype_name]
     if impl == "accuracy":
         print(json.dumps(accuracy_child(ckpt, a)))
         return

@@ -18,6 +18,7 @@ special_tokens_map.json.
 """
 
 import argparse
+import base64
 import json
 import math
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 import llama
+import speed
 from llama import InputError, log
 
 
@@ -44,6 +46,35 @@ HF_OPTIONAL = {"num_key_value_heads": int, "head_dim": int, "rope_theta": float,
                "tie_word_embeddings": bool, "max_position_embeddings": int}
 
 
+META_REQUIRED = {"dim": int, "n_layers": int, "n_heads": int, "vocab_size": int, "multiple_of": int,
+                 "norm_eps": float, "rope_theta": float}
+META_OPTIONAL = {"n_kv_heads": int, "ffn_dim_multiplier": float, "use_scaled_rope": bool}
+
+
+def check_types(cfg, types, where):
+    for key, want in types.items():
+        value = cfg.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, bool) if want is bool else (
+            number and (want is float or float(value).is_integer()))
+        if value is not None and not ok:
+            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; "
+                             f"fix the file")
+
+
+def check_meta_params(params, where="params.json"):
+    """params.json's keys and types, before llama.args_from_meta_params reads it."""
+    missing = [k for k in META_REQUIRED if k not in params]
+    if missing:
+        raise InputError(f"{where} is missing required keys {missing}; "
+                         f"is this a Llama 3 params.json?")
+    check_types(params, {**META_REQUIRED, **META_OPTIONAL}, where)
+    unknown = sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL))
+    if unknown:
+        log(f"note: {where} has keys this text-only model does not use: {unknown}")
+    return params
+
+
 def args_from_hf_config(cfg, where="config.json"):
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
@@ -52,7 +83,7 @@ def args_from_hf_config(cfg, where="config.json"):
     missing = [k for k in HF_REQUIRED if k not in cfg]
     if missing:
         raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
-    llama.check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
+    check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
     # transformers 4 writes rope_theta + rope_scaling; transformers 5, both inside rope_parameters
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
@@ -175,7 +206,8 @@ def read_args(ckpt_dir):
     layout, d = checkpoint_layout(ckpt_dir)
     if layout == "hf":
         return args_from_hf_config(llama.read_json(d / "config.json"), str(d / "config.json"))
-    return llama.args_from_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
+    params = check_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
+    return llama.args_from_meta_params(params, str(d / "params.json"))
 
 
 def load_checkpoint(ckpt_dir):
@@ -185,7 +217,10 @@ def load_checkpoint(ckpt_dir):
     layout, d = checkpoint_layout(ckpt_dir)
     if layout == "hf" and (d / "original" / "params.json").exists():
         log(f"{d} has both layouts: using the safetensors (HF), not original/ (Meta)")
-    return load_hf_checkpoint(d) if layout == "hf" else llama.load_meta_checkpoint(d)
+    if layout == "hf":
+        return load_hf_checkpoint(d)
+    check_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
+    return llama.load_meta_checkpoint(d)
 
 
 def find_tokenizer(ckpt_dir):
@@ -206,7 +241,21 @@ def load_tokenizer(ckpt_dir):
 
 def read_tokenizer(path):
     path = Path(path)
-    return read_tokenizer_json(path) if path.suffix == ".json" else llama.Tokenizer.load(path)
+    return read_tokenizer_json(path) if path.suffix == ".json" else read_tokenizer_model(path)
+
+
+def read_tokenizer_model(path):
+    """Meta's tokenizer.model: one "base64(token bytes) rank" pair per line."""
+    try:
+        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in
+                 (line.split() for line in Path(path).read_text().splitlines() if line.strip())}
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{path} is not a Llama 3 tokenizer.model (base64 token and rank per "
+                         f"line); use the one that came with the weights") from None
+    if len(ranks) < 256 or sorted(ranks.values()) != list(range(len(ranks))):
+        raise InputError(f"{path} is damaged: it needs ranks 0..N-1 covering at least the 256 "
+                         f"bytes; use the tokenizer.model that came with the weights")
+    return llama.Tokenizer(ranks, Path(path).name)
 
 
 # -----------------------------------------------------------------------------
@@ -361,8 +410,6 @@ def tokenizer_config(tokenizer, args):
 
 def write_tokenizer_model(tokenizer, path):
     """tokenizer.model: one "base64(token bytes) rank" line per token, in rank order, as Meta's."""
-    import base64
-
     lines = (f"{base64.b64encode(t).decode()} {r}\n"
              for t, r in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1]))
     Path(path).write_text("".join(lines))
@@ -519,6 +566,16 @@ def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtyp
 # -----------------------------------------------------------------------------
 # Finetune runs: a base checkpoint plus what the run trained (LoRA adapters, norms, or everything)
 
+def read_run(out_dir):
+    """The settings a finetune run saved with its checkpoint (checkpoint/run.json)."""
+    llama.recover_directory(Path(out_dir) / "checkpoint")
+    path = Path(out_dir) / "checkpoint" / "run.json"
+    if not path.exists():
+        raise InputError(f"{out_dir} holds no finetune checkpoint ({path.name} missing); pass the "
+                         f"--out_dir of a finetune run")
+    return llama.read_json(path)
+
+
 def apply_run_lora(model, run):
     """Give a model a finetune run's LoRA modules (if it used LoRA), so its saved weights fit."""
     if run["mode"] in ("lora", "lora+norm"):
@@ -535,7 +592,7 @@ def load_finetuned(model, run_dir):
     if is_peft_adapter(run_dir):
         model, what = load_peft_adapter(model, run_dir), "PEFT LoRA adapter"
     else:
-        run = llama.read_run(run_dir)
+        run = read_run(run_dir)
         model = llama.load_trained(apply_run_lora(model, run), run_dir)
         what = f"{run['mode']} weights (step {run['step']})"
     model = llama.merge_lora(model)
@@ -549,7 +606,7 @@ def check_finetuned(run_dir):
     """A finetune run or a PEFT adapter, checked from its settings alone, before loading weights."""
     if is_peft_adapter(run_dir):
         return peft_settings(run_dir)
-    return llama.read_run(run_dir)
+    return read_run(run_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -587,7 +644,7 @@ def peft_settings(adapter_dir):
                          f"adapter with peft (merge_and_unload) and load the merged model instead")
     if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
         raise InputError(f"{where} has no integer r and number lora_alpha; is the file complete?")
-    llama.check_types(cfg, {"lora_dropout": float}, str(where))
+    check_types(cfg, {"lora_dropout": float}, str(where))
     return cfg
 
 
@@ -626,7 +683,7 @@ def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
         dropout = some.dropout.p if some else 0.0
     else:
         run_dir = Path(model_or_run_dir)
-        run = llama.read_run(run_dir)
+        run = read_run(run_dir)
         if run["mode"] != "lora":
             why = ("trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm"
                    else "trained no LoRA adapters")
@@ -777,7 +834,7 @@ def main(argv=None):
     e.add_argument("dst", help="output directory, or file for --to gguf (written atomically)")
     e.add_argument("--to", choices=["hf", "meta", "peft", "gguf"], required=True,
                    help="the layout to write (peft: the adapters alone, for Hugging Face's peft)")
-    e.add_argument("--dtype", choices=list(llama.DTYPES), default="bfloat16",
+    e.add_argument("--dtype", choices=list(speed.DTYPES), default="bfloat16",
                    help="dtype of the written weights for hf/meta (default bfloat16)")
     for sp in (c, e):
         sp.add_argument("--gguf_dtype", choices=["f32", "bf16", "q8_0"], default="bf16",
@@ -801,12 +858,12 @@ def main(argv=None):
     elif a.command == "export":
         if a.to == "peft":
             return save_peft_adapter(a.run_dir, a.dst)
-        run = llama.read_run(a.run_dir)
+        run = read_run(a.run_dir)
         model = llama.build_model(*load_checkpoint(run["ckpt_dir"]), "cpu", torch.float32)
         model = load_finetuned(model, a.run_dir)
         args, state_dict = state_dict_of(model)
         if a.to != "gguf":  # (GGUF: float32 to write_gguf, which rounds once, to --gguf_dtype)
-            dtype = llama.DTYPES[a.dtype]
+            dtype = speed.DTYPES[a.dtype]
             state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
         save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to,
                         a.gguf_dtype)

@@ -51,7 +51,7 @@ HELP = dict(ckpt_dir="base checkpoint (Meta or HF layout)", data="tinystories, o
             activation_checkpointing="recompute activations in backward: less memory",
             quantize="quantize the frozen base (LoRA and norms train in float32)",
             group_size="inputs per int4 scale")
-CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(llama.DTYPES),
+CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(speed.DTYPES),
                quantize=quantize.MODES, group_size=quantize.GROUP_SIZES)
 
 
@@ -81,7 +81,7 @@ def settings(a):
             given[key] = str(Path(given[key]).resolve())
     out_dir = Path(a.out_dir)
     if a.resume:
-        saved = {k: v for k, v in llama.read_run(out_dir).items() if k in DEFAULTS}
+        saved = {k: v for k, v in checkpoints.read_run(out_dir).items() if k in DEFAULTS}
         other = [k for k, v in given.items() if k not in CHANGEABLE and saved.get(k) != v]
         if other:
             raise llama.InputError(f"--resume: {out_dir} was trained with other settings (" + ", ".join(
@@ -110,20 +110,20 @@ def settings(a):
     if not 2 <= c.seq_len <= context:
         raise llama.InputError(f"--seq_len {c.seq_len} must be between 2 and the context, {context}")
     prepare.check_source(c.data)
-    llama.resolve_device(c.device)
+    speed.resolve_device(c.device)
     return c
 
 
 def main(argv=None):
     cfg = settings(parse_args(argv))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = llama.resolve_device(cfg.device)
+    device = speed.resolve_device(cfg.device)
     if world > 1:  # torchrun: one process per device, gloo on CPUs, nccl on GPUs
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-    dtype = llama.resolve_dtype(cfg.dtype, device)
+    dtype = speed.resolve_dtype(cfg.dtype, device)
     tokenizer = checkpoints.load_tokenizer(cfg.ckpt_dir)
     data_dir = Path(cfg.data_dir) / "tinystories" if cfg.data == "tinystories" else cfg.out_dir / "data"
     if rank == 0:

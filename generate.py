@@ -32,8 +32,8 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     """A llama.Llama for a checkpoint in either layout: a finetune run's weights merged in (lora: its
     out_dir, or a PEFT adapter), weights quantized (read from what quantize.py saved, if it did), and
     the speed paths that apply on this device."""
-    device, t0 = llama.resolve_device(device), time.time()
-    dtype = llama.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
+    device, t0 = speed.resolve_device(device), time.time()
+    dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
     args, state_dict = (checkpoints.read_args(ckpt_dir), None) if saved else \
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     add("--top_k", type=int, default=0, help="the k likeliest tokens only; 0: off (default 0)")
     add("--seed", type=int, default=1, help="seed for sampling (default 1)")
     add("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best there is)")
-    add("--dtype", default=None, choices=list(llama.DTYPES), help="default: bf16 on GPUs, else fp32")
+    add("--dtype", default=None, choices=list(speed.DTYPES), help="default: bf16 on GPUs, else fp32")
     add("--threads", type=int, default=None, help="CPU threads (default: one per core; on a busy "
         "machine fewer can be faster)")
     add("--max_seq_len", type=int, default=2048, help="prompt + reply (default 2048)")
@@ -102,7 +102,7 @@ def check(a):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise llama.InputError(f"--{name} must be at least 1, got {getattr(a, name)}")
     llama.check_sampling(a.temperature, a.top_p, a.top_k)
-    llama.resolve_device(a.device)
+    speed.resolve_device(a.device)
     context = checkpoints.read_args(a.ckpt_dir).context
     if not 2 <= a.max_seq_len <= context:
         raise llama.InputError(f"--max_seq_len must be between 2 and the model's context, {context}")

@@ -29,18 +29,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
+from safetensors.torch import load_file, save_file
 
 class InputError(ValueError):
     """Bad user input (files, shapes, settings); the message names the problem and the fix."""
 
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -78,23 +77,6 @@ class ModelArgs:
     def context(self):
         return 131072 if self.use_scaled_rope else 8192  # what the model was trained for
 
-
-META_REQUIRED = {"dim": int, "n_layers": int, "n_heads": int, "vocab_size": int, "multiple_of": int,
-                 "norm_eps": float, "rope_theta": float}
-META_OPTIONAL = {"n_kv_heads": int, "ffn_dim_multiplier": float, "use_scaled_rope": bool}
-
-
-def check_types(cfg, types, where):
-    for key, want in types.items():
-        value = cfg.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = isinstance(value, bool) if want is bool else (
-            number and (want is float or float(value).is_integer()))
-        if value is not None and not ok:
-            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; "
-                             f"fix the file")
-
-
 def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
     # 2/3 of 4*dim (SwiGLU has three matrices: keep the parameter count of a 4*dim MLP), times an
     # optional multiplier, rounded up to a multiple of multiple_of
@@ -103,16 +85,8 @@ def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
-
 def args_from_meta_params(params, where="params.json"):
-    missing = [k for k in META_REQUIRED if k not in params]
-    if missing:
-        raise InputError(f"{where} is missing required keys {missing}; "
-                         f"is this a Llama 3 params.json?")
-    check_types(params, {**META_REQUIRED, **META_OPTIONAL}, where)
-    unknown = sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL))
-    if unknown:
-        log(f"note: {where} has keys this text-only model does not use: {unknown}")
+    """(checkpoints.check_meta_params checks the file's keys and types first.)"""
     dim, n_heads = int(params["dim"]), int(params["n_heads"])
     n_kv_heads = int(params.get("n_kv_heads") or n_heads)
     if dim % n_heads or n_heads % n_kv_heads:
@@ -127,21 +101,17 @@ def args_from_meta_params(params, where="params.json"):
         use_scaled_rope=bool(params.get("use_scaled_rope", False)),
         multiple_of=int(params["multiple_of"]), ffn_dim_multiplier=multiplier)
 
-
 # -----------------------------------------------------------------------------
 # 2. Tokenizer
-# Byte-level BPE (tiktoken) over 128,000 ranks, then 256 special tokens. User text is always encoded
-# as plain text: "<|eot_id|>" typed by a user is 9 ordinary tokens, so nobody can forge a turn
-# boundary. Special tokens are added only by code, by id.
+# Byte-level BPE (tiktoken) over 128,000 ranks, then 256 special tokens. User text is always plain
+# text: "<|eot_id|>" typed by a user is 9 ordinary tokens, so nobody can forge a turn boundary.
 
+# <|eot_id|> ends a turn; <|eom_id|> ends a message that calls a tool (the model goes on after it)
 SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>",  # end of message: the model wants a tool to run and will continue after
-    "<|eot_id|>",  # end of turn
-    "<|python_tag|>", "<|image|>",
-]
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|image|>"]
 SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>"
                    for i in range(2, 256 - len(SPECIAL_TOKENS) + 2)]
 
@@ -152,12 +122,9 @@ MAX_NO_WHITESPACES_CHARS = 25_000  # and is quadratic on long runs of (non-)whit
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython",
          "ipython": "ipython"}
 
-
 class Tokenizer:
     def __init__(self, ranks, name="llama3"):
         """ranks: {token bytes: rank} of the 128,000 byte-level BPE tokens (tokenizer.model)."""
-        import tiktoken
-
         self.ranks = ranks
         self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=name, pat_str=LLAMA3_SPLIT_PATTERN,
@@ -169,22 +136,6 @@ class Tokenizer:
         self.eom_id = self.special_tokens["<|eom_id|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
         self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
-
-    @staticmethod
-    def load(path):
-        """tokenizer.model: one "base64(token bytes) rank" pair per line."""
-        import base64
-
-        try:
-            ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in
-                     (line.split() for line in Path(path).read_text().splitlines() if line.strip())}
-        except (ValueError, UnicodeDecodeError):
-            raise InputError(f"{path} is not a Llama 3 tokenizer.model (base64 token and rank per "
-                             f"line); use the one that came with the weights") from None
-        if len(ranks) < 256 or sorted(ranks.values()) != list(range(len(ranks))):
-            raise InputError(f"{path} is damaged: it needs ranks 0..N-1 covering at least the 256 "
-                             f"bytes; use the tokenizer.model that came with the weights")
-        return Tokenizer(ranks, Path(path).name)
 
     def encode(self, s, bos=False, eos=False):
         assert isinstance(s, str), f"encode takes a str, got {type(s).__name__}"
@@ -199,9 +150,7 @@ class Tokenizer:
     def decode(self, ids):
         return self.model.decode(list(ids))
 
-    def stream_decoder(self):
-        """An incremental decoder: .decode(token bytes) -> new text, holding back the bytes of a
-        character split across tokens; .decode(b"", final=True) flushes what is left at the end."""
+    def stream_decoder(self):  # .decode(bytes) holds back a split character; final=True flushes it
         return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     # The chat format of the instruct models: <|begin_of_text|>, then per message
@@ -211,14 +160,12 @@ class Tokenizer:
         return ([self.special_tokens["<|start_header_id|>"]] + self.encode(ROLES[role])
                 + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n"))
 
-    def encode_message(self, message):
-        """-> (header ids, content ids with the closing <|eot_id|> or <|eom_id|>)"""
+    def encode_message(self, message):  # -> (header, content with its <|eot_id|> or <|eom_id|>)
         eom = message["role"] == "assistant" and message.get("stop_reason") == "end_of_message"
         end = self.eom_id if eom else self.eot_id
         return self.encode_header(message["role"]), self.encode(message["content"]) + [end]
 
-    def encode_dialog_prompt(self, messages, where="dialog"):
-        """Prompt token ids for the assistant's next message (the format of Meta's ChatFormat)."""
+    def encode_dialog_prompt(self, messages, where="dialog"):  # for the assistant's next message
         return self.encode_dialog(messages, where)[0] + self.encode_header("assistant")
 
     def encode_dialog(self, messages, where="dialog"):
@@ -231,7 +178,6 @@ class Tokenizer:
             tokens += header + body
             train_on += [False] * len(header) + [m["role"] == "assistant"] * len(body)
         return tokens, train_on
-
 
 def check_dialog(messages, where="dialog"):
     if not isinstance(messages, list) or not messages:
@@ -246,7 +192,6 @@ def check_dialog(messages, where="dialog"):
             raise InputError(f"{where}, message {i}: content must be a string, "
                              f"got {type(m.get('content')).__name__}")
 
-
 def split_long_runs(s, max_len):
     """Split s so that no piece has a run of over max_len (non-)whitespace chars, as Meta does."""
     run_len, run_is_space, start = 0, (s[0].isspace() if s else False), 0
@@ -259,7 +204,6 @@ def split_long_runs(s, max_len):
                 yield s[start:i]
                 start, run_len = i, 1
     yield s[start:]
-
 
 # -----------------------------------------------------------------------------
 # 3. Model
@@ -279,7 +223,6 @@ class RMSNorm(nn.Module):
         return ((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
                 * self.weight)
 
-
 def rope_frequencies(args):
     """The rotation speed of each pair of head dimensions, with Llama 3.1's long-context scaling."""
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
@@ -295,13 +238,11 @@ def rope_frequencies(args):
     in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
     return torch.where(in_band, (1 - smooth) * new_freqs / factor + smooth * new_freqs, new_freqs)
 
-
 def precompute_freqs_cis(args, device=None):
     freqs = rope_frequencies(args).to(device)
     angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
     # (max_seq_len, head_dim // 2) complex numbers e^(i * pos * freq)
     return torch.polar(torch.ones_like(angles), angles)
-
 
 def apply_rope(x, freqs_cis):
     # x: (B, T, heads, head_dim). Meta's layout: dimensions (0,1), (2,3), ... are (real, imag)
@@ -310,12 +251,9 @@ def apply_rope(x, freqs_cis):
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, heads, hd // 2)
     return torch.view_as_real(xc * freqs_cis[..., None, :]).flatten(3).type_as(x)
 
-
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. Layout (B, max_len,
-    n_kv_heads, head_dim), as Meta's: same strides, so the same matmul kernels and bit-identical
-    float32 results."""
-
+    """One layer's keys and values so far, (B, max_len, n_kv_heads, head_dim) as Meta's: the same
+    strides give the same matmul kernels, so bit-identical float32 results."""
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
         shape = (batch_size, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -326,7 +264,6 @@ class KVCache:
         self.k[:, start_pos:end] = k
         self.v[:, start_pos:end] = v
         return self.k[:, :end], self.v[:, :end]
-
 
 class Attention(nn.Module):
     def __init__(self, args, fused=False):
@@ -373,7 +310,6 @@ class Attention(nn.Module):
                                           device=q.device).masked_fill(~mask, float("-inf"))
         return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v).transpose(1, 2)
 
-
 class FeedForward(nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
@@ -383,7 +319,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, args, fused=False):
@@ -397,15 +332,12 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
-
 class CrossEntropy(nn.Module):
     """Per-token losses of the output layer's logits: (B, T, dim) final-normed states -> (B, T)."""
-
     def forward(self, h, output, targets):
         logits = output(h).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                reduction="none").view(targets.shape)
-
 
 class Transformer(nn.Module):
     def __init__(self, args, fused=False):
@@ -423,11 +355,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, start_pos=0, mask=None, positions=None, targets=None,
                 last_only=False):
-        """tokens (B, T) -> float32 logits (B, T, vocab), (B, 1, vocab) with last_only; or, given
-        targets (B, T), the per-token cross-entropy losses (B, T), as nanoGPT does (DDP then wraps
-        the whole step). start_pos > 0 continues a sequence held in the KV cache. mask: booleans
-        (T, S) or (B, 1, T, S), True where a token may attend (default: causal); positions (B, T):
-        RoPE positions, when not start_pos, start_pos + 1, ... (packed documents restart them)."""
+        """tokens (B, T) -> float32 logits (B, T or 1 with last_only, vocab), or per-token losses
+        (B, T) given targets (nanoGPT's way: DDP wraps the whole step). start_pos > 0 continues the
+        sequence in the KV cache; mask (T, S) or (B, 1, T, S): True where a token may attend
+        (default causal); positions (B, T): RoPE positions (packed documents restart them)."""
         B, T = tokens.shape
         if mask is None and T > 1 and start_pos > 0:
             # new tokens see the whole cache and each other causally: query i sits at start_pos + i
@@ -448,8 +379,7 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     @contextmanager
-    def kv_cache(self, batch_size, max_len):
-        """A KV cache for one generation, freed when the block ends."""
+    def kv_cache(self, batch_size, max_len):  # for one generation, freed when the block ends
         a, w = self.args, self.tok_embeddings.weight
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, w.dtype,
@@ -460,67 +390,17 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.attention.cache = None
 
-
 # -----------------------------------------------------------------------------
 # 4. Checkpoints
 # Meta's layout: params.json, consolidated.NN.pth (one per model-parallel rank), tokenizer.model.
-# Weights are memory-mapped and assigned into a model built on the meta device: no second copy is
-# made, so peak memory stays near the size of the weights. (checkpoints.py reads Hugging Face's.)
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype, device):
-    """bf16 on GPUs that support it, float16 on other GPUs, float32 on CPU unless asked."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
-
-
-def resolve_device(device):
-    """--device: cpu, cuda, cuda:N or mps, checked against what this torch can use."""
-    try:
-        device = torch.device(device or default_device())
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but this torch has no CUDA (or no GPU is visible); "
-                         "use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps, but MPS is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unsupported device {device}; use cpu, cuda or mps")
-    return device
-
-
-def torch_load(path):
-    # weights_only: a checkpoint can never run code; mmap: pages are read from disk only when used
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; "
-                         f"is the file complete?") from None
-
+# Weights are memory-mapped and assigned into a model built on the meta device: no second copy, so
+# peak memory stays near the weights' size. (checkpoints.py reads the rest: HF's, tokenizer files.)
 
 def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
-
 
 def meta_shard_dim(key):
     """The dimension along which Meta's model-parallel shards split a weight (None: replicated)."""
@@ -529,7 +409,6 @@ def meta_shard_dim(key):
     if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         return 1  # row-parallel: split along the input features
     return 0  # column-parallel (wq, wk, wv, w1, w3, output) and the vocab-parallel embedding
-
 
 def merge_meta_shards(shards, args):
     merged, kv_rows = {}, args.n_kv_heads * args.head_dim
@@ -552,16 +431,13 @@ def merge_meta_shards(shards, args):
         merged[key] = torch.cat(parts, dim=dim)
     return merged
 
-
 def tie_output(args, state_dict):
-    """Tied when there is no output matrix, or when it is a copy of the embedding (Meta's 3.2 1B/3B
-    files) -> (args with tie_embeddings set, state dict without the copy)."""
+    """Tied when there is no output matrix, or when it copies the embedding (Meta's 3.2 1B/3B)."""
     output, embedding = state_dict.get("output.weight"), state_dict.get("tok_embeddings.weight")
     tied = output is None or (embedding is not None and output.shape == embedding.shape
                               and torch.equal(output, embedding))
     state_dict = {k: v for k, v in state_dict.items() if not (tied and k == "output.weight")}
     return replace(args, tie_embeddings=tied), state_dict
-
 
 def load_meta_checkpoint(ckpt_dir):
     """params.json + consolidated.*.pth -> (ModelArgs, state_dict in Meta's names)."""
@@ -574,14 +450,15 @@ def load_meta_checkpoint(ckpt_dir):
     log(f"loading {len(paths)} shard(s) from {ckpt_dir}")
     shards = []
     for i, p in enumerate(paths):
-        shards.append(torch_load(p))
+        try:  # weights_only: a checkpoint can never run code; mmap: pages are read when used
+            shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise InputError(f"cannot read {p}: {str(e).splitlines()[0]}; is it whole?") from None
         log(f"  mapped {p.name} ({i + 1}/{len(paths)})")
     return tie_output(args, merge_meta_shards(shards, args))
 
-
 def build_model(args, state_dict, device, dtype, fused=False):
-    """A Transformer holding these weights (Meta's names), in dtype on device. Built on the meta
-    device and assigned: a weight already in the right dtype and device is used as it is, mapped."""
+    """Weights (Meta's names) assigned into a Transformer built on the meta device: no copy made."""
     with torch.device("meta"):
         model = Transformer(args, fused)
     if args.tie_embeddings:
@@ -605,12 +482,10 @@ def build_model(args, state_dict, device, dtype, fused=False):
     model.freqs_cis = precompute_freqs_cis(args, device)
     return model.eval()
 
-
 @contextmanager
 def atomic_directory(out_dir):
-    """Write a directory completely or not at all: files go to a temporary sibling that replaces
-    out_dir at the end. The old directory is moved aside first and deleted last; if a crash comes
-    between the two renames, the next atomic_directory (or recover_directory) puts it back."""
+    """Write a directory completely or not at all: into a temporary sibling, renamed into place. The
+    old one is moved aside first, deleted last; a crash between the renames is undone next time."""
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     recover_directory(out_dir)
@@ -622,20 +497,17 @@ def atomic_directory(out_dir):
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def recover_directory(out_dir):
     out_dir = Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old")
     if old.exists() and not out_dir.exists():
         old.rename(out_dir)
 
-
 # -----------------------------------------------------------------------------
 # 5. Generation
-# Meta's loop, kept exactly: the batch is decoded from the shortest prompt's length on, and
-# positions still inside a longer prompt take the prompt's token instead of the sample. Same
-# tensors, same order of random draws, so a seed gives Meta's tokens. It only stops earlier: once
-# every row is finished.
+# Meta's loop, kept exactly: decoding starts at the shortest prompt's length, and positions still
+# inside a longer prompt take the prompt's token, not the sample. Same tensors, same order of random
+# draws, so a seed gives Meta's tokens; it only stops earlier, once every row is finished.
 
 def sample_top_p(probs, p, generator=None):
     """Nucleus sampling: the smallest set of tokens whose probability reaches p (Meta's code)."""
@@ -646,7 +518,6 @@ def sample_top_p(probs, p, generator=None):
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
 
-
 def sample(logits, temperature, top_p, top_k=0, generator=None):
     """logits (B, vocab) -> next token ids (B,)."""
     if temperature == 0:
@@ -654,9 +525,7 @@ def sample(logits, temperature, top_p, top_k=0, generator=None):
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return sample_top_p(probs, top_p, generator).reshape(-1)
-
+    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator).reshape(-1)
 
 def check_sampling(temperature, top_p, top_k):
     if not temperature >= 0:
@@ -666,20 +535,15 @@ def check_sampling(temperature, top_p, top_k):
     if top_k < 0 or int(top_k) != top_k:
         raise InputError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k}")
 
-
 def check_vocab(tokenizer, args):
     if tokenizer.n_words != args.vocab_size:
         raise InputError(f"tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is "
                          f"{args.vocab_size}; use the tokenizer that came with these weights")
 
-
 class Llama:
-    """Generation with a built Transformer and its Tokenizer (generate.load builds both, for any
-    layout). With Meta's arithmetic (the default), float32 and bf16 runs are bit-identical to
-    Meta's reference, even long sampled ones; fused attention agrees to ~1e-5 in float32."""
-
+    """Generation; with Meta's arithmetic, bit-identical to Meta's (float32 and bf16, sampled too)."""
     def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
-        """fast: compute only the last position's logits (Meta computes all of them)."""
+        # fast: compute only the last position's logits (Meta computes all of them)
         check_vocab(tokenizer, model.args)
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.args, self.fast = model.args, fast
@@ -689,26 +553,20 @@ class Llama:
         self.step, self.kv_cache = model, model.kv_cache
 
     def check_prompts(self, prompt_tokens, max_gen_len):
-        if not prompt_tokens:
-            raise InputError("no prompts given; pass at least one prompt")
-        if len(prompt_tokens) > self.max_batch_size:
-            raise InputError(f"{len(prompt_tokens)} prompts but max_batch_size is "
-                             f"{self.max_batch_size}; raise max_batch_size or pass fewer prompts")
-        longest = max(len(t) for t in prompt_tokens)
-        if longest == 0:
-            raise InputError("a prompt has no tokens; start every prompt with <|begin_of_text|>")
-        if longest >= self.args.max_seq_len:
-            raise InputError(f"a prompt of {longest} tokens does not fit max_seq_len "
-                             f"{self.args.max_seq_len} with room for a new token; "
-                             f"raise max_seq_len or shorten the prompt")
+        longest = max(map(len, prompt_tokens), default=0)
+        if not 1 <= len(prompt_tokens) <= self.max_batch_size:
+            raise InputError(f"{len(prompt_tokens)} prompts; give 1 to max_batch_size "
+                             f"({self.max_batch_size}) of them, or raise max_batch_size")
+        if not 0 < longest < self.args.max_seq_len:
+            raise InputError(f"a prompt of {longest} tokens: give each at least BOS, and room "
+                             f"for a reply in max_seq_len {self.args.max_seq_len} (raise it)")
         if max_gen_len < 1:
             raise InputError(f"max_gen_len must be at least 1, got {max_gen_len}")
 
     @torch.inference_mode()
     def generate_steps(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0,
                        logprobs=False):
-        """Meta's decoding loop as a generator. Yields (tokens, token_logprobs, cur_pos, done) after
-        each step: tokens (B, total_len) holds prompts and generated ids up to cur_pos."""
+        """Meta's loop, yielding (tokens (B, total_len), token_logprobs, cur_pos, done) per step."""
         self.check_prompts(prompt_tokens, max_gen_len)
         check_sampling(temperature, top_p, top_k)
         bsz, pad_id = len(prompt_tokens), self.tokenizer.pad_id
@@ -744,9 +602,8 @@ class Llama:
 
     def generate(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0,
                  logprobs=False, echo=False):
-        """prompt_tokens: lists of ids. -> (ids per prompt, logprobs per prompt or None, stop per
-        prompt: the stop token that ended it, or None when it ran out of max_gen_len or
-        max_seq_len). The prompt is included only with echo; the stop token never is."""
+        """-> (new ids per prompt (with echo: the prompt too), their logprobs or None, the stop
+        token that ended each, or None when it ran out of room). Stop tokens are not included."""
         steps = self.generate_steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
         for tokens, token_logprobs, _, _ in steps:
             pass
@@ -761,9 +618,8 @@ class Llama:
         return out, (lps if logprobs else None), stops
 
     def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
-        """One prompt; yields (token_id, text) per new token, the text decoded incrementally (a
-        character split across tokens comes with its last byte; a final (None, text) flushes what
-        is left). The stop token is not yielded."""
+        """One prompt -> (token_id, new text) per token, then (None, text) for bytes left at the
+        end; the stop token is not yielded."""
         decoder, n = self.tokenizer.stream_decoder(), len(prompt_tokens)
         for tokens, _, cur_pos, done in self.generate_steps([prompt_tokens], max_gen_len,
                                                             temperature, top_p, top_k):
@@ -778,8 +634,7 @@ class Llama:
 
     def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None,
                         logprobs=False):
-        """Answer each dialog (a list of {"role", "content"} messages ending with a user or tool
-        message). -> [{"generation": {"role": "assistant", "content", "stop_reason"}, "tokens"}]"""
+        """-> [{"generation": {"role": "assistant", "content", "stop_reason"}, "tokens"}]"""
         for i, dialog in enumerate(dialogs):
             check_dialog(dialog, f"dialog {i}")
             if dialog[-1]["role"] not in ("user", "tool", "ipython"):
@@ -805,17 +660,14 @@ class Llama:
                  **({"logprobs": lp} if logprobs else {})}
                 for t, lp in zip(tokens, lps or [None] * len(tokens))]
 
-
 # -----------------------------------------------------------------------------
 # 6. LoRA and RMSNorm tuning
-# A frozen weight W gets a trainable low-rank update: y = W x + (alpha / rank) * B A x, with A
-# (rank, in) and B (out, rank). B starts at zero, so before training the model is exactly the base
-# model; afterwards W + (alpha / rank) B A merges back (in float32) into plain Linear layers.
-# Norm tuning trains only the RMSNorm weights: a few thousand numbers that rescale every layer.
+# A frozen weight W gets a trainable low-rank update: y = W x + (alpha / rank) B A x, A (rank, in),
+# B (out, rank). B starts at zero, so training starts from the base model exactly; W + (alpha/rank)
+# B A merges back in float32. Norm tuning trains the RMSNorm weights: a few thousand numbers.
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 MODES = ("lora", "norm", "lora+norm", "full")
-
 
 class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0):
@@ -838,23 +690,16 @@ class LoRALinear(nn.Module):
         merged.weight.data = (w.float() + update).to(w.dtype)
         return merged
 
-
 def check_lora(targets, rank):
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
-    if unknown or not targets:
-        raise InputError(f"unknown LoRA target(s) {unknown or targets}; choose among "
-                         f"{', '.join(LORA_TARGETS)}")
-    if rank < 1:
-        raise InputError(f"LoRA rank must be at least 1, got {rank}")
+    if not targets or set(targets) - set(LORA_TARGETS) or rank < 1:
+        raise InputError(f"unknown LoRA target(s) {sorted(set(targets) - set(LORA_TARGETS))} or "
+                         f"rank {rank}: choose among {', '.join(LORA_TARGETS)}, rank at least 1")
 
-
-def projections(model):
-    """(module, name) of every weight matrix LoRA or quantization can replace."""
+def projections(model):  # (module, name) of each matrix that LoRA or quantization can replace
     for layer in model.layers:
         yield from ((layer.attention, n) for n in ("wq", "wk", "wv", "wo"))
         yield from ((layer.feed_forward, n) for n in ("w1", "w2", "w3"))
     yield model, "output"
-
 
 def apply_lora(model, targets, rank, alpha, dropout=0.0):
     check_lora(targets, rank)
@@ -863,14 +708,11 @@ def apply_lora(model, targets, rank, alpha, dropout=0.0):
             setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, dropout))
     return model
 
-
-def merge_lora(model):
-    """Fold every adapter into its base weight; the result has no LoRA modules left."""
+def merge_lora(model):  # every adapter folded into its base weight: no LoRA modules left
     for module, name in projections(model):
         if isinstance(getattr(module, name), LoRALinear):
             setattr(module, name, getattr(module, name).merged())
     return model
-
 
 def set_trainable(model, mode):
     """Frozen weights get no gradient (so no gradient buffers); trained ones are kept in float32."""
@@ -883,7 +725,6 @@ def set_trainable(model, mode):
             p.data = p.data.float()
     return [p for p in model.parameters() if p.requires_grad]
 
-
 # -----------------------------------------------------------------------------
 # 7. Finetuning
 # Training sequences are windows of a stream of documents, <|begin_of_text|> ... <|end_of_text|>.
@@ -892,8 +733,8 @@ def set_trainable(model, mode):
 # alone (the tests check this). Nothing is learned across a boundary: BOS targets carry no loss.
 
 def document_mask(tokens, bos_id):
-    """tokens (B, T) -> (positions (B, T), "may attend" mask (B, 1, T, T)); (None, None) when no row
-    holds more than one document: plain causal attention then (the fused kernels' fast path)."""
+    """tokens (B, T) -> RoPE positions (B, T) and "may attend" mask (B, 1, T, T), or (None, None)
+    for one document per row: plain causal attention (the fused kernels' fast path)."""
     B, T = tokens.shape
     is_bos = tokens == bos_id
     if not is_bos[:, 1:].any():
@@ -904,50 +745,36 @@ def document_mask(tokens, bos_id):
     causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
     return positions, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
-
 def token_losses(model, x, y, bos_id, loss_mask=None):
-    """Per-token cross-entropy (B, T), and the weights (B, T) that say which targets count: never a
-    BOS, and with a loss mask (conversations) only the masked-in ones."""
+    """Per-token losses (B, T), and which count: never a BOS target; with a mask, the masked-in."""
     positions, mask = document_mask(x, bos_id)
     return model(x, mask=mask, positions=positions, targets=y), token_weights(y, bos_id, loss_mask)
-
 
 def token_weights(y, bos_id, loss_mask=None):
     return (y != bos_id) if loss_mask is None else (y != bos_id) & loss_mask
 
-
 def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
-    """The batch of one step, drawn from (seed, step) alone: resuming needs only the step, and the
-    ranks of a DDP run take disjoint slices of the same global batch, so N processes see what one
-    would. data: (tokens, loss mask or None) -> inputs (B, T), targets (B, T), loss mask or None."""
-    tokens, mask = data
-    if len(tokens) <= seq_len + 1:
-        raise InputError(f"the data has {len(tokens)} tokens, too few for sequences of {seq_len}; "
-                         f"use more data or a smaller --seq_len")
+    """One step's (inputs, targets, their loss mask or None), drawn from (seed, step) alone: resume
+    needs only the step, and DDP ranks take disjoint slices of the same global batch."""
+    tokens, mask = data  # (finetune.py checks that they are longer than seq_len)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world,), generator=g)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
     window = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64"))
-                          for s in starts])
+                          for s in starts]).to(device)
     loss_mask = None if mask is None else torch.stack(
         [torch.from_numpy(mask[s + 1:s + seq_len + 1].astype(bool)) for s in starts]).to(device)
-    window = window.to(device)
     return window[:, :-1], window[:, 1:], loss_mask
-
 
 def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return lr * (min_lr_ratio
-                 + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
+    cos = math.cos(math.pi * min((step - warmup) / max(1, max_steps - warmup), 1.0))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos))
 
 def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     """Trained weights, optimizer, step, RNG states, settings and log up to this step, in one
     directory written atomically; log.jsonl beside it is replaced only then: never ahead of it."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -960,21 +787,8 @@ def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     shutil.copyfile(out_dir / "checkpoint" / "log.jsonl", out_dir / ".log.jsonl.tmp")
     os.replace(out_dir / ".log.jsonl.tmp", out_dir / "log.jsonl")
 
-
-def read_run(out_dir):
-    """The settings a finetune run saved with its checkpoint (checkpoint/run.json)."""
-    recover_directory(Path(out_dir) / "checkpoint")
-    path = Path(out_dir) / "checkpoint" / "run.json"
-    if not path.exists():
-        raise InputError(f"{out_dir} holds no finetune checkpoint ({path.name} missing); pass the "
-                         f"--out_dir of a finetune run")
-    return read_json(path)
-
-
 def load_trained(model, out_dir):
     """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model like it."""
-    from safetensors.torch import load_file
-
     path = Path(out_dir) / "checkpoint" / "trainable.safetensors"
     saved, params = load_file(path), dict(model.named_parameters())
     for name, t in saved.items():
@@ -984,30 +798,23 @@ def load_trained(model, out_dir):
         params[name].data = t.to(params[name].device)
     return model
 
-
 def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text=None):
-    """The training loop. cfg: the settings finetune.py parses (see its --help); run: what run.json
-    records. Returns the signal that stopped it, "stop_at", or None when it ran to its end."""
+    """cfg: finetune.py's settings. -> the signal that stopped it, "stop_at", or None at the end."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, main_process = model.tok_embeddings.weight.device, rank == 0
     say = log if main_process else (lambda msg: None)
-    out_dir = Path(out_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # weight decay on matrices only, never on norms
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    out_dir, params = Path(out_dir), [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(  # weight decay on matrices only, never on norms
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     step, log_lines = 0, []
-    if cfg.resume:
-        load_trained(model, out_dir)
-        state = torch.load(out_dir / "checkpoint" / "state.pt", map_location="cpu",
-                           weights_only=True)
+    if cfg.resume:  # exactly where it stopped: weights, optimizer, step, random state, log
+        state = torch.load(out_dir / "checkpoint" / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, _ = state["step"], load_trained(model, out_dir)
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
         log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()
         say(f"resumed {out_dir} at step {step}")
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -1032,18 +839,12 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
         total, count = all_sum(total, count)
         return total / max(count, 1)
 
-    def record(**values):
-        log_lines.append(json.dumps({"step": step, **values}))
-
     # Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set a flag: the loop stops at the next
     # step boundary and saves, so that a resumed run continues exactly where this one stopped
     stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    model.train()
+    on_signal = lambda signum, frame: stop.update(signal=signum)  # noqa: E731
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    model.train()
     try:
         while step < cfg.max_steps:
             t0 = time.time()
@@ -1071,14 +872,15 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = all_sum(loss_sum)[0] / n_tokens
-            tokens_per_s = (cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-                            / (time.time() - t0))
-            record(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+            tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+            tokens_per_s = tokens / (time.time() - t0)
+            log_lines.append(json.dumps({"step": step, "loss": loss, "lr": lr,
+                                         "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}))
             say(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = evaluate()
-                record(val_loss=val_loss)
+                log_lines.append(json.dumps({"step": step, "val_loss": val_loss}))
                 say(f"step {step} | val loss {val_loss:.4f}")
             if sample_text and cfg.sample_every and step % cfg.sample_every == 0 and main_process:
                 say(f"sample: {sample_text(model)!r}")

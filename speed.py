@@ -11,6 +11,7 @@ swapped-in module computes what the module it replaces computes (the tests compa
   activation is kept; the output layer's cross-entropy a chunk at a time, never holding the
   (tokens, vocab) logits; freed memory handed back to the OS before each step and before the
   logits.
+- Devices and dtypes: the best the machine has unless asked (bf16 on GPUs, float32 on CPUs).
 - GPUs: the one-token decoding step compiled with torch.compile over a static KV cache
   (static_decoding), and compiled flex attention for packed documents (use_flex_attention).
 """
@@ -27,6 +28,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama
+
+
+# -----------------------------------------------------------------------------
+# Devices and dtypes: the best the machine has, unless asked; a bad --device is one line
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device):
+    """bf16 on GPUs that support it, float16 on other GPUs, float32 on CPU unless asked."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise llama.InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def resolve_device(device):
+    """--device: cpu, cuda, cuda:N or mps, checked against what this torch can use."""
+    try:
+        device = torch.device(device or default_device())
+    except RuntimeError:
+        raise llama.InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise llama.InputError("--device cuda, but this torch has no CUDA (or no GPU is visible); "
+                         "use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise llama.InputError("--device mps, but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise llama.InputError(f"unsupported device {device}; use cpu, cuda or mps")
+    return device
 
 
 # -----------------------------------------------------------------------------

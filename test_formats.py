@@ -17,7 +17,7 @@ import llama
 from llama import InputError
 
 META_TOKENIZER = checkpoints.bundled_tokenizer()
-TOKENIZER = llama.Tokenizer.load(META_TOKENIZER)
+TOKENIZER = checkpoints.read_tokenizer(META_TOKENIZER)
 
 # Unicode, emoji, code, whitespace runs, long runs, numbers, and every special-token string as plain text.
 CORPUS = [

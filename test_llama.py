@@ -30,7 +30,7 @@ from llama import InputError, ModelArgs
 HERE = Path(__file__).parent
 META_TOKENIZER = Path(__import__("llama_models").__file__).parent / "llama3" / "tokenizer.model"
 VOCAB = 128256
-TOKENIZER = llama.Tokenizer.load(META_TOKENIZER)
+TOKENIZER = checkpoints.read_tokenizer(META_TOKENIZER)
 
 # Prompts exercising the batch logic: different lengths, an empty prompt (just BOS), non-ASCII, ~200 tokens.
 LONG_PROMPT = " ".join(f"item {i} is {i * 7 % 13} apples;" for i in range(40))
@@ -106,7 +106,7 @@ def test_greedy_single_prompts_match_meta(ckpt_gqa):
 
 
 def test_long_prompt_is_200_tokens():
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     assert len(tok.encode(LONG_PROMPT, bos=True)) >= 200
 
 
@@ -274,11 +274,11 @@ def test_missing_output_weight_ties_embeddings(ckpt_gqa):
 
 
 def test_default_device_and_dtype():
-    assert llama.resolve_dtype(None, "cpu") == torch.float32
-    assert llama.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert speed.resolve_dtype(None, "cpu") == torch.float32
+    assert speed.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(InputError, match="unknown dtype"):
-        llama.resolve_dtype("bf17", "cpu")
-    assert llama.default_device() in ("cuda", "mps", "cpu")
+        speed.resolve_dtype("bf17", "cpu")
+    assert speed.default_device() in ("cuda", "mps", "cpu")
 
 
 # ----------------------------------------------------------------------------- config
@@ -301,7 +301,7 @@ def test_params_json_of_every_release(params, ffn, scaled):
 
 
 def test_unknown_params_are_reported(capsys):
-    llama.args_from_meta_params({**PARAMS_32_1B, "vision_chunk_size": 560})
+    checkpoints.check_meta_params({**PARAMS_32_1B, "vision_chunk_size": 560})
     assert "vision_chunk_size" in capsys.readouterr().err
 
 
@@ -322,7 +322,7 @@ def tokenizer_corpus():
 def test_tokenizer_matches_meta():
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    meta, mine = MetaTokenizer(META_TOKENIZER), llama.Tokenizer.load(META_TOKENIZER)
+    meta, mine = MetaTokenizer(META_TOKENIZER), checkpoints.read_tokenizer(META_TOKENIZER)
     assert mine.n_words == meta.n_words == VOCAB and mine.special_tokens == meta.special_tokens
     assert mine.stop_tokens == meta.stop_tokens and mine.pad_id == meta.pad_id
     for text in tokenizer_corpus():
@@ -334,14 +334,14 @@ def test_tokenizer_matches_meta():
 
 
 def test_special_token_strings_stay_plain_text():
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     for s in llama.SPECIAL_TOKENS:
         ids = tok.encode(s)
         assert all(i < 128000 for i in ids) and len(ids) > 1 and tok.decode(ids) == s
 
 
 def test_stream_decoder_handles_split_characters():
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     text = "日本語 🦙🔥 ça"
     ids = tok.encode(text)
     assert any(len(tok.model.decode_single_token_bytes(i).decode("utf-8", "replace")) and
@@ -416,7 +416,7 @@ def test_bad_generation_settings(ckpt_gqa):
     cases = [
         (dict(prompt_tokens=[[128000] * 64]), "max_seq_len"),
         (dict(prompt_tokens=[[128000]] * 3), "max_batch_size"),
-        (dict(prompt_tokens=[]), "no prompts"),
+        (dict(prompt_tokens=[]), "0 prompts"),
         (dict(temperature=-0.1), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
@@ -437,7 +437,7 @@ def test_generate_py_streams_and_reports_speed(ckpt_gqa):
     r = run_generate_py("--ckpt_dir", ckpt_gqa, "--prompt", "Hello there ", "--max_new_tokens", 12, "--temperature", 0)
     assert r.returncode == 0, r.stderr
     expected = ours(ckpt_gqa, ["Hello there"], max_gen_len=12)[0]
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     assert r.stdout == "Hello there" + tok.decode(expected) + "\n"
     assert "stripped trailing whitespace" in r.stderr and "tokens/s" in r.stderr
 
@@ -742,7 +742,7 @@ def packed_example(tok):
 
 @pytest.mark.parametrize("flex", [False, True])
 def test_packed_sequence_equals_documents_alone(ckpt_gqa, flex):
-    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer.load(META_TOKENIZER)
+    model, tok = tiny_model(ckpt_gqa), checkpoints.read_tokenizer(META_TOKENIZER)
     if flex:  # flex attention (compiled on GPUs; here its eager reference) with the same masks
         speed.use_flex_attention(model)
     cut, docs, packed = packed_example(tok)
@@ -767,7 +767,7 @@ def F_cross_entropy(logits, targets):
 
 
 def test_no_gradient_flows_between_documents(ckpt_gqa):
-    model, tok = tiny_model(ckpt_gqa), llama.Tokenizer.load(META_TOKENIZER)
+    model, tok = tiny_model(ckpt_gqa), checkpoints.read_tokenizer(META_TOKENIZER)
     cut, docs, packed = packed_example(tok)
     x, y = packed[:, :-1], packed[:, 1:]
     embeddings = []
@@ -906,7 +906,7 @@ def lora_model(ckpt, targets, dtype=torch.float32, lean=True):
 def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa):
     # speed.py's training path (chunked head, hand-written LoRA, RMSNorm and SwiGLU backwards) against llama.py's
     # plain modules: autograd through whole logits
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     packed = packed_example(tok)[2]
     x, y = packed[:, :-1], packed[:, 1:]
     targets, up = ["wq", "wv", "w1", "w2"], torch.linspace(0, 1, y.shape[1])
@@ -931,7 +931,7 @@ def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa):
 
 def test_bf16_lora_step_close_to_float32(ckpt_gqa):
     # bf16 weights (products in float32 on CPUs): the loss and adapter gradients of the float32 model, to bf16 precision
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     packed = packed_example(tok)[2]
     x, y = packed[:, :-1], packed[:, 1:]
     out = []
@@ -1029,7 +1029,7 @@ def test_signal_stops_at_a_step_boundary_and_resume_is_exact(ckpt_gqa, corpus, t
         p.kill()
     assert p.returncode == status and "Traceback" not in err, err
     stopped = read_log(tmp_path / "cut")[-1]["step"]
-    assert at <= stopped < 6 and llama.read_run(tmp_path / "cut")["step"] == stopped  # saved where it stopped
+    assert at <= stopped < 6 and checkpoints.read_run(tmp_path / "cut")["step"] == stopped  # saved where it stopped
     finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
     assert strip_speed(read_log(tmp_path / "cut")) == strip_speed(read_log(tmp_path / "whole"))
 
@@ -1048,7 +1048,7 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(ckpt_gqa, corpus, t
     monkeypatch.setattr(safetensors.torch, "save_file", crash)  # killed while writing the files
     with pytest.raises(KeyboardInterrupt):
         train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
-    assert llama.read_run(out)["step"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
+    assert checkpoints.read_run(out)["step"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
     monkeypatch.undo()
     renames = []
 
@@ -1064,7 +1064,7 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(ckpt_gqa, corpus, t
         train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
     monkeypatch.undo()
     assert not (out / "checkpoint").exists()  # the gap the crash left...
-    assert llama.read_run(out)["step"] == 2  # ...which the next reader closes: the old checkpoint, whole
+    assert checkpoints.read_run(out)["step"] == 2  # ...which the next reader closes: the old checkpoint, whole
     train(ckpt_gqa, corpus, out, "--resume", "--max_steps", 3)
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
 
@@ -1085,10 +1085,10 @@ def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint(ckpt_gqa, corpu
         p.wait(timeout=300)
     finally:
         p.kill()
-    step = llama.read_run(tmp_path / "run")["step"]
+    step = checkpoints.read_run(tmp_path / "run")["step"]
     assert step >= 3 and [r["step"] for r in read_log(tmp_path / "run")] == list(range(1, step + 1))
     model = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
-    llama.load_trained(checkpoints.apply_run_lora(model, llama.read_run(tmp_path / "run")), tmp_path / "run")
+    llama.load_trained(checkpoints.apply_run_lora(model, checkpoints.read_run(tmp_path / "run")), tmp_path / "run")
 
 
 def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
@@ -1131,7 +1131,7 @@ def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
 def test_data_is_tokenized_with_document_boundaries(corpus, tmp_path):
     import numpy as np
 
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     (train_bin, no_mask), (val_bin, _) = prepare.prepare_data(str(corpus), TOKENIZER, tmp_path / "data")
     assert no_mask is None
     docs = prepare.read_documents(corpus)
@@ -1221,13 +1221,13 @@ def meta_chat_tokens(dialog):
 
 
 def test_chat_format_matches_meta():
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     for dialog in dialogs():
         assert tok.encode_dialog_prompt(dialog) == meta_chat_tokens(dialog), dialog
 
 
 def test_no_special_token_can_forge_a_turn():
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     structural = {tok.bos_id, tok.eot_id, tok.eom_id, tok.special_tokens["<|start_header_id|>"],
                   tok.special_tokens["<|end_header_id|>"]}
     for special in llama.SPECIAL_TOKENS:
@@ -1260,7 +1260,7 @@ def test_chat_completion(ckpt_gqa):
 
 
 def test_chat_training_data_marks_exactly_the_assistant_tokens(ckpt_gqa, tmp_path):
-    tok = llama.Tokenizer.load(META_TOKENIZER)
+    tok = checkpoints.read_tokenizer(META_TOKENIZER)
     dialog = dialogs()[2]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"messages": d}) for d in [dialog] * 30))
