@@ -3,15 +3,14 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
 
     python generate.py --ckpt_dir Llama-3.2-1B --prompt "The capital of France is" --temperature 0
     python generate.py --ckpt_dir DIR --prompt "Once upon a time" --temperature 0.8 --top_p 0.95
-    python generate.py --ckpt_dir DIR --prompt "A" --prompt "B"          # several prompts: one batch
+    python generate.py --ckpt_dir DIR --prompt "A" --prompt "B"          # a batch of two
     python generate.py --ckpt_dir DIR --dtype bfloat16 --fast --prompt "Hi"   # the fast CPU path
-    python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"    # int4 weights (see quantize.py)
+    python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"      # int4 weights
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
     python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"   # with a finetune run
 
-One prompt is streamed; several run as one batch. In the chat, /reset clears the history, /exit or
-Ctrl-D leaves, Ctrl-C stops a reply. Bad input exits with status 2 and one line. load() is where
-llama.py's model meets the files beside it: formats, speed paths, quantization.
+One prompt is streamed; several run as a batch. Chat: /reset clears the history, /exit or Ctrl-D
+leaves, Ctrl-C stops a reply. load() is where llama.py meets the files beside it.
 """
 
 import argparse
@@ -21,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+import chat
 import checkpoints
 import llama
 import quantize as quant
@@ -29,9 +29,8 @@ import speed
 
 def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, seed=1, fast=False,
          rope_scaling_factor=None, lora=None, compile=False, quantize=None, group_size=32):
-    """A llama.Llama for a checkpoint in either layout: a finetune run's weights merged in (lora: its
-    out_dir, or a PEFT adapter), weights quantized (read from what quantize.py saved, if it did), and
-    the speed paths that apply on this device."""
+    """A llama.Llama for a checkpoint in either layout, with a finetune run (or PEFT adapter) merged
+    in, weights quantized (or read as quantize.py saved them) and this device's speed paths."""
     device, t0 = speed.resolve_device(device), time.time()
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
@@ -44,9 +43,11 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     if saved:  # quantized before: skip the work
         with torch.device("meta"):
             model = llama.Transformer(args, fast)
-        model = quant.load_quantized(model, quant.saved_path(ckpt_dir, quantize, group_size), device)
+        path = quant.saved_path(ckpt_dir, quantize, group_size)
+        model = quant.load_quantized(model, path, device)
     else:
-        model = llama.build_model(args, speed.convert(state_dict, device, dtype), device, dtype, fast)
+        state_dict = speed.convert(state_dict, device, dtype)
+        model = llama.build_model(args, state_dict, device, dtype, fast)
         if lora:
             model = checkpoints.load_finetuned(model, lora)
         if quantize:
@@ -71,22 +72,20 @@ def parse_args(argv=None):
     add("--top_k", type=int, default=0, help="the k likeliest tokens only; 0: off (default 0)")
     add("--seed", type=int, default=1, help="seed for sampling (default 1)")
     add("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best there is)")
-    add("--dtype", default=None, choices=list(speed.DTYPES), help="default: bf16 on GPUs, else fp32")
-    add("--threads", type=int, default=None, help="CPU threads (default: one per core; on a busy "
-        "machine fewer can be faster)")
+    add("--dtype", default=None, choices=list(speed.DTYPES), help="default: bf16 on GPUs, else f32")
+    add("--threads", type=int, default=None, help="CPU threads (default: one per core; fewer can "
+        "be faster on a busy machine)")
     add("--max_seq_len", type=int, default=2048, help="prompt + reply (default 2048)")
     add("--max_batch_size", type=int, default=4, help="prompts in one batch (default 4)")
     add("--rope_scaling_factor", type=float, default=None, help="llama3 RoPE factor of a Meta "
-        "checkpoint (default 8, as Meta's; 3.2 1B/3B were trained with 32; HF configs say)")
+        "checkpoint (default 8, as Meta's; 3.2 1B/3B were trained with 32)")
     add("--chat", action="store_true", help="chat with an instruct model (default off)")
     add("--system", default=None, help="system prompt for --chat (default none)")
-    add("--lora", default=None, help="merge in a finetune run's --out_dir or a PEFT adapter "
-        "(default none)")
+    add("--lora", default=None, help="a finetune --out_dir or PEFT adapter to merge (default none)")
     add("--quantize", default=None, choices=quant.MODES, help="int8 or int4 weights (default off)")
     add("--group_size", type=int, default=32, choices=quant.GROUP_SIZES,
         help="inputs per int4 scale (default 32)")
-    add("--compile", action="store_true", help="torch.compile the one-token step, for GPUs "
-        "(default off)")
+    add("--compile", action="store_true", help="torch.compile decoding, for GPUs (default off)")
     add("--fast", action="store_true", help="fused attention, last-position logits (default off: "
         "Meta's exact arithmetic)")
     return p.parse_args(argv)
@@ -105,17 +104,17 @@ def check(a):
     speed.resolve_device(a.device)
     context = checkpoints.read_args(a.ckpt_dir).context
     if not 2 <= a.max_seq_len <= context:
-        raise llama.InputError(f"--max_seq_len must be between 2 and the model's context, {context}")
+        raise llama.InputError(f"--max_seq_len must be in [2, the model's context: {context}]")
     if a.lora:
         checkpoints.check_finetuned(a.lora)
     prompts = [p if a.chat else p.rstrip() for p in a.prompt]
-    if prompts != a.prompt:  # "...is " ends in a lone space token: the model rarely saw one before a word
+    if prompts != a.prompt:  # "...is " ends in a lone space token, rarely seen before a word
         llama.log("note: stripped trailing whitespace from the prompt(s) (it tokenizes badly)")
     tokenizer = checkpoints.load_tokenizer(a.ckpt_dir)
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     if not a.chat and max(map(len, ids)) >= a.max_seq_len:
-        raise llama.InputError(f"a prompt of {max(map(len, ids))} tokens leaves no room for a reply "
-                               f"in --max_seq_len {a.max_seq_len}; raise it")
+        raise llama.InputError(f"a prompt of {max(map(len, ids))} tokens leaves no room for a "
+                               f"reply in --max_seq_len {a.max_seq_len}; raise it")
     return prompts, ids
 
 
@@ -127,9 +126,9 @@ def main(argv=None):
     g = load(a.ckpt_dir, a.max_seq_len, a.max_batch_size, a.device, a.dtype, a.seed, a.fast,
              a.rope_scaling_factor, a.lora, a.compile, a.quantize, a.group_size)
     if a.chat:
-        return chat(g, a)
-    llama.log(f"generating up to {a.max_new_tokens} tokens for {len(prompts)} prompt(s), temperature "
-              f"{a.temperature}, top_p {a.top_p}, top_k {a.top_k}, seed {a.seed}")
+        return chat.chat(g, a)
+    llama.log(f"generating up to {a.max_new_tokens} tokens for {len(prompts)} prompt(s), "
+              f"temperature {a.temperature}, top_p {a.top_p}, top_k {a.top_k}, seed {a.seed}")
     t0 = t_first = time.time()
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
@@ -148,55 +147,6 @@ def main(argv=None):
     llama.log(f"{n} tokens in {seconds:.2f}s: {n / seconds:.1f} tokens/s{first}")
     if max(len(p) + len(o) for p, o in zip(ids, outputs)) >= a.max_seq_len:
         llama.log(f"note: stopped at --max_seq_len {a.max_seq_len}; raise it for longer output")
-
-
-def chat(g, a):
-    """A terminal chat (or one answer per --prompt). The history is re-encoded each turn; when it no
-    longer fits in max_seq_len with room for a reply, the oldest turns go, never the system prompt."""
-    system = [{"role": "system", "content": a.system}] if a.system else []
-    history, max_len = [], g.args.max_seq_len
-    if not a.prompt:
-        llama.log("chat: /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops a reply")
-    for line in a.prompt or terminal_lines():
-        if line.strip() in ("/exit", "/reset"):
-            if line.strip() == "/exit":
-                return
-            history = []
-            llama.log("[history cleared]")
-            continue
-        history.append({"role": "user", "content": line})
-        tokens = g.tokenizer.encode_dialog_prompt(system + history)
-        while len(tokens) + a.max_new_tokens > max_len and len(history) > 1:
-            history = history[2:] if len(history) > 2 else history[1:]  # a question and its answer
-            llama.log(f"[too long for max_seq_len {max_len}: dropped the oldest turn]")
-            tokens = g.tokenizer.encode_dialog_prompt(system + history)
-        if len(tokens) >= max_len:
-            llama.log(f"[that message is too long for max_seq_len {max_len}; raise --max_seq_len]")
-            history.pop()
-            continue
-        text = ""
-        try:
-            for _, piece in g.stream(tokens, min(a.max_new_tokens, max_len - len(tokens)),
-                                     a.temperature, a.top_p, a.top_k):
-                text += piece
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # stops this reply, not the chat
-            print(" [stopped]", end="")
-        print()
-        history.append({"role": "assistant", "content": text})
-
-
-def terminal_lines():
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            return print()
-        except KeyboardInterrupt:
-            print()
-            continue
-        if line.strip():
-            yield line
 
 
 if __name__ == "__main__":

@@ -541,7 +541,7 @@ def check_vocab(tokenizer, args):
                          f"{args.vocab_size}; use the tokenizer that came with these weights")
 
 class Llama:
-    """Generation; with Meta's arithmetic, bit-identical to Meta's (float32 and bf16, sampled too)."""
+    """Generation: with Meta's arithmetic, bit-identical to Meta's (float32, bf16, sampled too)."""
     def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
         # fast: compute only the last position's logits (Meta computes all of them)
         check_vocab(tokenizer, model.args)

@@ -154,6 +154,16 @@ def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
     return load_bin(out_path)
 
 
+def load_splits(data_dir, seq_len, need_val=True):
+    """(train, val) from data_dir, each checked to hold more than one sequence of seq_len."""
+    splits = [load_bin(Path(data_dir) / f"{s}.bin") for s in ("train", "val")]
+    for name, (tokens, _) in zip(("training", "validation"), splits):
+        if len(tokens) <= seq_len + 1 and (name == "training" or need_val):
+            raise InputError(f"the {name} data has {len(tokens)} tokens, too few for --seq_len "
+                             f"{seq_len}; use more data or a smaller --seq_len")
+    return splits
+
+
 def load_bin(path):
     """-> (tokens, loss mask or None) as read-only np.memmaps."""
     mask = Path(path).with_suffix(".mask.bin")

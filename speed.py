@@ -20,6 +20,7 @@ import ctypes
 import functools
 import math
 import mmap
+import os
 import sys
 from contextlib import contextmanager
 
@@ -69,6 +70,16 @@ def resolve_device(device):
         raise llama.InputError("--device mps, but MPS is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise llama.InputError(f"unsupported device {device}; use cpu, cuda or mps")
+    return device
+
+
+def init_distributed(device, world):
+    """Under torchrun (world > 1): one process per device, gloo on CPUs, nccl on GPUs."""
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
     return device
 
 
