@@ -173,7 +173,8 @@ def accuracy_child(ckpt, a):
     """The quantized models against the bf16 model on the same weights, teacher-forced on real text
     (this README): relative error of the logits, KL(bf16 || quantized) and top-1 agreement."""
     text = (HERE / "README.md").read_text()
-    g = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", dtype="bfloat16", fast=True)
+    g = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", dtype="bfloat16",
+                      fast=True)
     tokens = torch.tensor([g.tokenizer.encode(text, bos=True)[:a.accuracy_tokens]])
     with torch.inference_mode():
         ref = g.model(tokens)[0]  # (T, vocab) float32
@@ -400,8 +401,9 @@ def print_table(results):
         for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
             q, fast = r.get(impl), r.get("ours_fast")
             if q and fast and "decode_b1_tok_s" in q:
-                print(f"  {impl} / ours_fast: " + ", ".join(
-                    f"{name} {q[k] / fast[k]:.2f}x" for k, name in cols[1:6] if k in q and k in fast))
+                print(f"  {impl} / ours_fast: " + ", ".join(f"{name} {q[k] / fast[k]:.2f}x"
+                                                          for k, name in cols[1:6]
+                                                          if k in q and k in fast))
         for impl, acc in (r.get("quantization_accuracy") or {}).items():
             print(f"  {impl} vs bf16 over {acc['tokens']} tokens of text: logits' relative error "
                   f"{acc['logits_rel_error']:.3f}, KL {acc['kl_mean']:.4f}, "

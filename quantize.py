@@ -1,5 +1,8 @@
 """
-Weight-only quantization (issue 13): int8 per output channel, int4 per group of inputs.
+Weight-only quantization: int8 per output channel, int4 per group of inputs.
+
+    python quantize.py --ckpt_dir DIR --mode int4    # once: DIR/model-int4-g32.safetensors
+    python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"   # reads it (or quantizes)
 
     model = quantize_model(model, "int4", group_size=32)  # swaps modules; llama.py is unchanged
     save_quantized(model, "model-int4.safetensors")  # the next start skips quantizing
@@ -459,7 +462,8 @@ def main(argv=None):
     import speed
 
     p = argparse.ArgumentParser(description="Quantize a checkpoint's weights once, into "
-                                "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize reads.")
+                                "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize "
+                                "reads.")
     p.add_argument("--ckpt_dir", required=True, help="a checkpoint in either layout")
     p.add_argument("--mode", choices=MODES, default="int4", help="(default int4)")
     p.add_argument("--group_size", type=int, choices=GROUP_SIZES, default=32,
