@@ -307,6 +307,7 @@ def main():
     llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
     bandwidth, rates = read_bandwidth(), kernel_rates()
     machine = {"cpu": cpu_name(), "threads": a.threads, "amx": speed.cpu_has_amx(),
+               "bf16_products_fast": speed.bf16_products_fast(),
                "bf16_training_products":
                    str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
                "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16),

@@ -127,6 +127,19 @@ def cpu_has_amx():
     return bool(getattr(torch._C._cpu, "_init_amx", lambda: False)())
 
 
+@functools.cache
+def bf16_products_fast():
+    """Whether bf16 matrix products beat float32 on this CPU: with AMX (Intel), or with AVX-512 BF16
+    on AMD (Zen 4 and later), several times over; elsewhere (Intel without AMX) oneDNN's bf16
+    products run at about half the float32 rate. From the CPU's flags, so every run of a machine
+    takes the same branch (a resumed run then repeats the same arithmetic)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return cpu_has_amx()
+    return cpu_has_amx() or ("AuthenticAMD" in info and " avx512_bf16" in info)
+
+
 def can_pack(device, dtype):
     return (device.type == "cpu" and dtype == torch.bfloat16
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -255,12 +268,11 @@ def for_inference(model, device, dtype, compile=False):
 # Training on CPUs: lean autograd Functions. Each keeps for backward only what its backward needs.
 
 def matmul_dtype(x):
-    """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs without AMX, where
-    oneDNN's bf16 products run at about half the float32 rate; x's own elsewhere. Both accumulate
-    in float32."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or cpu_has_amx():
+    """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs where bf16 products
+    are slow (bf16_products_fast); x's own elsewhere. Both accumulate in float32."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return x.dtype
-    return torch.float32
+    return x.dtype if bf16_products_fast() else torch.float32
 
 
 class Scratch:

@@ -823,7 +823,7 @@ def test_bf16_lora_product_against_float32(dropout, amx, monkeypatch):
     # Both branches on any host. Without AMX, bf16 inputs are multiplied in float32 through the scratch buffers:
     # the float32 results of the same inputs, rounded once. With AMX the products stay in bf16: the float32
     # results to bf16 precision.
-    monkeypatch.setattr(speed, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(speed, "bf16_products_fast", lambda: amx)
     assert speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16)) == (torch.bfloat16 if amx else torch.float32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
