@@ -1,0 +1,41 @@
+"""
+Shared by every test file: no test may change torch's process-wide numeric settings. A test that
+lowers float32 matmul precision (tf32 / bf16 products on AMX CPUs), changes the default dtype or the
+thread count makes later tests' tolerances fail on some machines only: such a leak fails here, naming
+the test, and the settings are put back for the tests after it.
+"""
+
+import pytest
+import torch
+
+
+def numeric_settings():
+    return {"default_dtype": torch.get_default_dtype(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "fp32_precision": getattr(torch.backends, "fp32_precision", None),
+            "mkldnn_matmul_fp32_precision": torch.backends.mkldnn.matmul.fp32_precision,
+            "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "grad_enabled": torch.is_grad_enabled()}
+
+
+def restore(settings):
+    torch.set_default_dtype(settings["default_dtype"])
+    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    if settings["fp32_precision"] is not None:
+        torch.backends.fp32_precision = settings["fp32_precision"]
+    torch.backends.mkldnn.matmul.fp32_precision = settings["mkldnn_matmul_fp32_precision"]
+    torch.set_num_threads(settings["threads"])
+    torch.use_deterministic_algorithms(settings["deterministic"])
+    torch.set_grad_enabled(settings["grad_enabled"])
+
+
+@pytest.fixture(autouse=True)
+def numeric_settings_are_left_as_found(request):
+    before = numeric_settings()
+    yield
+    after = numeric_settings()
+    if after != before:
+        restore(before)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"{request.node.nodeid} changed torch's global settings: {changed}")
