@@ -1,27 +1,30 @@
 """
-Run Meta's official Llama 3 reference implementation (the `llama-models` package: its Llama3.build and its
-generation loop) on a checkpoint directory, and print the generated token ids as JSON on stdout.
-test_llama.py compares llama.py against this, token for token.
+Run Meta's official Llama 3 reference implementation (the `llama-models` package: its Llama3.build
+and its generation loop) on a checkpoint directory, and print the generated token ids as JSON on
+stdout. test_llama.py compares llama.py against this, token for token.
 
     pip install llama-models fairscale
-    python reference.py --ckpt_dir DIR --prompt "The capital of France is" --max_gen_len 32 --temperature 0
+    python reference.py --ckpt_dir DIR --prompt "The capital of France is" \\
+        --max_gen_len 32 --temperature 0
     python reference.py --ckpt_dir DIR --prompt_tokens '[[128000, 791]]' --dtype bfloat16 --logprobs
 
-Output: {"tokens": [[ids of prompt 1], ...], "stops": [stop token id or null, ...], "logprobs": [[...], ...]}:
-generated tokens only, the stop token excluded (it is in "stops"), at most --max_gen_len per prompt (as Meta's
-original llama3 generation.py truncates).
+Output: {"tokens": [[ids of prompt 1], ...], "stops": [stop token id or null, ...],
+"logprobs": [[...], ...]}: generated tokens only, the stop token excluded (it is in "stops"), at
+most --max_gen_len per prompt (as Meta's original llama3 generation.py truncates).
 
 What this script has to work around, and why each is harmless to the comparison:
-- Meta's generation module imports torchvision through its multimodal (vision) model, and there is no CPU
-  torchvision wheel. If the real import fails, an empty stand-in module is registered; the text model never
-  touches it.
-- Meta's loader needs a torch.distributed process group (gloo on CPU) and fairscale's model parallel state;
-  a single-process group is set up here.
-- Meta's loader sets the whole process's default dtype to bf16, so it runs in its own process. For a float32 run
-  its model is converted with .float() after loading, from the same bf16 checkpoint values that llama.py reads.
-- Meta's Transformer always has an output layer. A checkpoint without `output.weight` (tied embeddings) gets it
-  as the embedding matrix itself, which is what tying means.
-- Meta always uses the tokenizer bundled in its package (the real Llama 3 tokenizer.model), whatever is in DIR.
+- Meta's generation module imports torchvision through its multimodal (vision) model, and there is
+  no CPU torchvision wheel. If the real import fails, an empty stand-in module is registered; the
+  text model never touches it.
+- Meta's loader needs a torch.distributed process group (gloo on CPU) and fairscale's model parallel
+  state; a single-process group is set up here.
+- Meta's loader sets the whole process's default dtype to bf16, so it runs in its own process. For a
+  float32 run its model is converted with .float() after loading, from the same bf16 checkpoint
+  values that llama.py reads.
+- Meta's Transformer always has an output layer. A checkpoint without `output.weight` (tied
+  embeddings) gets it as the embedding matrix itself, which is what tying means.
+- Meta always uses the tokenizer bundled in its package (the real Llama 3 tokenizer.model),
+  whatever is in DIR.
 """
 
 import argparse
@@ -40,7 +43,8 @@ def install_torchvision_stand_in():
         for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
             sys.modules[name] = types.ModuleType(name)
         sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+        sys.modules["torchvision.transforms"].functional = \
+            sys.modules["torchvision.transforms.functional"]
 
 
 def free_port():
@@ -50,9 +54,12 @@ def free_port():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_dir", required=True, help="Meta-format checkpoint: params.json + consolidated.NN.pth")
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable); BOS is prepended")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dir", required=True,
+                   help="Meta-format checkpoint: params.json + consolidated.NN.pth")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a text prompt (repeatable); BOS is prepended")
     p.add_argument("--prompt_tokens", help="JSON list of token-id lists, used as given")
     p.add_argument("--max_gen_len", type=int, default=32)
     p.add_argument("--max_seq_len", type=int, default=512)
@@ -63,7 +70,8 @@ def main():
     p.add_argument("--logprobs", action="store_true")
     a = p.parse_args()
     if not os.path.exists(os.path.join(a.ckpt_dir, "params.json")):
-        sys.exit(f"error: {a.ckpt_dir} has no params.json; Meta's reference reads Meta's layout only "
+        sys.exit(f"error: {a.ckpt_dir} has no params.json; "
+                 "Meta's reference reads Meta's layout only "
                  f"(convert with: python checkpoints.py convert {a.ckpt_dir} DIR --to meta)")
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", free_port()), ("RANK", "0"),
@@ -84,18 +92,21 @@ def main():
 
     generation.maybe_reshard_state_dict = reshard_with_tied_output
 
-    with contextlib.redirect_stdout(sys.stderr):  # Meta prints progress to stdout; keep stdout for the JSON
+    # Meta prints progress to stdout; keep stdout for the JSON
+    with contextlib.redirect_stdout(sys.stderr):
         prompts = json.loads(a.prompt_tokens) if a.prompt_tokens else []
         n_prompts = len(prompts) + len(a.prompt)
-        llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=max(n_prompts, 1),
+        llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len,
+                                        max_batch_size=max(n_prompts, 1),
                                         world_size=1, seed=a.seed, device="cpu")
         if a.dtype == "float32":
             llama.model.float()
         prompts += [llama.formatter.encode_content(text).tokens for text in a.prompt]
         tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
         finished, stops = [False] * len(prompts), [None] * len(prompts)
-        for results in llama.generate([LLMInput(tokens=t) for t in prompts], temperature=a.temperature,
-                                      top_p=a.top_p, max_gen_len=a.max_gen_len, logprobs=a.logprobs):
+        for results in llama.generate([LLMInput(tokens=t) for t in prompts],
+                                      temperature=a.temperature, top_p=a.top_p,
+                                      max_gen_len=a.max_gen_len, logprobs=a.logprobs):
             for r in results:
                 i = r.batch_idx
                 if r.source != "output" or r.ignore_token or finished[i]:

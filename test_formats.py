@@ -1,6 +1,6 @@
 """
-Tests for the interchange formats of checkpoints.py (issue 14): tokenizer.json both ways, PEFT LoRA adapters
-both ways, GGUF out. transformers, peft and gguf are the independent readers and writers.
+Tests for the interchange formats of checkpoints.py (issue 14): tokenizer.json both ways, PEFT LoRA
+adapters both ways, GGUF out. transformers, peft and gguf are the independent readers and writers.
 
     python -m pytest -q test_formats.py
 """
@@ -19,13 +19,17 @@ from llama import InputError
 META_TOKENIZER = checkpoints.bundled_tokenizer()
 TOKENIZER = checkpoints.read_tokenizer(META_TOKENIZER)
 
-# Unicode, emoji, code, whitespace runs, long runs, numbers, and every special-token string as plain text.
+# Unicode, emoji, code, whitespace runs, long runs, numbers, and every
+# special-token string as plain text.
 CORPUS = [
-    "The capital of France is Paris.", "", " ", "Ünïcödé: 日本語のテキスト, emoji 🦙🔥👩‍👩‍👧 and ça va?",
+    "The capital of France is Paris.", "", " ",
+    "Ünïcödé: 日本語のテキスト, emoji 🦙🔥👩‍👩‍👧 and ça va?",
     "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment\n\n\n    if x != 0 && y >= 1e-5: pass\r\n",
-    "spaces    between  \t\t words\n \n  \n", "a" * 3000, " " * 500 + "x", "1234567890 3.14159 -0.5e10",
-    "I'm sure they'll say we've done it, didn't you? 'S 'T", "Привет, мир! مرحبا بالعالم 🙂 ∑∫√∞ ≠ ≤",
-    "".join(llama.SPECIAL_TOKENS), "text<|eot_id|>more<|begin_of_text|> <|reserved_special_token_250|>",
+    "spaces    between  \t\t words\n \n  \n", "a" * 3000, " " * 500 + "x",
+    "1234567890 3.14159 -0.5e10", "I'm sure they'll say we've done it, didn't you? 'S 'T",
+    "Привет, мир! مرحبا بالعالم 🙂 ∑∫√∞ ≠ ≤",
+    "".join(llama.SPECIAL_TOKENS),
+    "text<|eot_id|>more<|begin_of_text|> <|reserved_special_token_250|>",
     "\x00\x01\x7f\u200b\ufeff tabs\tand\u00a0nbsp", "https://example.com/path?q=1&r=%20#frag",
 ]
 
@@ -40,8 +44,9 @@ def tiny_args(**overrides):
 def meta_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("meta") / "ckpt"
     args = tiny_args()
-    checkpoints.save_meta_checkpoint(args, checkpoints.random_state_dict(args, seed=3, dtype=torch.float32),
-                                     path, META_TOKENIZER)
+    checkpoints.save_meta_checkpoint(
+        args, checkpoints.random_state_dict(args, seed=3, dtype=torch.float32), path,
+        META_TOKENIZER)
     return path
 
 
@@ -75,7 +80,8 @@ def test_tokenizer_json_matches_tokenizer_model_and_transformers(hf_ckpt):
     ours = checkpoints.read_tokenizer_json(hf_ckpt / "tokenizer.json")
     assert ours.ranks == TOKENIZER.ranks and ours.special_tokens == TOKENIZER.special_tokens
     assert (hf_ckpt / "original" / "tokenizer.model").read_bytes() == META_TOKENIZER.read_bytes()
-    hf = AutoTokenizer.from_pretrained(hf_ckpt, split_special_tokens=True)  # special strings as plain text
+    # special strings as plain text
+    hf = AutoTokenizer.from_pretrained(hf_ckpt, split_special_tokens=True)
     for text in CORPUS:
         expected = TOKENIZER.encode(text)
         assert ours.encode(text) == expected, text
@@ -83,14 +89,16 @@ def test_tokenizer_json_matches_tokenizer_model_and_transformers(hf_ckpt):
         assert hf.decode(expected) == text == ours.decode(expected)
     assert hf.encode("Hi")[0] == TOKENIZER.bos_id  # the post-processor prepends <|begin_of_text|>
     hf = AutoTokenizer.from_pretrained(hf_ckpt)
-    dialogs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"}],
+    dialogs = [[{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi, who are you?"}],
                [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 🦙 in French?"}],
                [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": "get(city='Paris')", "stop_reason": "end_of_message"},
+                {"role": "assistant", "content": "get(city='Paris')",
+                 "stop_reason": "end_of_message"},
                 {"role": "tool", "content": "sunny"}]]
-    # (contents without special-token strings: a template renders text that is then parsed for them, where
-    # our encode_dialog keeps the user's "<|eot_id|>" as plain text)
+    # (contents without special-token strings: a template renders text that is then parsed for them,
+    # where our encode_dialog keeps the user's "<|eot_id|>" as plain text)
     for dialog in dialogs:
         got = hf.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
         got = got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got
@@ -100,8 +108,10 @@ def test_tokenizer_json_matches_tokenizer_model_and_transformers(hf_ckpt):
 def test_hub_side_files(hf_ckpt):
     cfg = json.loads((hf_ckpt / "tokenizer_config.json").read_text())
     assert cfg["bos_token"] == "<|begin_of_text|>" and cfg["eos_token"] == "<|end_of_text|>"
-    assert cfg["added_tokens_decoder"]["128009"]["content"] == "<|eot_id|>" and cfg["model_max_length"] == 131072
-    assert json.loads((hf_ckpt / "generation_config.json").read_text())["eos_token_id"] == [128001, 128008, 128009]
+    assert cfg["added_tokens_decoder"]["128009"]["content"] == "<|eot_id|>" and \
+        cfg["model_max_length"] == 131072
+    assert json.loads((hf_ckpt / "generation_config.json").read_text())["eos_token_id"] == \
+        [128001, 128008, 128009]
     special = json.loads((hf_ckpt / "special_tokens_map.json").read_text())
     assert special["bos_token"]["content"] == "<|begin_of_text|>"
     from transformers import GenerationConfig
@@ -116,27 +126,35 @@ def test_directory_with_tokenizer_json_only(hf_ckpt, tmp_path):
     shutil.copytree(hf_ckpt, d)
     shutil.rmtree(d / "original")
     assert checkpoints.find_tokenizer(d) == d / "tokenizer.json"
-    assert checkpoints.find_tokenizer(hf_ckpt) == hf_ckpt / "original" / "tokenizer.model"  # preferred
+    # preferred
+    assert checkpoints.find_tokenizer(hf_ckpt) == hf_ckpt / "original" / "tokenizer.model"
     g = generate.load(d, max_seq_len=64, device="cpu")
     assert g.tokenizer.ranks == TOKENIZER.ranks
-    # converting it back to Meta's layout writes tokenizer.model from the ranks: the same file as Meta's
+    # converting it back to Meta's layout writes tokenizer.model from the
+    # ranks: the same file as Meta's
     checkpoints.main(["convert", str(d), str(tmp_path / "meta"), "--to", "meta"])
     assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == META_TOKENIZER.read_bytes()
 
 
 def test_tokenizer_json_of_another_kind_is_one_line_error(hf_ckpt, tmp_path):
     good = json.loads((hf_ckpt / "tokenizer.json").read_text())
-    llama2 = {**good, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]},
+    llama2 = {**good,
+              "normalizer": {"type": "Sequence",
+                             "normalizers": [{"type": "Prepend", "prepend": "▁"}]},
               "pre_tokenizer": None, "model": {**good["model"], "byte_fallback": True}}
-    wordpiece = {**good, "model": {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}}
-    gpt2 = {**good, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    wordpiece = {**good,
+                 "model": {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}}
+    gpt2 = {**good,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
     swapped = {**good, "added_tokens": [{**t, "content": "<|x|>"} if t["id"] == 128009 else t
                                         for t in good["added_tokens"]]}
     ids = dict(good["model"]["vocab"])
     ids["Ġthe"], ids["Ġa"] = ids["Ġa"], ids["Ġthe"]  # ids that are not the merge order
     reordered = {**good, "model": {**good["model"], "vocab": ids}}
-    for name, content, words in [("llama2", llama2, "SentencePiece"), ("wordpiece", wordpiece, "WordPiece"),
-                                 ("gpt2", gpt2, "pre-tokenizer"), ("swapped", swapped, "special tokens"),
+    for name, content, words in [("llama2", llama2, "SentencePiece"),
+                                 ("wordpiece", wordpiece, "WordPiece"),
+                                 ("gpt2", gpt2, "pre-tokenizer"),
+                                 ("swapped", swapped, "special tokens"),
                                  ("reordered", reordered, "merge")]:
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(content))
@@ -154,7 +172,8 @@ def random_lora(model, seed=0):
     llama.apply_lora(model, LORA["targets"], LORA["rank"], LORA["alpha"])
     g = torch.Generator().manual_seed(seed)
     for m in checkpoints.lora_modules(model).values():
-        m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.1  # nonzero: the adapter does something
+        # nonzero: the adapter does something
+        m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.1
     return model
 
 
@@ -165,8 +184,8 @@ def write_run(model, ckpt, run_dir):
     (run_dir / "checkpoint").mkdir(parents=True)
     trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
     save_file(trained, run_dir / "checkpoint" / "trainable.safetensors")
-    run = {"mode": "lora", "lora_rank": LORA["rank"], "lora_alpha": LORA["alpha"], "lora_dropout": 0.0,
-           "lora_targets": LORA["targets"], "ckpt_dir": str(ckpt), "step": 1}
+    run = {"mode": "lora", "lora_rank": LORA["rank"], "lora_alpha": LORA["alpha"],
+           "lora_dropout": 0.0, "lora_targets": LORA["targets"], "ckpt_dir": str(ckpt), "step": 1}
     (run_dir / "checkpoint" / "run.json").write_text(json.dumps(run))
     return run_dir
 
@@ -193,11 +212,13 @@ def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_pa
     back = checkpoints.load_peft_adapter(our_model(hf_ckpt), tmp_path / "adapter")
     for name, m in checkpoints.lora_modules(back).items():
         assert torch.equal(m.lora_b, checkpoints.lora_modules(model)[name].lora_b), name
-    g = generate.load(hf_ckpt, max_seq_len=64, device="cpu", dtype="float32", lora=tmp_path / "adapter")
+    g = generate.load(hf_ckpt, max_seq_len=64, device="cpu", dtype="float32",
+                      lora=tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(g.model(TOKENS), expected, atol=1e-4, rtol=1e-4)
     capsys.readouterr()
-    generate.main(["--ckpt_dir", str(hf_ckpt), "--lora", str(tmp_path / "adapter"), "--prompt", "Tom had a",
+    generate.main(["--ckpt_dir", str(hf_ckpt), "--lora", str(tmp_path / "adapter"),
+                   "--prompt", "Tom had a",
                    "--max_new_tokens", "6", "--temperature", "0", "--dtype", "float32"])
     tokens = g.text_completion(["Tom had a"], temperature=0, max_gen_len=6)[0]["tokens"]
     assert capsys.readouterr().out == "Tom had a" + g.tokenizer.decode(tokens) + "\n"
@@ -225,7 +246,8 @@ def test_peft_made_adapter_applies_here(hf_ckpt, tmp_path):
     with torch.no_grad():
         expected = hf.eval()(TOKENS).logits
     model = checkpoints.load_peft_adapter(our_model(hf_ckpt), tmp_path / "peft")
-    assert {n.rsplit(".", 1)[-1] for n in checkpoints.lora_modules(model)} == {"wq", "wk", "wo", "w1", "w3"}
+    assert {n.rsplit(".", 1)[-1] for n in checkpoints.lora_modules(model)} == \
+        {"wq", "wk", "wo", "w1", "w3"}
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), expected, atol=1e-4, rtol=1e-4)
         merged = checkpoints.load_finetuned(our_model(hf_ckpt), tmp_path / "peft")
@@ -257,7 +279,8 @@ def read_gguf(path):
     import gguf
 
     reader = gguf.GGUFReader(path)
-    fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    fields = {name: f.contents() for name, f in reader.fields.items()
+              if not name.startswith("GGUF.")}
     return fields, {t.name: t for t in reader.tensors}
 
 
@@ -268,9 +291,10 @@ def dequantized(t):
         tuple(int(n) for n in reversed(t.shape)))
 
 
-# GGUFReader parses every string of a file in Python: ~15 s for the 128,256 tokens and 280,147 merges of
-# Llama 3. So the real tokenizer is read back once (an f32 file); the other files are of a model whose
-# tokenizer is the 256 single bytes (vocabulary 512 with the special tokens), read back in a moment.
+# GGUFReader parses every string of a file in Python: ~15 s for the 128,256 tokens and 280,147
+# merges of Llama 3. So the real tokenizer is read back once (an f32 file); the other files are of a
+# model whose tokenizer is the 256 single bytes (vocabulary 512 with the special
+# tokens), read back in a moment.
 BYTES_TOKENIZER = llama.Tokenizer({bytes([i]): i for i in range(256)}, "bytes")
 
 
@@ -295,11 +319,13 @@ def check_gguf_tensors(sd, tensors, dtype):
         got = dequantized(t)
         assert got.shape == want.shape, key
         if want.dim() == 1 or dtype == "f32":
-            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(got, want.float()), key
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and \
+                torch.equal(got, want.float()), key
         elif dtype == "bf16":
             assert t.tensor_type == gguf.GGMLQuantizationType.BF16
             assert torch.equal(got, want.to(torch.bfloat16).float()), key
-        else:  # within half a step of its block of 32 (step = max |x| / 127), and the f16 rounding of the step
+        else:  # within half a step of its block of 32 (step = max |x| / 127), and the f16
+            # rounding of the step
             assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
             blocks, err = want.float().reshape(-1, 32), (got - want.float()).reshape(-1, 32)
             step = blocks.abs().amax(1, keepdim=True) / 127
@@ -317,25 +343,31 @@ def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
     fields, tensors = read_gguf(path)
     assert not list(tmp_path.glob(".*.tmp"))
     assert fields["tokenizer.ggml.add_eos_token"] is False
-    expected = {"general.architecture": "llama", "llama.context_length": 131072, "llama.embedding_length": 64,
-                "llama.block_count": 2, "llama.feed_forward_length": 192, "llama.attention.head_count": 4,
+    expected = {"general.architecture": "llama", "llama.context_length": 131072,
+                "llama.embedding_length": 64, "llama.block_count": 2,
+                "llama.feed_forward_length": 192, "llama.attention.head_count": 4,
                 "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 500000.0,
-                "llama.attention.key_length": 16, "llama.rope.dimension_count": 16, "llama.vocab_size": 128256,
-                "general.file_type": 0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
-                "tokenizer.ggml.bos_token_id": 128000, "tokenizer.ggml.eos_token_id": 128001,
-                "tokenizer.ggml.eot_token_id": 128009, "tokenizer.ggml.eom_token_id": 128008,
-                "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": checkpoints.CHAT_TEMPLATE}
+                "llama.attention.key_length": 16, "llama.rope.dimension_count": 16,
+                "llama.vocab_size": 128256, "general.file_type": 0, "tokenizer.ggml.model": "gpt2",
+                "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": 128000,
+                "tokenizer.ggml.eos_token_id": 128001, "tokenizer.ggml.eot_token_id": 128009,
+                "tokenizer.ggml.eom_token_id": 128008,
+                "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.chat_template": checkpoints.CHAT_TEMPLATE}
     assert {k: fields.get(k) for k in expected} == expected
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
-    # the tokenizer: byte-level strings back to our ranks, 256 control tokens, merges as in tokenizer.json
+    # the tokenizer: byte-level strings back to our ranks, 256 control tokens,
+    # merges as in tokenizer.json
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert len(tokens) == len(types) == 128256 and tokens[128000:] == llama.SPECIAL_TOKENS
-    assert {bytes(checkpoints.UNICODE_TO_BYTE[c] for c in s): i for i, s in enumerate(tokens[:128000])} == \
-        TOKENIZER.ranks
-    assert set(types[:128000]) == {gguf.TokenType.NORMAL} and set(types[128000:]) == {gguf.TokenType.CONTROL}
+    assert {bytes(checkpoints.UNICODE_TO_BYTE[c] for c in s): i
+            for i, s in enumerate(tokens[:128000])} == TOKENIZER.ranks
+    assert set(types[:128000]) == {gguf.TokenType.NORMAL} and \
+        set(types[128000:]) == {gguf.TokenType.CONTROL}
     merges = fields["tokenizer.ggml.merges"]
     assert len(merges) == 280147 and merges[:3] == ["Ġ Ġ", "Ġ ĠĠĠ", "ĠĠ ĠĠ"]
-    # the weights: Meta's layout (llama.cpp's converter un-permutes HF's q/k), and llama3 RoPE's factors
+    # the weights: Meta's layout (llama.cpp's converter un-permutes HF's q/k),
+    # and llama3 RoPE's factors
     assert set(tensors) == {gguf_name(k) for k in sd} | {"rope_freqs.weight"}
     check_gguf_tensors(sd, tensors, "f32")
     factors = dequantized(tensors["rope_freqs.weight"])
@@ -359,14 +391,16 @@ def test_gguf_tied_output_and_export_of_a_run(small_ckpt, tmp_path, monkeypatch)
 
     args, sd = checkpoints.load_checkpoint(small_ckpt)
     tied = {k: v for k, v in sd.items() if k != "output.weight"}
-    gguf_export.write_gguf(llama.ModelArgs(**{**vars(args), "tie_embeddings": True}), tied, BYTES_TOKENIZER,
-                           tmp_path / "tied.gguf", "f32")
+    gguf_export.write_gguf(llama.ModelArgs(**{**vars(args), "tie_embeddings": True}),
+                           tied, BYTES_TOKENIZER, tmp_path / "tied.gguf", "f32")
     tensors = read_gguf(tmp_path / "tied.gguf")[1]
-    assert "output.weight" not in tensors and "token_embd.weight" in tensors  # llama.cpp reuses token_embd
+    # llama.cpp reuses token_embd
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors
     # a LoRA run exported to GGUF holds the merged weights
     model = random_lora(our_model(small_ckpt))
     run = write_run(model, small_ckpt, tmp_path / "run")
-    checkpoints.main(["export", str(run), str(tmp_path / "run.gguf"), "--to", "gguf", "--gguf_dtype", "f32"])
+    checkpoints.main(["export", str(run), str(tmp_path / "run.gguf"), "--to", "gguf",
+                      "--gguf_dtype", "f32"])
     merged = llama.merge_lora(model).state_dict()
     tensors = read_gguf(tmp_path / "run.gguf")[1]
     for key in ("layers.1.attention.wk.weight", "output.weight", "layers.0.feed_forward.w2.weight"):

@@ -347,7 +347,8 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
     import speed
 
     def build():
-        return llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu", torch.float32, True)
+        return llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu",
+                                 torch.float32, True)
 
     quantized = quantize.quantize_model(build(), "int4", 32)
     twin = dequantize_into(build(), quantized)
@@ -387,7 +388,8 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
     import finetune
 
     corpus = tmp_path / "stories.txt"
-    corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy." for i in range(300)))
+    corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy."
+                                  for i in range(300)))
     common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
               "--batch_size", "2", "--grad_accum", "1", "--max_steps", "6", "--lr", "1e-2",
               "--eval_every", "3", "--eval_batches", "2", "--sample_every", "0", "--device", "cpu",
@@ -397,7 +399,8 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
     finetune.main(common + ["--out_dir", str(tmp_path / "cut"), "--stop_at", "3"])
     finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
     logs = [[{k: v for k, v in __import__("json").loads(line).items() if k != "tokens_per_s"}
-             for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
+             for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("whole", "cut")]
     assert logs[0] == logs[1] and len(logs[0]) == 8
     checkpoints.main(["export", str(tmp_path / "whole"), str(tmp_path / "merged"), "--to", "hf",
                       "--dtype", "float32"])
