@@ -1,8 +1,8 @@
 """
 Shared by every test file: no test may change torch's process-wide numeric settings. A test that
-lowers float32 matmul precision (tf32 / bf16 products on AMX CPUs), changes the default dtype or the
-thread count makes later tests' tolerances fail on some machines only: such a leak fails here, naming
-the test, and the settings are put back for the tests after it.
+lowers float32 matmul precision (tf32 or bf16 products on AMX CPUs), changes the default dtype or
+the thread count makes later tests' tolerances fail on some machines only: such a leak fails here,
+naming the test, and the settings are put back for the tests after it.
 """
 
 import pytest
