@@ -595,7 +595,10 @@ def run_settings(out_dir, defaults, given, changeable, resume, overwrite):
 
 
 def apply_run_lora(model, run):
-    """Give a model a finetune run's LoRA modules (if it used LoRA), so its saved weights fit."""
+    """Give a model a finetune run's LoRA modules (if it used LoRA), so its saved weights fit. A run
+    started from a PEFT adapter (--lora_init) has that adapter's modules, rank and alpha."""
+    if run.get("lora_init") and run["mode"] in ("lora", "lora+norm"):
+        return load_peft_adapter(model, run["lora_init"])
     if run["mode"] in ("lora", "lora+norm"):
         llama.apply_lora(model, run["lora_targets"], run["lora_rank"], run["lora_alpha"],
                          run["lora_dropout"])

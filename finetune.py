@@ -34,16 +34,15 @@ DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora",
                 warmup_steps=50,
                 weight_decay=0.0, grad_clip=1.0, eval_every=100, eval_batches=10, sample_every=200,
                 save_every=200, stop_at=None, seed=1337, device=None, dtype=None,
-                activation_checkpointing=False, quantize=None, group_size=32)
+                activation_checkpointing=False, quantize=None, group_size=32, lora_init=None)
 CHANGEABLE = {"max_steps", "eval_every", "eval_batches", "sample_every", "save_every", "stop_at",
               "device"}
 HELP = dict(ckpt_dir="base checkpoint (Meta or HF)", data="tinystories, or a .txt / .jsonl file",
             lora_targets=f"among {','.join(llama.LORA_TARGETS)}", seq_len="tokens per sequence",
-            batch_size="sequences per micro-batch and process", lr="peak learning rate",
-            eval_every="0: never", sample_every="0: never", stop_at="save and stop after it",
-            dtype="of frozen weights (bfloat16 on GPUs, else float32; on CPUs, bfloat16 makes LoRA "
-                  "faster in half the memory)", activation_checkpointing="less memory, slower",
-            quantize="the frozen base (LoRA and norms train in float32)", group_size="for int4")
+            batch_size="sequences per micro-batch and process", eval_every="0: never",
+            dtype="of frozen weights (bfloat16 on GPUs, else float32; on CPUs bfloat16 is faster)",
+            quantize="the frozen base (LoRA and norms train in float32)", sample_every="0: never",
+            lora_init="a PEFT LoRA adapter to start from (its rank, alpha, targets)")
 CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(speed.DTYPES),
                quantize=quantize.MODES, group_size=quantize.GROUP_SIZES)
 
@@ -66,7 +65,7 @@ def parse_args(argv=None):
 def settings(a):
     """Defaults, then (on --resume) the run's saved settings, then the flags given; all checked."""
     given = {k: v for k, v in vars(a).items() if k in DEFAULTS and v is not None}
-    for key in ("ckpt_dir", "data"):
+    for key in ("ckpt_dir", "data", "lora_init"):
         if given.get(key, "tinystories") != "tinystories":
             given[key] = str(Path(given[key]).resolve())
     out_dir = Path(a.out_dir)
@@ -84,6 +83,8 @@ def settings(a):
                                "--weight_decay, --warmup_steps and --eval_every at least 0")
     if c.mode in ("lora", "lora+norm"):
         llama.check_lora(c.lora_targets, c.lora_rank)
+        if c.lora_init:
+            checkpoints.peft_settings(c.lora_init)  # a LoRA adapter we can start from
     if c.quantize and c.mode == "full":
         raise llama.InputError("--quantize freezes the base: use --mode lora, norm or lora+norm")
     context = checkpoints.read_args(c.ckpt_dir).context
@@ -120,8 +121,7 @@ def main(argv=None):
     if device.type == "cuda":
         speed.use_flex_attention(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    llama.log(f"training {n_trained:,} of {n_all:,} parameters ({cfg.mode}); "
+    llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")
     if not cfg.resume and rank == 0:  # --overwrite: the old run goes only now, when all is ready
         shutil.rmtree(cfg.out_dir / "checkpoint", ignore_errors=True)

@@ -252,6 +252,22 @@ def test_peft_made_adapter_applies_here(hf_ckpt, tmp_path):
         torch.testing.assert_close(model(TOKENS), expected, atol=1e-4, rtol=1e-4)
         merged = checkpoints.load_finetuned(our_model(hf_ckpt), tmp_path / "peft")
         torch.testing.assert_close(merged(TOKENS), expected, atol=1e-4, rtol=1e-4)
+    # finetune.py --lora_init starts from it: its modules, rank and alpha, and its weights (one step
+    # at a negligible learning rate moves them by about 1e-9)
+    import finetune
+
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("\n\n".join(f"Tom had {i} red balls. Tom was happy." for i in range(200)))
+    tuned, _ = finetune.main(["--ckpt_dir", str(hf_ckpt), "--data", str(corpus), "--out_dir",
+                              str(tmp_path / "run"), "--lora_init", str(tmp_path / "peft"),
+                              "--seq_len", "32", "--batch_size", "2", "--grad_accum", "1",
+                              "--max_steps", "1", "--lr", "1e-9", "--eval_every", "0",
+                              "--sample_every", "0", "--device", "cpu"])
+    started, adapter = checkpoints.lora_modules(tuned), checkpoints.lora_modules(model)
+    assert started.keys() == adapter.keys()
+    for name, m in started.items():
+        assert m.scale == adapter[name].scale and m.lora_a.shape == adapter[name].lora_a.shape
+        torch.testing.assert_close(m.lora_b, adapter[name].lora_b, atol=1e-6, rtol=0)
 
 
 def test_peft_errors_are_one_line(meta_ckpt, tmp_path):
