@@ -143,7 +143,8 @@ def lora_step_child(impl, ckpt, dtype, a):
         args = replace(args, max_seq_len=a.prefill_len)
         model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype, fused=True)
         if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
-            quantize.quantize_model(model, QUANTIZED[impl], release=speed.release_pages)
+            quantize.quantize_model(model, QUANTIZED[impl], release=speed.release_pages,
+                                    output=False)  # as finetune.py does
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
         speed.for_training(model)

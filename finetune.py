@@ -111,8 +111,8 @@ def main(argv=None):
     args, state_dict = checkpoints.load_checkpoint(cfg.ckpt_dir)
     args = replace(args, max_seq_len=max(cfg.seq_len, 256))
     model = llama.build_model(args, speed.convert(state_dict, device, dtype), device, dtype, True)
-    if cfg.quantize:  # QLoRA: the frozen base quantized, adapters and norms in float32
-        quantize.quantize_model(model, cfg.quantize, cfg.group_size, release=speed.release_pages)
+    if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
+        quantize.quantize_model(model, cfg.quantize, cfg.group_size, speed.release_pages, False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)

@@ -345,12 +345,12 @@ def slot_weight(model, parent, attr):
     return module.weight if isinstance(module, nn.Linear) else None
 
 
-def quantize_model(model, mode, group_size=32, release=None):
-    """Replace every projection and the output layer by an Int8Linear or Int4Linear. release(w), if
-    given, is called on each float weight once it is quantized (the loaders pass
-    speed.release_pages, which hands a memory-mapped weight's pages back to the OS)."""
+def quantize_model(model, mode, group_size=32, release=None, output=True):
+    """Replace every projection (and, with output=True, the output layer) by an Int8Linear or
+    Int4Linear. release(w), if given, is called on each float weight once it is quantized (the
+    loaders pass speed.release_pages, which hands a memory-mapped weight's pages back to the OS)."""
     check_settings(mode, group_size)
-    slots = weight_slots(model)
+    slots = [s for s in weight_slots(model) if output or s[0] != "output"]
     for name, parent, attr in slots:
         check_slot(model, name, parent, attr, mode, group_size)
     for _, parent, attr in slots:

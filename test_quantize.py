@@ -396,6 +396,7 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
               "--quantize", "int4", "--dtype", "bfloat16", "--lora_dropout", "0.1"]
     model, _ = finetune.main(common + ["--out_dir", str(tmp_path / "whole")])
     assert isinstance(model.layers[0].attention.wq.base, quantize.Int4Linear)
+    assert not isinstance(model.output, quantize.QuantizedLinear)  # streamed by the chunked loss
     finetune.main(common + ["--out_dir", str(tmp_path / "cut"), "--stop_at", "3"])
     finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
     logs = [[{k: v for k, v in __import__("json").loads(line).items() if k != "tokens_per_s"}
