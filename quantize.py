@@ -37,7 +37,6 @@ aten = torch.ops.aten
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
-PROJECTIONS = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
 # SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
 # temporaries of a slice stay in the CPU's caches.
@@ -327,21 +326,18 @@ def check_shape(name, out_features, in_features, mode, group_size):
 
 
 def weight_slots(model):
-    """(name, parent, attribute) of every weight to quantize. A LoRALinear's base is the slot; a
-    tied model without an output module (model.output is None) gets one, from the embedding."""
-    slots = [("output", model, "output")]
-    for i, layer in enumerate(model.layers):
-        for part, names in PROJECTIONS.items():
-            slots += [(f"layers.{i}.{part}.{n}", getattr(layer, part), n) for n in names]
+    """(name, parent, attribute) of every weight to quantize: llama.projections, named as in the
+    state dict; a LoRALinear's base is the slot."""
+    names = {id(m): n for n, m in model.named_modules()}
+    slots = [(f"{names[id(parent)]}.{attr}".lstrip("."), parent, attr)
+             for parent, attr in llama.projections(model)]
     return [(f"{name}.base", getattr(parent, attr), "base")
             if isinstance(getattr(parent, attr), llama.LoRALinear) else (name, parent, attr)
             for name, parent, attr in slots]
 
 
-def slot_weight(model, parent, attr):
+def slot_weight(parent, attr):
     module = getattr(parent, attr)
-    if module is None and parent is model and attr == "output":
-        return model.tok_embeddings.weight  # tied: the output layer is the embedding
     return module.weight if isinstance(module, nn.Linear) else None
 
 
@@ -354,7 +350,7 @@ def quantize_model(model, mode, group_size=32, release=None, output=True):
     for name, parent, attr in slots:
         check_slot(model, name, parent, attr, mode, group_size)
     for _, parent, attr in slots:
-        weight = slot_weight(model, parent, attr)
+        weight = slot_weight(parent, attr)
         setattr(parent, attr, Int8Linear.from_float(weight) if mode == "int8"
                 else Int4Linear.from_float(weight, group_size))
         if release and weight is not model.tok_embeddings.weight:
@@ -364,7 +360,7 @@ def quantize_model(model, mode, group_size=32, release=None, output=True):
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
-    weight = slot_weight(model, parent, attr)
+    weight = slot_weight(parent, attr)
     if weight is None:
         kind = type(getattr(parent, attr)).__name__
         raise llama.InputError(f"{name} is a {kind}, not a Linear; quantize the model right after "
@@ -430,7 +426,7 @@ def load_quantized(model, path, device="cpu"):
                 if f"{name}.{k}" in tensors}
         if "qweight" not in part:
             raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
-        weight = slot_weight(model, parent, attr)
+        weight = slot_weight(parent, attr)
         layer = quantized.from_portable({k: v.to(device) for k, v in part.items()}, group_size)
         if weight is not None and weight.shape != (layer.out_features, layer.in_features):
             shape = (layer.out_features, layer.in_features)
