@@ -147,7 +147,7 @@ def lora_step_child(impl, ckpt, dtype, a):
                                     output=False)  # as finetune.py does
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
-        speed.for_training(model)
+        speed.for_training(quantize.for_training(model))
         model.activation_checkpointing = a.activation_checkpointing
 
         def loss_fn():
@@ -329,7 +329,8 @@ def main():
             # forward + input gradients, frozen weights
             "lora_step_tok_s": gemm / (4 * matmul_params(args))}
         for impl in impls if dtype == "bfloat16" else []:  # quantized once, then read at each load
-            if impl in QUANTIZED and not quantize.saved_path(ckpt, QUANTIZED[impl]).exists():
+            if impl in QUANTIZED and not a.skip_decode and not quantize.saved_path(
+                    ckpt, QUANTIZED[impl]).exists():
                 subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(ckpt),
                                 "--mode", QUANTIZED[impl]], check=True)
         runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls

@@ -117,7 +117,7 @@ def main(argv=None):
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)
     model.activation_checkpointing = cfg.activation_checkpointing
-    speed.for_training(model)
+    speed.for_training(quantize.for_training(model))  # lean training modules
     if device.type == "cuda":
         speed.use_flex_attention(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import llama
+import speed
 
 aten = torch.ops.aten
 
@@ -46,7 +47,8 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # -----------------------------------------------------------------------------
 # 1. Quantizers
-# int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale in float32.
+# int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale a float32 (holding a
+# bfloat16 value: see Int8Linear).
 # int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]: the
 # convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16. They are
 # rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
@@ -62,7 +64,8 @@ def row_slices(out_features, in_features):
 def quantize_int8(w):
     """w (out, in) float -> q (out, in) int8, scales (out,) float32."""
     w = w.float()
-    scales = w.abs().amax(1).clamp(min=1e-12) / 127  # (out,)
+    # rounded to bfloat16 first (the CPU kernel's type), so that q is the best fit for the stored s
+    scales = (w.abs().amax(1).clamp(min=1e-12) / 127).bfloat16().float()  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -170,7 +173,7 @@ def pack_int4(q):
 
 
 class QuantizedProduct(torch.autograd.Function):
-    """module.product(x), with dx = dy W as the backward pass."""
+    """module.product(x), with dx = dy W (module.input_grad) as the backward pass."""
 
     @staticmethod
     def forward(ctx, x, module):
@@ -179,51 +182,84 @@ class QuantizedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        m, shape = ctx.module, dy.shape
-        dy = dy.reshape(-1, shape[-1])  # (tokens, out)
-        dx = torch.zeros(len(dy), m.in_features, device=dy.device,
-                         dtype=torch.promote_types(dy.dtype, torch.float32))  # (tokens, in)
-        for a, b in row_slices(m.out_features, m.in_features):
-            dx += dy[:, a:b] @ m.dequantize(a, b, dy.dtype)
-        return dx.to(dy.dtype).view(*shape[:-1], -1), None
+        return ctx.module.input_grad(dy), None
 
 
 class QuantizedLinear(nn.Module):
     """A frozen, bias-free Linear with a quantized weight. Subclasses give kernel(x) -> (rows, out)
-    for x (rows, in), and dequantize(start, end, dtype) -> rows start:end of the weight.
-    The CPU kernels are faster for a few rows (decoding), F.linear on dequantized slices for more
-    (prefill, training): kernel_max_rows is about where they cross on an AVX-512 CPU."""
+    for x (rows, in), and dequantize(start, end, dtype) -> rows start:end of the weight,
+    dequantized(...) the same in a reused buffer.
+    The CPU kernels are faster for a few rows (decoding); for more (prefill, training) each slice of
+    rows is dequantized into a reused buffer and multiplied in speed.matmul_dtype (bf16 where the
+    CPU multiplies it fast). kernel_max_rows is about where they cross on an AVX-512 CPU."""
 
     def forward(self, x):
         return QuantizedProduct.apply(x, self)
 
     def product(self, x):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        few = len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES and self.fits_kernel
+        few = len(x2) <= self.kernel_max_rows and x.dtype in KERNEL_DTYPES
         if x.is_cuda or few:
-            y = self.kernel(x2)
-        else:
-            y = torch.cat([F.linear(x2, self.dequantize(a, b, x.dtype))
-                           for a, b in row_slices(self.out_features, self.in_features)], -1)
+            return self.kernel(x2).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        c = speed.matmul_dtype(x)
+        xc, y = x2.to(c), torch.empty(len(x2), self.out_features, dtype=c, device=x.device)
+        for a, b in row_slices(self.out_features, self.in_features):
+            torch.mm(xc, self.dequantized(a, b, c).t(), out=y[:, a:b])
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def input_grad(self, dy):
+        """dx = dy W, summed in float32 over slices of dequantized rows: no float copy of the whole
+        weight is made."""
+        shape, dtype, c = dy.shape, dy.dtype, speed.matmul_dtype(dy)
+        dy = dy.reshape(-1, shape[-1]).to(c)  # (tokens, out)
+        acc = torch.promote_types(c, torch.float32)
+        dx = torch.zeros(len(dy), self.in_features, dtype=acc, device=dy.device)  # (tokens, in)
+        part = speed.Scratch.get("quantized dx", dx.shape, c, dy.device) if c != acc else None
+        for a, b in row_slices(self.out_features, self.in_features):
+            if part is None:
+                dx.addmm_(dy[:, a:b], self.dequantized(a, b, c))
+            else:  # bf16 products, summed in float32
+                dx += torch.mm(dy[:, a:b], self.dequantized(a, b, c), out=part)
+        return dx.to(dtype).view(*shape[:-1], -1)
+
+    def scratch(self, start, end, dtype):
+        """A buffer for rows start:end of the dequantized weight, reused by the next call (a slice
+        is about a megabyte: fresh buffers would cost page faults and fragment the heap)."""
+        rows = min(end, self.out_features) - start
+        return speed.Scratch.get("dequantized", (rows, self.in_features), dtype, self.qweight.device)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class Int8Linear(QuantizedLinear):
+    """On CPUs, torch's int4 kernel multiplies int8 weights: it reads them at a higher rate than its
+    int8 kernel (which is no faster than bf16). Each q + 128 in [1, 255] is split into nibbles,
+    16 hi + lo, stored as an int4 weight of twice the inputs, [hi | lo], which multiplies the input
+    [16 x | x] (16 x is exact in bfloat16): with scale s for every group and zero s 8 for the lo
+    groups, the kernel's (nibble - 8) s + zero sums to s q. s must be a bfloat16, the kernel's
+    type: quantize_int8 rounds it so before computing q."""
     mode, group_size, kernel_max_rows = "int8", None, 32
 
     def __init__(self, qweight, scales):
         """qweight (out, in) int8, scales (out,) float32."""
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes otherwise:
-        # it needs a multiple of 16 inputs, and a copy of a tensor read at any offset of a file.
-        self.fits_kernel = self.in_features % 16 == 0
-        aligned = qweight.data_ptr() % 64 == 0
-        self.register_buffer("qweight", qweight if aligned else qweight.clone())
-        self.register_buffer("scales", scales)
+        self.register_buffer("scales", scales.bfloat16().float())  # as the kernel reads them
+        if qweight.is_cuda:
+            self.register_buffer("qweight", qweight)
+            return
+        self.kernel_group = next(g for g in reversed(GROUP_SIZES) if self.in_features % g == 0)
+        packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+        for a, b in row_slices(*qweight.shape):
+            u = qweight[a:b].int() + 128  # (rows, in) in [1, 255]
+            packed[a:b] = aten._convert_weight_to_int4pack_for_cpu(torch.cat([u >> 4, u & 15], 1), 1)
+        self.register_buffer("qweight", packed)  # (out, in): 2 in nibbles a byte
+        s = scales.bfloat16()
+        hi, lo = torch.stack([s, 0 * s], -1), torch.stack([s, 8 * s], -1)  # (out, 2): scale, zero
+        groups = self.in_features // self.kernel_group
+        sz = torch.stack([hi] * groups + [lo] * groups)  # (2 in / group, out, 2)
+        self.register_buffer("scales_and_zeros", sz)
 
     @classmethod
     def from_float(cls, weight):
@@ -238,19 +274,36 @@ class Int8Linear(QuantizedLinear):
         return cls(tensors["qweight"], tensors["scales"])
 
     def portable(self):
-        return {"qweight": self.qweight, "scales": self.scales}
+        slices = row_slices(self.out_features, self.in_features)
+        return {"qweight": torch.cat([self.q(a, b) for a, b in slices]), "scales": self.scales}
 
     def kernel(self, x):
         if x.is_cuda:  # gpt-fast: torch.compile fuses the conversion into the product
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        return aten._weight_int8pack_mm(kernel_input(x), self.qweight, self.scales.bfloat16())
+        x = kernel_input(x)
+        return aten._weight_int4pack_mm_for_cpu(kernel_input(torch.cat([x * 16, x], 1)),
+                                                self.qweight, self.kernel_group,
+                                                self.scales_and_zeros)
+
+    def q(self, start, end):
+        """Rows start:end of the int8 weight (start a multiple of 64, as in row_slices)."""
+        if self.qweight.is_cuda:
+            return self.qweight[start:end]
+        u = unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, 2 in)
+        hi, lo = u.split(self.in_features, 1)
+        return (hi.to(torch.int16) * 16 + lo - 128).to(torch.int8)
 
     def dequantize(self, start=0, end=None, dtype=torch.float32):
-        return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype)
+        end = self.out_features if end is None else min(end, self.out_features)
+        return dequantize_int8(self.q(start, end), self.scales[start:end], dtype)
+
+    def dequantized(self, start, end, dtype):  # dequantize, into scratch: q * scale in one pass
+        out = self.scratch(start, end, dtype)
+        return torch.mul(self.q(start, end), self.scales[start:end, None], out=out)
 
 
 class Int4Linear(QuantizedLinear):
-    mode, fits_kernel, kernel_max_rows = "int4", True, 128
+    mode, kernel_max_rows = "int4", 128
 
     def __init__(self, q, scales, zeros, group_size):
         """q (out, in) uint8 in [0, 15]; scales, zeros (out, in // group_size) bfloat16; all on the
@@ -300,6 +353,54 @@ class Int4Linear(QuantizedLinear):
         s, z = self.scales_and_zeros[:, start:end].transpose(0, 1).unbind(-1)  # (rows, groups)
         return dequantize_int4(self.unpack(start, end), s, z, dtype)
 
+    def dequantized(self, start, end, dtype):  # dequantize, into scratch: q s + (z - 8 s)
+        out = self.scratch(start, end, dtype)
+        q, (s, z) = self.unpack(start, end), self.scales_and_zeros[:, start:end].unbind(-1)
+        s, z = s.t().float()[..., None], z.t().float()[..., None]  # (rows, groups, 1)
+        groups = (len(q), -1, self.group_size)
+        return torch.addcmul(z - 8 * s, q.view(groups), s, out=out.view(groups)).view(out.shape)
+
+
+class QuantizedLoRAProduct(torch.autograd.Function):
+    """A LoRALinear over a quantized base, y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x),
+    its backward written out as speed.LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
+    product, where autograd would keep a float32 copy of x for each adapter."""
+
+    @staticmethod
+    def forward(ctx, x, x_a, lora_a, lora_b, base, scale):
+        c = speed.matmul_dtype(x)
+        u = speed.flat(x_a).to(c) @ lora_a.to(c).t()  # (tokens, rank)
+        y = speed.flat(base.product(x))  # (tokens, out)
+        y.add_(u @ lora_b.to(c).t(), alpha=scale)
+        ctx.save_for_backward(x_a, lora_a, lora_b, u)
+        ctx.base, ctx.scale, ctx.dropout = base, scale, x_a is not x
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_a, lora_a, lora_b, u = ctx.saved_tensors
+        grads = speed.adapter_grads(speed.flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
+        du, d_lora_a, d_lora_b = grads
+        dx, dx_a = ctx.base.input_grad(dy), (du @ lora_a.to(du.dtype)).view(x_a.shape)
+        if not ctx.dropout:  # x_a is x: one gradient
+            return dx.add_(dx_a), None, d_lora_a, d_lora_b, None, None
+        return dx, dx_a.to(x_a.dtype), d_lora_a, d_lora_b, None, None
+
+
+class QuantizedLoRALinear(llama.LoRALinear):
+    def forward(self, x):
+        x_a = self.dropout(x) if self.dropout.p and self.training else x
+        return QuantizedLoRAProduct.apply(x, x_a, self.lora_a, self.lora_b, self.base, self.scale)
+
+
+def for_training(model):
+    """Swap in the lean LoRA layer over each quantized base (speed.for_training swaps the others).
+    Call after apply_lora."""
+    for module in model.modules():
+        if type(module) is llama.LoRALinear and isinstance(module.base, QuantizedLinear):
+            module.__class__ = QuantizedLoRALinear
+    return model
+
 
 # -----------------------------------------------------------------------------
 # 4. Swapping the modules of a model
@@ -317,12 +418,16 @@ def check_settings(mode, group_size):
 
 
 def check_shape(name, out_features, in_features, mode, group_size):
-    if mode == "int4" and in_features % group_size:
-        raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of "
-                               f"{group_size}; choose a group size that divides {in_features}")
-    if mode == "int4" and out_features % 16:
-        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got "
-                               f"{out_features}; use int8")
+    # int8 runs on the int4 kernel (Int8Linear): groups of 32 inputs at least
+    group = group_size if mode == "int4" else 32
+    if in_features % group:
+        raise llama.InputError(f"{name}: {in_features} inputs do not split into {mode} groups of "
+                               f"{group}; " + ("choose a group size that divides "
+                                               f"{in_features}" if mode == "int4" else "it cannot"
+                                               " be quantized"))
+    if out_features % 16:
+        raise llama.InputError(f"{name}: {mode} needs a multiple of 16 output rows, got "
+                               f"{out_features}")
 
 
 def weight_slots(model):
@@ -455,7 +560,6 @@ def saved_path(ckpt_dir, mode, group_size=32):
 
 def main(argv=None):
     import checkpoints
-    import speed
 
     p = argparse.ArgumentParser(description="Quantize a checkpoint's weights once, into "
                                 "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize "

@@ -380,8 +380,7 @@ class LoRAProduct(torch.autograd.Function):
         x, x_a, weight, lora_a, lora_b, u = ctx.saved_tensors
         c, scale = u.dtype, ctx.scale
         dy = Scratch.upcast(flat(dy), c, "in")  # (tokens, out)
-        du = (dy @ lora_b.to(c)).mul_(scale)  # (tokens, rank)
-        d_lora_b = (dy.t() @ u).mul_(scale).to(lora_b.dtype)  # (out, rank)
+        du, d_lora_a, d_lora_b = adapter_grads(dy, x_a, lora_a, lora_b, u, scale)
         d_weight = (dy.t() @ flat(x).to(c)).to(weight.dtype) if ctx.needs_input_grad[2] else None
         dx = (Scratch.get("out", (len(dy), weight.shape[1]), c, dy.device) if c != x_a.dtype
               else None)
@@ -390,9 +389,19 @@ class LoRAProduct(torch.autograd.Function):
         dx_a = du @ lora_a.to(c) if ctx.dropout else None
         if not ctx.dropout:
             dx.addmm_(du, lora_a.to(c))
-        d_lora_a = (du.t() @ Scratch.upcast(flat(x_a), c, "in")).to(lora_a.dtype)  # (rank, in)
         as_x = lambda g: None if g is None else g.to(x_a.dtype).view(ctx.x_shape)  # noqa: E731
         return as_x(dx), as_x(dx_a), d_weight, d_lora_a, d_lora_b, None
+
+
+def adapter_grads(dy, x_a, lora_a, lora_b, u, scale):
+    """The adapter's share of a LoRA backward pass, dy (tokens, out) and u = x_a A^T (tokens, rank)
+    in the matmul dtype: du = scale dy B (tokens, rank), and the gradients of A and B."""
+    c = dy.dtype
+    du = (dy @ lora_b.to(c)).mul_(scale)  # (tokens, rank)
+    d_lora_b = (dy.t() @ u).mul_(scale).to(lora_b.dtype)  # (out, rank)
+    # its own scratch slot: dy may be in "in"
+    d_lora_a = (du.t() @ Scratch.upcast(flat(x_a), c, "x_a")).to(lora_a.dtype)  # (rank, in)
+    return du, d_lora_a, d_lora_b
 
 
 class LeanLoRALinear(llama.LoRALinear):

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import llama
 import quantize
+import speed
 from llama import InputError
 
 MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -209,14 +210,14 @@ def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monke
     monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
     layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
     seen = []  # the rows of each dequantized slice: never the whole weight at once
-    dequantize = layer.dequantize
+    dequantized = layer.dequantized
 
     def record(*args):
-        w = dequantize(*args)
+        w = dequantized(*args)
         seen.append(len(w))
         return w
 
-    monkeypatch.setattr(layer, "dequantize", record)
+    monkeypatch.setattr(layer, "dequantized", record)
     lora, ref = LoRA(layer), LoRA(nn.Linear(256, 208, bias=False))
     ref.base.weight.data = w
     gen = torch.Generator().manual_seed(4)
@@ -231,6 +232,44 @@ def test_qlora_gradients_equal_the_float_reference(mode, group_size, rows, monke
         assert relative_error(got, want) < 1e-5
     assert seen and max(seen) <= 64
     assert not any(t.requires_grad for t in layer.buffers()) and not list(layer.parameters())
+
+
+class FloatLinear(nn.Linear):  # a float32 weight, multiplied in the input's dtype
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("fast_bf16", [True, False])  # bf16 products, or float32 ones
+def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
+        mode, group_size, dropout, fast_bf16, monkeypatch):
+    # quantize.QuantizedLoRALinear (its backward written out) against llama.LoRALinear over an
+    # nn.Linear holding the dequantized weight (autograd); the same dropout mask from one seed
+    monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
+    monkeypatch.setattr(speed, "bf16_products_fast", lambda: fast_bf16)
+    layer, w = quantized_layer(mode, group_size, random_weight(208, 256))
+    ref = FloatLinear(256, 208, bias=False)
+    ref.weight = nn.Parameter(w, requires_grad=False)
+    lean, plain = (llama.LoRALinear(base, 8, 16, dropout) for base in (layer, ref))
+    quantize.for_training(nn.Sequential(lean))
+    assert type(lean) is quantize.QuantizedLoRALinear and type(plain) is llama.LoRALinear
+    gen = torch.Generator().manual_seed(5)
+    lean.lora_b.data = torch.randn(208, 8, generator=gen) / 10
+    plain.lora_a.data, plain.lora_b.data = lean.lora_a.data.clone(), lean.lora_b.data.clone()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 100, 256, generator=gen).to(dtype)  # 200 rows: the dequantized path
+        dy = torch.randn(2, 100, 208, generator=gen).to(dtype)
+        grads = []
+        for m in (lean, plain):
+            torch.manual_seed(0)
+            xi = x.clone().requires_grad_()
+            y = m.train()(xi)
+            grads.append([y] + list(torch.autograd.grad((y.float() * dy).sum(), [xi] + [
+                m.lora_a, m.lora_b])))
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for got, want in zip(*grads):
+            assert got.dtype == want.dtype and relative_error(got, want) < tolerance
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -363,7 +402,8 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
             if isinstance(m, llama.LoRALinear):
                 m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         if lean:
-            speed.for_training(model)
+            speed.for_training(quantize.for_training(model))
+            assert type(model.layers[0].attention.wq) is quantize.QuantizedLoRALinear
         losses, weights = llama.token_losses(model.train(), x[:, :-1], x[:, 1:], 128000)
         (losses * weights).sum().backward()
         results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()
