@@ -13,6 +13,7 @@ never committed). Every measurement runs in a fresh process so that its peak res
 """
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -95,6 +96,26 @@ def kernel_rates():
                                  / best_time(lambda: torch.nn.functional.linear(x, w)) / 1e9)
     packed, xb = mats[0], x.bfloat16()
     rates["bf16_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: packed(xb)) / 1e9
+    del mats
+    rates.update(quantized_kernel_rates())
+    return rates
+
+
+def quantized_kernel_rates():
+    """The same for quantize.py's layers, in weights per second: the one-row kernel over 512M
+    weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what each
+    product of many rows does before its bf16 product). They bound the quantized rows: decoding at
+    most this matrix-vector rate over bf16's (bf16_matvec_gb_s / 2 weights/s); prefill of n tokens
+    at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's."""
+    w, v, rates = torch.randn(8192, 2048) / 45, torch.ones(1, 2048, dtype=torch.bfloat16), {}
+    for mode, layer in (("int8", quantize.Int8Linear.from_float(w)),
+                        ("int4", quantize.Int4Linear.from_float(w, 32))):
+        layers = [copy.deepcopy(layer) for _ in range(32)]
+        rates[f"{mode}_matvec_gweights_s"] = 32 * w.numel() / best_time(
+            lambda: [m.kernel(v) for m in layers], 3) / 1e9
+        slices = quantize.row_slices(*w.shape)
+        rates[f"{mode}_dequantize_gweights_s"] = w.numel() / best_time(
+            lambda: [layer.dequantized(a, b, torch.bfloat16) for a, b in slices]) / 1e9
     return rates
 
 
@@ -370,6 +391,16 @@ def print_table(results):
           f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
           f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
+    if "int8_matvec_gweights_s" in m:
+        bf16 = m["bf16_matvec_gb_s"] / 2  # G weights/s
+        print("quantized kernels (G weights/s; the matrix-vector rate over bf16's, a ceiling for "
+              "decoding; the prefill ceiling at 512 tokens from dequantizing):")
+        for mode in quantize.MODES:
+            deq = m[f"{mode}_dequantize_gweights_s"]
+            prefill = 1 / (1 + m["bf16_gemm_gflop_s"] / (2 * 512 * deq))
+            print(f"  {mode}: matrix-vector {m[f'{mode}_matvec_gweights_s']} "
+                  f"({m[f'{mode}_matvec_gweights_s'] / bf16:.2f}x bf16), dequantize {deq} "
+                  f"(prefill at most {prefill:.2f}x bf16)")
     cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"),
             ("decode_b1_tok_s", "decode b1 tok/s"), ("decode_b8_tok_s", "decode b8 tok/s"),
             ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),

@@ -13,9 +13,12 @@ every projection (wq wk wv wo w1 w2 w3) and the output layer; the embedding and 
 they are. The quantized modules are frozen, but gradients flow through them to their input, so
 LoRA adapters can be trained on a quantized base (QLoRA).
 
-torch's int kernels take bfloat16 activations: float32 ones are rounded to bfloat16 for products
-of a few rows (decoding); longer ones stay in float32. On CUDA (untested here) int4 runs forward
-only: its tinygemm layout is not read back, so int4 on CUDA neither trains nor saves (int8 does).
+Products of a few rows (decoding) run torch's CPU int8 and int4 kernels; they take bfloat16
+activations, so float32 ones are rounded to bfloat16 there. Longer
+products (prefill, training) dequantize a slice of rows at a time into a reused buffer. For QLoRA,
+for_training(model) swaps in a LoRA layer whose backward keeps no float32 copies of its input.
+On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
+CUDA neither trains nor saves (int8 does).
 """
 
 import argparse
@@ -47,8 +50,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # -----------------------------------------------------------------------------
 # 1. Quantizers
-# int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale a float32 (holding a
-# bfloat16 value: see Int8Linear).
+# int8: symmetric per output row, w ~ q * scale, q in [-127, 127], scale in float32.
 # int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]: the
 # convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16. They are
 # rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
@@ -64,8 +66,7 @@ def row_slices(out_features, in_features):
 def quantize_int8(w):
     """w (out, in) float -> q (out, in) int8, scales (out,) float32."""
     w = w.float()
-    # rounded to bfloat16 first (the CPU kernel's type), so that q is the best fit for the stored s
-    scales = (w.abs().amax(1).clamp(min=1e-12) / 127).bfloat16().float()  # (out,)
+    scales = w.abs().amax(1).clamp(min=1e-12) / 127  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -126,10 +127,11 @@ def unpack_cpu_int4(packed, block, halves):
 
 def unpack_blocks(packed, block, halves):
     rows, n_in = packed.shape[0], packed.shape[1] * 2
-    p = packed.view(rows // block, n_in, block // 2)  # (blocks, in, bytes of a block's rows)
+    # (blocks, bytes of a block's rows, in): transposed while still packed, half the bytes to move
+    p = packed.view(rows // block, n_in, block // 2).transpose(1, 2).contiguous()
     lo, hi = p & 15, p >> 4
-    q = torch.cat([lo, hi], -1) if halves else torch.stack([lo, hi], -1).flatten(2)  # (.., block)
-    return q.transpose(1, 2).reshape(rows, n_in)
+    q = torch.cat([lo, hi], 1) if halves else torch.stack([lo, hi], 2).flatten(1, 2)
+    return q.view(rows, n_in)  # (blocks, block, in) -> (rows, in)
 
 
 @cache
@@ -222,44 +224,29 @@ class QuantizedLinear(nn.Module):
                 dx += torch.mm(dy[:, a:b], self.dequantized(a, b, c), out=part)
         return dx.to(dtype).view(*shape[:-1], -1)
 
-    def scratch(self, start, end, dtype):
+    def scratch(self, start, end, dtype, slot="dequantized"):
         """A buffer for rows start:end of the dequantized weight, reused by the next call (a slice
         is about a megabyte: fresh buffers would cost page faults and fragment the heap)."""
-        rows = min(end, self.out_features) - start
-        return speed.Scratch.get("dequantized", (rows, self.in_features), dtype, self.qweight.device)
+        shape = (min(end, self.out_features) - start, self.in_features)
+        return speed.Scratch.get(slot, shape, dtype, self.qweight.device)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class Int8Linear(QuantizedLinear):
-    """On CPUs, torch's int4 kernel multiplies int8 weights: it reads them at a higher rate than its
-    int8 kernel (which is no faster than bf16). Each q + 128 in [1, 255] is split into nibbles,
-    16 hi + lo, stored as an int4 weight of twice the inputs, [hi | lo], which multiplies the input
-    [16 x | x] (16 x is exact in bfloat16): with scale s for every group and zero s 8 for the lo
-    groups, the kernel's (nibble - 8) s + zero sums to s q. s must be a bfloat16, the kernel's
-    type: quantize_int8 rounds it so before computing q."""
     mode, group_size, kernel_max_rows = "int8", None, 32
 
     def __init__(self, qweight, scales):
         """qweight (out, in) int8, scales (out,) float32."""
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("scales", scales.bfloat16().float())  # as the kernel reads them
-        if qweight.is_cuda:
-            self.register_buffer("qweight", qweight)
-            return
-        self.kernel_group = next(g for g in reversed(GROUP_SIZES) if self.in_features % g == 0)
-        packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
-        for a, b in row_slices(*qweight.shape):
-            u = qweight[a:b].int() + 128  # (rows, in) in [1, 255]
-            packed[a:b] = aten._convert_weight_to_int4pack_for_cpu(torch.cat([u >> 4, u & 15], 1), 1)
-        self.register_buffer("qweight", packed)  # (out, in): 2 in nibbles a byte
-        s = scales.bfloat16()
-        hi, lo = torch.stack([s, 0 * s], -1), torch.stack([s, 8 * s], -1)  # (out, 2): scale, zero
-        groups = self.in_features // self.kernel_group
-        sz = torch.stack([hi] * groups + [lo] * groups)  # (2 in / group, out, 2)
-        self.register_buffer("scales_and_zeros", sz)
+        # The CPU kernel loads 16 inputs at a time from aligned addresses, and crashes otherwise:
+        # it needs a multiple of 16 inputs (check_shape), and a copy of a tensor read at any offset
+        # of a file.
+        aligned = qweight.data_ptr() % 64 == 0
+        self.register_buffer("qweight", qweight if aligned else qweight.clone())
+        self.register_buffer("scales", scales)
 
     @classmethod
     def from_float(cls, weight):
@@ -274,32 +261,19 @@ class Int8Linear(QuantizedLinear):
         return cls(tensors["qweight"], tensors["scales"])
 
     def portable(self):
-        slices = row_slices(self.out_features, self.in_features)
-        return {"qweight": torch.cat([self.q(a, b) for a, b in slices]), "scales": self.scales}
+        return {"qweight": self.qweight, "scales": self.scales}
 
     def kernel(self, x):
         if x.is_cuda:  # gpt-fast: torch.compile fuses the conversion into the product
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        x = kernel_input(x)
-        return aten._weight_int4pack_mm_for_cpu(kernel_input(torch.cat([x * 16, x], 1)),
-                                                self.qweight, self.kernel_group,
-                                                self.scales_and_zeros)
-
-    def q(self, start, end):
-        """Rows start:end of the int8 weight (start a multiple of 64, as in row_slices)."""
-        if self.qweight.is_cuda:
-            return self.qweight[start:end]
-        u = unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, 2 in)
-        hi, lo = u.split(self.in_features, 1)
-        return (hi.to(torch.int16) * 16 + lo - 128).to(torch.int8)
+        return aten._weight_int8pack_mm(kernel_input(x), self.qweight, self.scales.bfloat16())
 
     def dequantize(self, start=0, end=None, dtype=torch.float32):
-        end = self.out_features if end is None else min(end, self.out_features)
-        return dequantize_int8(self.q(start, end), self.scales[start:end], dtype)
+        return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype)
 
     def dequantized(self, start, end, dtype):  # dequantize, into scratch: q * scale in one pass
         out = self.scratch(start, end, dtype)
-        return torch.mul(self.q(start, end), self.scales[start:end, None], out=out)
+        return torch.mul(self.qweight[start:end], self.scales[start:end, None], out=out)
 
 
 class Int4Linear(QuantizedLinear):
@@ -354,11 +328,12 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(self.unpack(start, end), s, z, dtype)
 
     def dequantized(self, start, end, dtype):  # dequantize, into scratch: q s + (z - 8 s)
-        out = self.scratch(start, end, dtype)
         q, (s, z) = self.unpack(start, end), self.scales_and_zeros[:, start:end].unbind(-1)
         s, z = s.t().float()[..., None], z.t().float()[..., None]  # (rows, groups, 1)
-        groups = (len(q), -1, self.group_size)
-        return torch.addcmul(z - 8 * s, q.view(groups), s, out=out.view(groups)).view(out.shape)
+        # in place, one dtype: vectorized passes (mixed-dtype arithmetic is not)
+        w = self.scratch(start, end, torch.float32, "dequantized float32").copy_(q)
+        w.view(len(q), -1, self.group_size).mul_(s).add_(z - 8 * s)
+        return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 
 class QuantizedLoRAProduct(torch.autograd.Function):
@@ -367,6 +342,7 @@ class QuantizedLoRAProduct(torch.autograd.Function):
     product, where autograd would keep a float32 copy of x for each adapter."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, x_a, lora_a, lora_b, base, scale):
         c = speed.matmul_dtype(x)
         u = speed.flat(x_a).to(c) @ lora_a.to(c).t()  # (tokens, rank)
@@ -377,6 +353,7 @@ class QuantizedLoRAProduct(torch.autograd.Function):
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x_a, lora_a, lora_b, u = ctx.saved_tensors
         grads = speed.adapter_grads(speed.flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
@@ -418,16 +395,14 @@ def check_settings(mode, group_size):
 
 
 def check_shape(name, out_features, in_features, mode, group_size):
-    # int8 runs on the int4 kernel (Int8Linear): groups of 32 inputs at least
-    group = group_size if mode == "int4" else 32
-    if in_features % group:
-        raise llama.InputError(f"{name}: {in_features} inputs do not split into {mode} groups of "
-                               f"{group}; " + ("choose a group size that divides "
-                                               f"{in_features}" if mode == "int4" else "it cannot"
-                                               " be quantized"))
-    if out_features % 16:
-        raise llama.InputError(f"{name}: {mode} needs a multiple of 16 output rows, got "
-                               f"{out_features}")
+    if mode == "int8" and in_features % 16:
+        raise llama.InputError(f"{name}: int8 needs a multiple of 16 inputs, got {in_features}")
+    if mode == "int4" and in_features % group_size:
+        raise llama.InputError(f"{name}: {in_features} inputs do not split into int4 groups of "
+                               f"{group_size}; choose a group size that divides {in_features}")
+    if mode == "int4" and out_features % 16:
+        raise llama.InputError(f"{name}: int4 needs a multiple of 16 output rows, got "
+                               f"{out_features}; use int8")
 
 
 def weight_slots(model):
@@ -513,11 +488,10 @@ def save_quantized(model, path):
 def load_quantized(model, path, device="cpu"):
     """Load a save_quantized file into model (a Transformer of the same config, best built on the
     meta device: nothing is allocated twice); the quantized modules are swapped in and packed for
-    device."""
+    device. Tensors are read a layer at a time, so memory stays near the quantized size."""
     try:
-        with safe_open(path, "pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        f = safe_open(path, "pt", device="cpu")
+        meta, keys = f.metadata() or {}, set(f.keys())
     except Exception as e:
         raise llama.InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete "
                                f"safetensors file?") from None
@@ -526,24 +500,32 @@ def load_quantized(model, path, device="cpu"):
     group_size = meta.get("group_size", "None")
     group_size = None if group_size == "None" else int(group_size)
     quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
-    for name, parent, attr in weight_slots(model):
-        part = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros")
-                if f"{name}.{k}" in tensors}
-        if "qweight" not in part:
+    slots = weight_slots(model)
+    for name, parent, attr in slots:
+        if f"{name}.qweight" not in keys:
             raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
         weight = slot_weight(parent, attr)
-        layer = quantized.from_portable({k: v.to(device) for k, v in part.items()}, group_size)
-        if weight is not None and weight.shape != (layer.out_features, layer.in_features):
-            shape = (layer.out_features, layer.in_features)
+        rows, cols = f.get_slice(f"{name}.qweight").get_shape()
+        shape = (rows, cols * (2 if quantized is Int4Linear else 1))  # int4: 2 nibbles a byte
+        if weight is not None and tuple(weight.shape) != shape:
             raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
                                    f"{path}; the config does not match")
+    for name, parent, attr in slots:
+        part = {k: f.get_tensor(f"{name}.{k}").to(device) for k in ("qweight", "scales", "zeros")
+                if f"{name}.{k}" in keys}
+        keys -= {f"{name}.{k}" for k in part}
+        layer = quantized.from_portable(part, group_size)
+        kept = {b.data_ptr() for b in layer.buffers()}
+        for t in part.values():  # copied or repacked into the layer: the file's pages go back
+            if t.data_ptr() not in kept:
+                speed.release_pages(t)
         setattr(parent, attr, layer)
     expected = set(float_state(model))
-    if expected != set(tensors):
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if expected != keys:
+        missing, unexpected = sorted(expected - keys), sorted(keys - expected)
         raise llama.InputError(f"{path} does not match the model: missing {missing[:4]}, "
                                f"unexpected {unexpected[:4]}")
-    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
+    model.load_state_dict({k: f.get_tensor(k).to(device) for k in keys}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
     return model.eval()
