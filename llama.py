@@ -13,9 +13,8 @@ Read it top to bottom:
 By default the arithmetic is Meta's, op for op, so the output is token-exact with Meta's reference
 implementation (reference.py runs it; test_llama.py compares). Everything optional lives beside
 this file and is applied by swapping modules in: checkpoints.py (Hugging Face layout, conversion),
-speed.py (CPU and GPU fast paths), quantize.py (int8/int4 weights), prepare.py (data).
-generate.load puts them together, for any checkpoint layout; finetune.py trains.
-"""
+speed.py (CPU and GPU fast paths), quantize.py (int8/int4 weights), prepare.py (data);
+generate.load puts them together, for any checkpoint layout; finetune.py trains."""
 
 import codecs
 import json
@@ -793,8 +792,7 @@ def load_trained(model, out_dir):
     saved, params = load_file(path), dict(model.named_parameters())
     for name, t in saved.items():
         if name not in params or params[name].shape != t.shape:
-            raise InputError(f"{path}: '{name}' does not fit this model; the run used another base "
-                             f"model")
+            raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
         params[name].data = t.to(params[name].device)
     return model
 
@@ -817,7 +815,9 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
         torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
         log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()
         say(f"resumed {out_dir} at step {step}")
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # buffers (RoPE, quantized weights) are frozen, alike in every process: never sent again
+    train_model = (nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+                   if world > 1 else model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def all_sum(*values):

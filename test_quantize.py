@@ -450,3 +450,34 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
     assert all(isinstance(getattr(m, n), torch.nn.Linear) for m, n in llama.projections(merged))
     delta = (merged.layers[0].attention.wq.weight - base.layers[0].attention.wq.weight).abs().max()
     assert delta > 0  # the adapters merged into the unquantized base weights
+
+
+def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
+    # two processes of batch 2 against one of batch 4: the same losses (DDP does not re-send the
+    # frozen quantized buffers, and both ranks hold the same ones)
+    import json
+    import subprocess
+    import sys
+
+    import reference
+
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy."
+                                   for i in range(300)))
+    common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
+              "--grad_accum", "1", "--max_steps", "3", "--lr", "1e-2", "--eval_every", "0",
+              "--sample_every", "0", "--device", "cpu", "--quantize", "int4"]
+    script = str(Path(__file__).parent / "finetune.py")
+    runs = {"one": [sys.executable, script, "--batch_size", "4"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", reference.free_port(), script, "--batch_size", "2"]}
+    logs = []
+    for name, command in runs.items():
+        r = subprocess.run(command + common + ["--out_dir", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        logs.append([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text()
+                     .splitlines()])
+    assert len(logs[0]) == 3
+    for a, b in zip(*logs, strict=True):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
