@@ -467,7 +467,7 @@ def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
     common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
               "--grad_accum", "1", "--max_steps", "3", "--lr", "1e-2", "--eval_every", "0",
               "--sample_every", "0", "--device", "cpu", "--quantize", "int4"]
-    script = str(Path(__file__).parent / "finetune.py")
+    script = str(HERE / "finetune.py")
     runs = {"one": [sys.executable, script, "--batch_size", "4"],
             "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", reference.free_port(), script, "--batch_size", "2"]}
