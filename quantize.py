@@ -195,8 +195,8 @@ class QuantizedLinear(nn.Module):
     rows is dequantized into a reused buffer and multiplied in speed.matmul_dtype (bf16 where the
     CPU multiplies it fast). kernel_max_rows is about where they cross on an AVX-512 CPU."""
 
-    def forward(self, x):
-        return QuantizedProduct.apply(x, self)
+    def forward(self, x):  # autograd's Function only where a gradient flows: not in generation
+        return QuantizedProduct.apply(x, self) if speed.needs_grad(x) else self.product(x)
 
     def product(self, x):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)

@@ -175,6 +175,26 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
         torch.testing.assert_close(fused.model(tokens), exact.model(tokens), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 8])  # grouped-query and multi-head attention
+def test_one_token_decode_attention_is_metas_arithmetic(n_kv_heads):
+    # speed.DecodeAttention (--fast on CPUs) against llama.Attention's Meta arithmetic (fused=False)
+    # for one query over a cache; with several queries or a mask it is llama.Attention's own path
+    args = tiny_args(n_heads=8, n_kv_heads=n_kv_heads)
+    meta, fast = llama.Attention(args), llama.Attention(args, fused=True)
+    fast.__class__ = speed.DecodeAttention
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 37, n_kv_heads, args.head_dim, generator=g) for _ in range(2))
+    q = torch.randn(2, 1, 8, args.head_dim, generator=g)
+    torch.testing.assert_close(fast.attend(q, k, v, None), meta.attend(q, k, v, None),
+                               atol=1e-6, rtol=1e-5)
+    q = torch.randn(2, 5, 8, args.head_dim, generator=g)
+    mask = torch.rand(2, 1, 5, 37, generator=g) > 0.3
+    mask[..., 0] = True
+    for m in (None, mask):
+        fused_path = llama.Attention(args, fused=True).attend(q, k, v, m)
+        assert torch.equal(fast.attend(q, k, v, m), fused_path)
+
+
 @pytest.fixture(scope="module")
 def ckpt_stops(tmp_path_factory, ckpt_gqa):
     """Random weights never emit a stop token, so this checkpoint is made to: each stop token's

@@ -481,3 +481,15 @@ def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
     assert len(logs[0]) == 3
     for a, b in zip(*logs, strict=True):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
+
+
+def test_finetune_refuses_int4_training_on_cuda_before_loading(tiny_ckpt, tmp_path, monkeypatch):
+    import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as it can tell
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("Tom had a ball.")
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: pytest.fail("loaded weights"))
+    with pytest.raises(InputError, match="use --quantize int8 to train on a GPU"):
+        finetune.main(["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--device", "cuda",
+                       "--quantize", "int4", "--out_dir", str(tmp_path / "run")])
