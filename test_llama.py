@@ -1572,8 +1572,10 @@ def test_ctrl_c_stops_the_reply_not_the_chat(ckpt_gqa):
     p = subprocess.Popen([sys.executable, "-u", str(HERE / "generate.py"), "--ckpt_dir",
                           str(ckpt_gqa), "--chat", "--temperature", "1.0", "--max_new_tokens",
                           "3000", "--max_seq_len", "4096"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True,  # Ctrl-C as in a terminal, even when the suite was started in
+                         # the background (a shell then hands its jobs SIGINT ignored)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: p.stdout.read(1), "")),
                               daemon=True)
