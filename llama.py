@@ -815,7 +815,7 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
         torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
         log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()
         say(f"resumed {out_dir} at step {step}")
-    # buffers (RoPE, quantized weights) are frozen, alike in every process: never sent again
+    # buffers (RoPE, quantized weights) are frozen and alike in every process: never sent
     train_model = (nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                    if world > 1 else model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -210,8 +210,8 @@ class QuantizedLinear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def input_grad(self, dy):
-        """dx = dy W, summed in float32 over slices of dequantized rows: no float copy of the whole
-        weight is made."""
+        """dx = dy W, summed in float32 (or dy's wider dtype) over slices of dequantized rows, each
+        slice's product in speed.matmul_dtype: no float copy of the whole weight is made."""
         shape, dtype, c = dy.shape, dy.dtype, speed.matmul_dtype(dy)
         dy = dy.reshape(-1, shape[-1]).to(c)  # (tokens, out)
         acc = torch.promote_types(c, torch.float32)
@@ -226,7 +226,8 @@ class QuantizedLinear(nn.Module):
 
     def scratch(self, start, end, dtype, slot="dequantized"):
         """A buffer for rows start:end of the dequantized weight, reused by the next call (a slice
-        is about a megabyte: fresh buffers would cost page faults and fragment the heap)."""
+        is 2^20 weights, a few megabytes: fresh buffers would cost page faults and fragment the
+        heap)."""
         shape = (min(end, self.out_features) - start, self.in_features)
         return speed.Scratch.get(slot, shape, dtype, self.qweight.device)
 
@@ -358,6 +359,8 @@ class QuantizedLoRAProduct(torch.autograd.Function):
         x_a, lora_a, lora_b, u = ctx.saved_tensors
         grads = speed.adapter_grads(speed.flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
         du, d_lora_a, d_lora_b = grads
+        if not any(ctx.needs_input_grad[:2]):  # e.g. layer 0's wq: frozen embedding and norm
+            return None, None, d_lora_a, d_lora_b, None, None
         dx, dx_a = ctx.base.input_grad(dy), (du @ lora_a.to(du.dtype)).view(x_a.shape)
         if not ctx.dropout:  # x_a is x: one gradient
             return dx.add_(dx_a), None, d_lora_a, d_lora_b, None, None
@@ -510,6 +513,7 @@ def load_quantized(model, path, device="cpu"):
         if weight is not None and tuple(weight.shape) != shape:
             raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
                                    f"{path}; the config does not match")
+        check_shape(name, *shape, meta["quantize"], group_size)  # what the kernels can take
     for name, parent, attr in slots:
         part = {k: f.get_tensor(f"{name}.{k}").to(device) for k in ("qweight", "scales", "zeros")
                 if f"{name}.{k}" in keys}

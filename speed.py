@@ -296,8 +296,9 @@ def matmul_dtype(x):
 
 
 class Scratch:
-    """Buffers reused by every call with the same slot name ("weight", "in", "out"): each holds one
-    value at a time, which the caller consumes before asking for the slot again. Fresh 16-67 MB
+    """Buffers reused by every call with the same slot name ("weight", "in", "out", "x_a", and
+    quantize.py's "dequantized" ones): each holds one value at a time, which the caller consumes
+    before asking for the slot again. Fresh 16-67 MB
     float32 temporaries would each cost page faults and heap growth."""
     buffers = {}
 

@@ -270,6 +270,11 @@ def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         for got, want in zip(*grads):
             assert got.dtype == want.dtype and relative_error(got, want) < tolerance
+    # an input that needs no gradient (layer 0 under a frozen embedding): no dx is computed
+    monkeypatch.setattr(layer, "input_grad", lambda dy: pytest.fail("computed an unused dx"))
+    y = lean(x)
+    got = torch.autograd.grad((y.float() * dy).sum(), [lean.lora_a, lean.lora_b])
+    assert all(g is not None and g.abs().sum() > 0 for g in got)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -335,6 +340,15 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
                             ffn_hidden_dim=256)
     with pytest.raises(InputError, match="config does not match"):
         quantize.load_quantized(llama.Transformer(other), tmp_path / "q.safetensors")
+    # a file whose shapes the int8 kernel cannot take (it would crash, not raise)
+    odd = llama.ModelArgs(dim=40, n_layers=1, n_heads=5, n_kv_heads=5, vocab_size=64,
+                          ffn_hidden_dim=96)
+    model = llama.Transformer(odd)
+    for _, parent, attr in quantize.weight_slots(model):
+        setattr(parent, attr, quantize.Int8Linear.from_float(getattr(parent, attr).weight))
+    quantize.save_quantized(model, tmp_path / "odd.safetensors")
+    with pytest.raises(InputError, match="multiple of 16 inputs"):
+        quantize.load_quantized(llama.Transformer(odd), tmp_path / "odd.safetensors")
 
 
 # -----------------------------------------------------------------------------
@@ -453,8 +467,7 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
 
 
 def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
-    # two processes of batch 2 against one of batch 4: the same losses (DDP does not re-send the
-    # frozen quantized buffers, and both ranks hold the same ones)
+    # QLoRA in two processes of batch 2 against one of batch 4: the same losses
     import json
     import subprocess
     import sys
