@@ -14,8 +14,8 @@ they are. The quantized modules are frozen, but gradients flow through them to t
 LoRA adapters can be trained on a quantized base (QLoRA).
 
 Products of a few rows (decoding) run torch's CPU int8 and int4 kernels; they take bfloat16
-activations, so float32 ones are rounded to bfloat16 there. Longer
-products (prefill, training) dequantize a slice of rows at a time into a reused buffer. For QLoRA,
+activations, so float32 ones are rounded to bfloat16 there. Longer products (prefill, training)
+dequantize a slice of rows at a time into a reused buffer. For QLoRA,
 for_training(model) swaps in a LoRA layer whose backward keeps no float32 copies of its input.
 On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
 CUDA neither trains nor saves (int8 does).
@@ -71,8 +71,9 @@ def quantize_int8(w):
     return q, scales
 
 
-def dequantize_int8(q, scales, dtype=torch.float32):
-    return (q.float() * scales[:, None]).to(dtype)  # (out, in)
+def dequantize_int8(q, scales, dtype=torch.float32, out=None):
+    """q * scale (out, in), computed in float32; into out if given."""
+    return torch.mul(q, scales[:, None], out=out).to(dtype)
 
 
 def quantize_int4(w, group_size):
@@ -87,11 +88,13 @@ def quantize_int4(w, group_size):
     return q.view(out, n_in), scales, zeros
 
 
-def dequantize_int4(q, scales, zeros, dtype=torch.float32):
-    out, n_in = q.shape
+def dequantize_int4(q, scales, zeros, dtype=torch.float32, out=None):
+    """(q - 8) s + z (out, in), computed in float32; into out (float32) if given. In place, one
+    dtype: vectorized passes (mixed-dtype arithmetic is not)."""
     s = scales.float()[..., None]  # (out, groups, 1)
-    w = q.view(out, s.shape[1], -1).float().mul_(s)  # (out, groups, group_size)
-    return w.add_(zeros.float()[..., None] - 8 * s).view(out, n_in).to(dtype)  # (q - 8) s + z
+    w = torch.empty(q.shape, device=q.device) if out is None else out
+    w.copy_(q).view(len(q), s.shape[1], -1).mul_(s).add_(zeros.float()[..., None] - 8 * s)
+    return w.to(dtype)
 
 
 def pack_nibbles(q):
@@ -269,12 +272,11 @@ class Int8Linear(QuantizedLinear):
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         return aten._weight_int8pack_mm(kernel_input(x), self.qweight, self.scales.bfloat16())
 
-    def dequantize(self, start=0, end=None, dtype=torch.float32):
-        return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype)
+    def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
+        return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype, out)
 
-    def dequantized(self, start, end, dtype):  # dequantize, into scratch: q * scale in one pass
-        out = self.scratch(start, end, dtype)
-        return torch.mul(self.qweight[start:end], self.scales[start:end, None], out=out)
+    def dequantized(self, start, end, dtype):  # dequantize, into scratch: one pass
+        return self.dequantize(start, end, dtype, out=self.scratch(start, end, dtype))
 
 
 class Int4Linear(QuantizedLinear):
@@ -322,18 +324,16 @@ class Int4Linear(QuantizedLinear):
                                       "not supported; quantize and save on the CPU, or use int8")
         return unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, in)
 
-    def dequantize(self, start=0, end=None, dtype=torch.float32):
-        """Rows start:end; start a multiple of 64, as in row_slices."""
+    def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
+        """Rows start:end (start a multiple of 64, as in row_slices); into out, float32, if
+        given."""
         end = self.out_features if end is None else min(end, self.out_features)
         s, z = self.scales_and_zeros[:, start:end].transpose(0, 1).unbind(-1)  # (rows, groups)
-        return dequantize_int4(self.unpack(start, end), s, z, dtype)
+        return dequantize_int4(self.unpack(start, end), s, z, dtype, out)
 
-    def dequantized(self, start, end, dtype):  # dequantize, into scratch: q s + (z - 8 s)
-        q, (s, z) = self.unpack(start, end), self.scales_and_zeros[:, start:end].unbind(-1)
-        s, z = s.t().float()[..., None], z.t().float()[..., None]  # (rows, groups, 1)
-        # in place, one dtype: vectorized passes (mixed-dtype arithmetic is not)
-        w = self.scratch(start, end, torch.float32, "dequantized float32").copy_(q)
-        w.view(len(q), -1, self.group_size).mul_(s).add_(z - 8 * s)
+    def dequantized(self, start, end, dtype):  # dequantize, into scratch (float32, then dtype)
+        w32 = self.scratch(start, end, torch.float32, "dequantized float32")
+        w = self.dequantize(start, end, out=w32)
         return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 

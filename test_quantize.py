@@ -354,6 +354,7 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
 # -----------------------------------------------------------------------------
 # End to end: generate.py and finetune.py with --quantize
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -438,12 +439,21 @@ def dequantize_into(model, quantized):
     return model
 
 
-def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny_ckpt, tmp_path):
-    import finetune
-
+def stories(tmp_path):
     corpus = tmp_path / "stories.txt"
     corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy."
                                   for i in range(300)))
+    return corpus
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny_ckpt, tmp_path):
+    import finetune
+
+    corpus = stories(tmp_path)
     common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
               "--batch_size", "2", "--grad_accum", "1", "--max_steps", "6", "--lr", "1e-2",
               "--eval_every", "3", "--eval_batches", "2", "--sample_every", "0", "--device", "cpu",
@@ -453,9 +463,8 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
     assert not isinstance(model.output, quantize.QuantizedLinear)  # streamed by the chunked loss
     finetune.main(common + ["--out_dir", str(tmp_path / "cut"), "--stop_at", "3"])
     finetune.main(["--out_dir", str(tmp_path / "cut"), "--resume"])
-    logs = [[{k: v for k, v in __import__("json").loads(line).items() if k != "tokens_per_s"}
-             for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-            for d in ("whole", "cut")]
+    logs = [[{k: v for k, v in record.items() if k != "tokens_per_s"}
+             for record in read_log(tmp_path / d)] for d in ("whole", "cut")]
     assert logs[0] == logs[1] and len(logs[0]) == 8
     checkpoints.main(["export", str(tmp_path / "whole"), str(tmp_path / "merged"), "--to", "hf",
                       "--dtype", "float32"])
@@ -468,16 +477,9 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
 
 def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
     # QLoRA in two processes of batch 2 against one of batch 4: the same losses
-    import json
-    import subprocess
-    import sys
-
     import reference
 
-    corpus = tmp_path / "stories.txt"
-    corpus.write_text("\n\n".join(f"Tom had a red ball number {i}. Tom was happy."
-                                   for i in range(300)))
-    common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--seq_len", "32",
+    common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(stories(tmp_path)), "--seq_len", "32",
               "--grad_accum", "1", "--max_steps", "3", "--lr", "1e-2", "--eval_every", "0",
               "--sample_every", "0", "--device", "cpu", "--quantize", "int4"]
     script = str(HERE / "finetune.py")
@@ -489,8 +491,7 @@ def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
         r = subprocess.run(command + common + ["--out_dir", str(tmp_path / name)],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        logs.append([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text()
-                     .splitlines()])
+        logs.append(read_log(tmp_path / name))
     assert len(logs[0]) == 3
     for a, b in zip(*logs, strict=True):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
