@@ -106,8 +106,10 @@ def quantized_kernel_rates():
     weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what each
     product of many rows does before its bf16 product). They bound the quantized rows: decoding at
     most this matrix-vector rate over bf16's (bf16_matvec_gb_s / 2 weights/s); prefill of n tokens
-    at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's."""
+    at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's. w8a8 converts no weight:
+    its 512 x 2048 x 8192 product (activations rounded to int8 included) is its prefill rate."""
     w, v, rates = torch.randn(8192, 2048) / 45, torch.ones(1, 2048, dtype=torch.bfloat16), {}
+    x = torch.randn(512, 2048, dtype=torch.bfloat16)
     for mode, layer in (("int8", quantize.Int8Linear.from_float(w)),
                         ("int4", quantize.Int4Linear.from_float(w, 32))):
         layers = [copy.deepcopy(layer) for _ in range(32)]
@@ -116,6 +118,13 @@ def quantized_kernel_rates():
         slices = quantize.row_slices(*w.shape)
         rates[f"{mode}_dequantize_gweights_s"] = w.numel() / best_time(
             lambda: [layer.dequantized(a, b, torch.bfloat16) for a, b in slices]) / 1e9
+        rates[f"{mode}_kernel_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(
+            lambda: layer.kernel(x)) / 1e9  # the one-row kernel given 512 rows: slower still
+    q, scales = quantize.quantize_int8(w)
+    layers = [quantize.W8A8Linear(q.clone(), scales) for _ in range(32)]
+    rates["w8a8_matvec_gweights_s"] = 32 * w.numel() / best_time(
+        lambda: [m(v) for m in layers], 3) / 1e9
+    rates["w8a8_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(lambda: layers[0](x)) / 1e9
     return rates
 
 
@@ -188,7 +197,8 @@ def lora_step_child(impl, ckpt, dtype, a):
             "lora_peak_rss_gb": peak_rss_gb()}
 
 
-QUANTIZED = {"ours_int8": "int8", "ours_int4": "int4"}  # generate.py --fast --quantize MODE
+# generate.py --fast --quantize MODE
+QUANTIZED = {"ours_int8": "int8", "ours_w8a8": "w8a8", "ours_int4": "int4"}
 
 
 def accuracy_child(ckpt, a):
@@ -296,9 +306,9 @@ def main():
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="1B")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_int4",
-                   help="comma-separated implementations; ours_int8/int4 (bf16 runs only) are "
-                        "generate.py --fast --quantize")
+    p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_w8a8,ours_int4",
+                   help="comma-separated implementations; ours_int8/w8a8/int4 (bf16 runs only) "
+                        "are generate.py --fast --quantize")
     p.add_argument("--accuracy_tokens", type=int, default=400,
                    help="teacher-forced tokens of text for the quantized models' accuracy")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -353,7 +363,7 @@ def main():
             if impl in QUANTIZED and not a.skip_decode and not quantize.saved_path(
                     ckpt, QUANTIZED[impl]).exists():
                 subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(ckpt),
-                                "--mode", QUANTIZED[impl]], check=True)
+                                "--mode", quantize.weights_format(QUANTIZED[impl])], check=True)
         runs = {impl: {} if a.skip_decode else run_child(impl, ckpt, dtype, a) for impl in impls
                 if impl not in QUANTIZED or dtype == "bfloat16"}
         for impl in ("ours", "transformers", "ours_int4"):
@@ -395,12 +405,18 @@ def print_table(results):
         bf16 = m["bf16_matvec_gb_s"] / 2  # G weights/s
         print("quantized kernels (G weights/s; the matrix-vector rate over bf16's, a ceiling for "
               "decoding; the prefill ceiling at 512 tokens from dequantizing):")
-        for mode in quantize.MODES:
+        for mode in quantize.FORMATS:
             deq = m[f"{mode}_dequantize_gweights_s"]
             prefill = 1 / (1 + m["bf16_gemm_gflop_s"] / (2 * 512 * deq))
             print(f"  {mode}: matrix-vector {m[f'{mode}_matvec_gweights_s']} "
                   f"({m[f'{mode}_matvec_gweights_s'] / bf16:.2f}x bf16), dequantize {deq} "
-                  f"(prefill at most {prefill:.2f}x bf16)")
+                  f"(prefill at most {prefill:.2f}x bf16; torch's {mode} kernel on 512 rows "
+                  f"{m[f'{mode}_kernel_gemm_gflop_s']} GFLOP/s, "
+                  f"{m[f'{mode}_kernel_gemm_gflop_s'] / m['bf16_gemm_gflop_s']:.2f}x bf16's)")
+        print(f"  w8a8: matrix-vector {m['w8a8_matvec_gweights_s']} "
+              f"({m['w8a8_matvec_gweights_s'] / bf16:.2f}x bf16), 512x2048x8192 product "
+              f"{m['w8a8_gemm_gflop_s']} GFLOP/s ({m['w8a8_gemm_gflop_s'] / m['bf16_gemm_gflop_s']:.2f}x "
+              f"bf16's)")
     cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"),
             ("decode_b1_tok_s", "decode b1 tok/s"), ("decode_b8_tok_s", "decode b8 tok/s"),
             ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),

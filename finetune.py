@@ -44,7 +44,7 @@ HELP = dict(ckpt_dir="base checkpoint (Meta or HF)", data="tinystories, or a .tx
             quantize="the frozen base (LoRA and norms train in float32)", sample_every="0: never",
             lora_init="a PEFT LoRA adapter to start from (its rank, alpha, targets)")
 CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(speed.DTYPES),
-               quantize=quantize.MODES, group_size=quantize.GROUP_SIZES)
+               quantize=quantize.FORMATS, group_size=quantize.GROUP_SIZES)
 
 
 def parse_args(argv=None):

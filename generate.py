@@ -6,6 +6,7 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
     python generate.py --ckpt_dir DIR --prompt "A" --prompt "B"          # a batch of two
     python generate.py --ckpt_dir DIR --dtype bfloat16 --fast --prompt "Hi"   # the fast CPU path
     python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"      # int4 weights
+    python generate.py --ckpt_dir DIR --quantize w8a8 --prompt "Hi"      # int8 weights and activations
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
     python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"   # with a finetune run
 
@@ -32,6 +33,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     """A llama.Llama for a checkpoint in either layout, with a finetune run (or PEFT adapter) merged
     in, weights quantized (or read as quantize.py saved them) and this device's speed paths."""
     device, t0 = speed.resolve_device(device), time.time()
+    quant.check_device(quantize, device)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
@@ -44,7 +46,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
         with torch.device("meta"):
             model = llama.Transformer(args, fast)
         path = quant.saved_path(ckpt_dir, quantize, group_size)
-        model = quant.load_quantized(model, path, device)
+        model = quant.load_quantized(model, path, device, quantize)
     else:
         state_dict = speed.convert(state_dict, device, dtype)
         model = llama.build_model(args, state_dict, device, dtype, fast)
@@ -82,7 +84,8 @@ def parse_args(argv=None):
     add("--chat", action="store_true", help="chat with an instruct model (default off)")
     add("--system", default=None, help="system prompt for --chat (default none)")
     add("--lora", default=None, help="a finetune --out_dir or PEFT adapter to merge (default none)")
-    add("--quantize", default=None, choices=quant.MODES, help="int8 or int4 weights (default off)")
+    add("--quantize", default=None, choices=quant.MODES, help="int8 or int4 weights; w8a8: int8 "
+        "weights and activations, faster on CPUs, a little less precise (default off)")
     add("--group_size", type=int, default=32, choices=quant.GROUP_SIZES,
         help="inputs per int4 scale (default 32)")
     add("--compile", action="store_true", help="torch.compile decoding, for GPUs (default off)")

@@ -17,6 +17,8 @@ Products of a few rows (decoding) run torch's CPU int8 and int4 kernels; they ta
 activations, so float32 ones are rounded to bfloat16 there. Longer products (prefill, training)
 dequantize a slice of rows at a time into a reused buffer. For QLoRA,
 for_training(model) swaps in a LoRA layer whose backward keeps no float32 copies of its input.
+--quantize w8a8 rounds the activations to int8 too, per token, and multiplies int8 by int8 in
+oneDNN: faster in decoding and prefill than int8, at some precision (W8A8Linear).
 On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
 CUDA neither trains nor saves (int8 does).
 """
@@ -39,7 +41,9 @@ import speed
 
 aten = torch.ops.aten
 
-MODES = ("int8", "int4")
+FORMATS = ("int8", "int4")  # what the files hold and what trains
+# w8a8: the int8 weights (the int8 file), multiplied with int8 activations; CPU inference only
+MODES = FORMATS + ("w8a8",)
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
 # SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
@@ -337,6 +341,40 @@ class Int4Linear(QuantizedLinear):
         return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 
+class W8A8Linear(nn.Module):
+    """An int8 weight (Int8Linear's, per output row) times int8 activations, for CPU inference.
+    Each token's row of x is rounded to int8 on its own scale (its largest value becomes 127), and
+    oneDNN multiplies int8 by int8 into int32 with the CPU's integer dot products; the two scales
+    then apply to the result. No weight is converted to float, so decoding runs near the int8
+    bytes' bandwidth and prefill passes bf16. The price is the activations' precision: 8 bits
+    instead of bf16's, as llama.cpp's Q8_0 (per block of 32) and torchao's int8dq (per token) do.
+    Per token, an outlier in one row costs the other rows nothing. oneDNN's packed weight is not
+    read back: no backward pass and no saving (the int8 file serves both)."""
+    mode, group_size = "w8a8", None
+
+    def __init__(self, qweight, scales):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)  # oneDNN's blocked layout
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", torch.zeros(len(scales), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        amax = x2.abs().amax(1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
+        # unsigned, 128 + [-127, 127]: x86's int8 dot products take u8 x s8 (signed ones take a
+        # slow path in oneDNN)
+        qx = (x2 * (127 / amax)).round_().add_(128).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(  # (tokens, out) = (qx - 128) / 127 qweight^T scales
+            qx, 1 / 127, 128, self.packed, self.scales, self.zero_points, None, 1.0, 0,
+            torch.float32, "none", [], "")
+        return y.mul_(amax).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class QuantizedLoRAProduct(torch.autograd.Function):
     """A LoRALinear over a quantized base, y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x),
     its backward written out as speed.LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
@@ -397,7 +435,13 @@ def check_settings(mode, group_size):
                                f"use one of {', '.join(map(str, GROUP_SIZES))}")
 
 
+def weights_format(mode):
+    """The weights a mode multiplies: w8a8 those of int8."""
+    return "int8" if mode == "w8a8" else mode
+
+
 def check_shape(name, out_features, in_features, mode, group_size):
+    mode = weights_format(mode)
     if mode == "int8" and in_features % 16:
         raise llama.InputError(f"{name}: int8 needs a multiple of 16 inputs, got {in_features}")
     if mode == "int4" and in_features % group_size:
@@ -425,21 +469,38 @@ def slot_weight(parent, attr):
 
 
 def quantize_model(model, mode, group_size=32, release=None, output=True):
-    """Replace every projection (and, with output=True, the output layer) by an Int8Linear or
-    Int4Linear. release(w), if given, is called on each float weight once it is quantized (the
-    loaders pass speed.release_pages, which hands a memory-mapped weight's pages back to the OS)."""
+    """Replace every projection (and, with output=True, the output layer) by an Int8Linear,
+    Int4Linear or W8A8Linear. release(w), if given, is called on each float weight once it is
+    quantized (the loaders pass speed.release_pages, which hands a memory-mapped weight's pages
+    back to the OS)."""
     check_settings(mode, group_size)
+    check_device(mode, model.tok_embeddings.weight.device)
     slots = [s for s in weight_slots(model) if output or s[0] != "output"]
     for name, parent, attr in slots:
         check_slot(model, name, parent, attr, mode, group_size)
     for _, parent, attr in slots:
         weight = slot_weight(parent, attr)
-        setattr(parent, attr, Int8Linear.from_float(weight) if mode == "int8"
-                else Int4Linear.from_float(weight, group_size))
+        setattr(parent, attr, Int4Linear.from_float(weight, group_size) if mode == "int4"
+                else Int8Linear.from_float(weight))
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear
+    return int8_activations(model) if mode == "w8a8" else model
+
+
+def int8_activations(model):
+    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes)."""
+    for _, parent, attr in weight_slots(model):
+        layer = getattr(parent, attr)
+        if isinstance(layer, Int8Linear):
+            setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
     return model
+
+
+def check_device(mode, device):
+    if mode == "w8a8" and torch.device(device).type != "cpu":
+        raise llama.InputError("w8a8 runs on CPUs (oneDNN's int8 products); on a GPU use "
+                               "--quantize int8 or int4")
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
@@ -488,18 +549,22 @@ def save_quantized(model, path):
             os.remove(tmp)
 
 
-def load_quantized(model, path, device="cpu"):
+def load_quantized(model, path, device="cpu", mode=None):
     """Load a save_quantized file into model (a Transformer of the same config, best built on the
     meta device: nothing is allocated twice); the quantized modules are swapped in and packed for
-    device. Tensors are read a layer at a time, so memory stays near the quantized size."""
+    device. Tensors are read a layer at a time, so memory stays near the quantized size. mode
+    "w8a8" reads an int8 file and multiplies with int8 activations."""
+    check_device(mode, device)
     try:
         f = safe_open(path, "pt", device="cpu")
         meta, keys = f.metadata() or {}, set(f.keys())
     except Exception as e:
         raise llama.InputError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete "
                                f"safetensors file?") from None
-    if meta.get("quantize") not in MODES:
+    if meta.get("quantize") not in FORMATS:
         raise llama.InputError(f"{path} is not a quantized model; write one with save_quantized")
+    if mode and weights_format(mode) != meta["quantize"]:
+        raise llama.InputError(f"{path} holds {meta['quantize']} weights, not {mode}'s")
     group_size = meta.get("group_size", "None")
     group_size = None if group_size == "None" else int(group_size)
     quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
@@ -532,7 +597,7 @@ def load_quantized(model, path, device="cpu"):
     model.load_state_dict({k: f.get_tensor(k).to(device) for k in keys}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
-    return model.eval()
+    return (int8_activations(model) if mode == "w8a8" else model).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +606,7 @@ def load_quantized(model, path, device="cpu"):
 def saved_path(ckpt_dir, mode, group_size=32):
     """Where the command line saves a checkpoint's quantized weights, and generate.py looks."""
     suffix = f"-g{group_size}" if mode == "int4" else ""
-    return Path(ckpt_dir) / f"model-{mode}{suffix}.safetensors"
+    return Path(ckpt_dir) / f"model-{weights_format(mode)}{suffix}.safetensors"
 
 
 def main(argv=None):
@@ -551,7 +616,8 @@ def main(argv=None):
                                 "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize "
                                 "reads.")
     p.add_argument("--ckpt_dir", required=True, help="a checkpoint in either layout")
-    p.add_argument("--mode", choices=MODES, default="int4", help="(default int4)")
+    p.add_argument("--mode", choices=FORMATS, default="int4",
+                   help="(default int4; w8a8 reads the int8 file)")
     p.add_argument("--group_size", type=int, choices=GROUP_SIZES, default=32,
                    help="inputs per int4 scale (default 32)")
     a = p.parse_args(argv)

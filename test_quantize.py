@@ -133,6 +133,33 @@ def test_quantization_error_is_within_half_a_step():
         assert (w - reference_int4(q, s, z, group_size)).abs().mean() < step.mean() / 3
 
 
+def reference_w8a8(x, q, scales):
+    """Each row of x rounded to int8 on its own scale (largest value -> 127), times the int8 weight,
+    the scales applied after: in float64, written out here."""
+    x = x.double().reshape(-1, x.shape[-1])
+    amax = x.abs().amax(1, keepdim=True).clamp(min=1e-30)
+    return torch.round(x / amax * 127) @ q.double().t() * scales.double() * amax / 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 200])
+def test_w8a8_layer_equals_int8_arithmetic_per_token(dtype, rows):
+    q, s = quantize.quantize_int8(random_weight(208, 256))
+    layer = quantize.W8A8Linear(q, s)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, 208)
+    assert not layer(torch.zeros(2, 256, dtype=dtype)).any()  # zeros, not NaN
+    # the int32 products are exact: only float rounding differs (bf16's in its output)
+    assert relative_error(y, reference_w8a8(x, q, s)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # rounding activations to int8 costs about as much as rounding the weights did
+    assert relative_error(y, x.float() @ reference_int8(q, s).t()) < 1e-2
+    # per token: a row of huge activations beside them changes no other row
+    outlier = torch.full((1, 256), 1e4, dtype=dtype)
+    assert torch.equal(layer(torch.cat([x, outlier]))[:rows], y)
+    assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
+
+
 # --- models --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
@@ -164,6 +191,22 @@ def test_quantized_model_is_close_to_float(mode, group_size, tie):
     assert relative_error(logits, expected) < (0.05 if mode == "int8" else 0.45)
     agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean()
     assert agree > (0.9 if mode == "int8" else 0.4)
+
+
+def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
+    int8 = quantize.quantize_model(tiny_model(), "int8")
+    model = quantize.quantize_model(tiny_model(), "w8a8")
+    layers = [m for m in model.modules() if isinstance(m, quantize.W8A8Linear)]
+    assert len(layers) == 7 * model.args.n_layers + 1 and not quantized_modules(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = model(tokens)
+        assert relative_error(logits, int8(tokens)) < 0.05
+        with model.kv_cache(2, 12):  # one token at a time: rows quantized alone, as in prefill
+            model(tokens[:, :8])
+            steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
+    assert relative_error(torch.cat(steps, 1), logits[:, 8:]) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -349,6 +392,11 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
     quantize.save_quantized(model, tmp_path / "odd.safetensors")
     with pytest.raises(InputError, match="multiple of 16 inputs"):
         quantize.load_quantized(llama.Transformer(odd), tmp_path / "odd.safetensors")
+    # w8a8: CPUs only, and it reads int8 weights
+    with pytest.raises(InputError, match="w8a8 runs on CPUs"):
+        quantize.load_quantized(tiny_model(), tmp_path / "q.safetensors", "cuda", "w8a8")
+    with pytest.raises(InputError, match="holds int8 weights, not int4"):
+        quantize.load_quantized(tiny_model(), tmp_path / "q.safetensors", mode="int4")
 
 
 # -----------------------------------------------------------------------------
@@ -378,21 +426,27 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny_ckpt):
     prompt = [128000, 791, 6864, 315]
-    for mode in ("int8", "int4"):
-        at_load = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=mode)
-        assert isinstance(at_load.model.layers[0].attention.wq, quantize.QuantizedLinear)
-        expected = at_load.generate([prompt], 12, temperature=0)[0]
+    # w8a8 multiplies the int8 file's weights: quantized at load, then read from that file
+    for mode, also in (("int8", "w8a8"), ("int4", None)):
+        at_load = {m: generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
+                   for m in (mode, also) if m}
+        assert isinstance(at_load[mode].model.layers[0].attention.wq, quantize.QuantizedLinear)
+        expected = {m: g.generate([prompt], 12, temperature=0)[0] for m, g in at_load.items()}
         r = subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(tiny_ckpt),
                             "--mode", mode], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and quantize.saved_path(tiny_ckpt, mode).exists(), r.stderr
-        saved = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=mode)
-        assert saved.generate([prompt], 12, temperature=0)[0] == expected
-        r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(tiny_ckpt),
-                            "--prompt", "The capital of", "--quantize", mode, "--temperature", "0",
-                            "--max_new_tokens", "8"], capture_output=True, text=True, timeout=300)
-        ids = saved.tokenizer.encode("The capital of", bos=True)
-        want = saved.tokenizer.decode(saved.generate([ids], 8, temperature=0)[0][0])
-        assert r.returncode == 0 and r.stdout == "The capital of" + want + "\n", r.stderr
+        for m in at_load:
+            saved = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
+            layer = quantize.W8A8Linear if m == "w8a8" else quantize.QuantizedLinear
+            assert isinstance(saved.model.layers[0].attention.wq, layer)
+            assert saved.generate([prompt], 12, temperature=0)[0] == expected[m]
+            r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir",
+                                str(tiny_ckpt), "--prompt", "The capital of", "--quantize", m,
+                                "--temperature", "0", "--max_new_tokens", "8"],
+                               capture_output=True, text=True, timeout=300)
+            ids = saved.tokenizer.encode("The capital of", bos=True)
+            want = saved.tokenizer.decode(saved.generate([ids], 8, temperature=0)[0][0])
+            assert r.returncode == 0 and r.stdout == "The capital of" + want + "\n", r.stderr
 
 
 def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
