@@ -72,6 +72,13 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24,
     return json.loads(r.stdout)
 
 
+def assert_close(actual, expected, tol):
+    """torch.testing.assert_close(atol=rtol=tol) in a few passes: its check takes seconds on
+    logits of 128k tokens' width. Its message, when it fails."""
+    if not ((actual - expected).abs_() <= tol + tol * expected.abs()).all():
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
+
+
 def ours(ckpt_dir, prompts, max_gen_len=24, temperature=0.0, top_p=0.9, seed=1,
          dtype="float32", **kw):
     model = generate.load(ckpt_dir, max_seq_len=512, max_batch_size=len(prompts), device="cpu",
@@ -172,7 +179,7 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
     fused = generate.load(ckpt, max_seq_len=256, device="cpu", fast=True)
     tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        torch.testing.assert_close(fused.model(tokens), exact.model(tokens), atol=1e-4, rtol=1e-4)
+        assert_close(fused.model(tokens), exact.model(tokens), 1e-4)
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 8])  # grouped-query and multi-head attention
@@ -227,11 +234,13 @@ def test_stop_tokens_match_meta(ckpt_stops):
         assert g.generate([ids[i]], 24, temperature=0)[0][0] == meta["tokens"][i]
         assert [t for t, _ in g.stream(ids[i], 24, temperature=0) if t is not None] == \
             meta["tokens"][i]
+    # sampled: the three short prompts (the long one makes ~340 steps, each sorting 128k
+    # probabilities, in both implementations)
     sampled = dict(temperature=0.7, top_p=0.9, seed=3)
-    meta_sampled = run_meta(ckpt_stops, prompt_tokens=ids, max_gen_len=24, **sampled)
+    meta_sampled = run_meta(ckpt_stops, prompt_tokens=ids[:3], max_gen_len=24, **sampled)
     g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu", seed=3)
-    assert g.generate(ids, 24, temperature=0.7, top_p=0.9)[::2] == (meta_sampled["tokens"],
-                                                                    meta_sampled["stops"])
+    assert g.generate(ids[:3], 24, temperature=0.7, top_p=0.9)[::2] == (meta_sampled["tokens"],
+                                                                        meta_sampled["stops"])
     # chat_completion's stop_reason: from the token that ended the reply in Meta's run
     dialog = [{"role": "user", "content": PROMPTS[0]}]
     meta_chat = run_meta(ckpt_stops,
@@ -614,12 +623,12 @@ def test_hf_logits_match_transformers(hf_ckpt):
     for fast in (False, True):
         ours = generate.load(hf_ckpt, max_seq_len=512, device="cpu", fast=fast)
         with torch.inference_mode():
-            torch.testing.assert_close(ours.model(tokens), expected, atol=1e-4, rtol=1e-4)
+            assert_close(ours.model(tokens), expected, 1e-4)
             # through the KV cache: prefill, then one token at a time
             with ours.model.kv_cache(2, 300):
                 steps = [ours.model(tokens[:, :280], 0)] + [ours.model(tokens[:, t:t + 1], t)
                                                             for t in range(280, 300)]
-            torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
+            assert_close(torch.cat(steps, 1), expected, 1e-4)
     if "shard" in hf_ckpt.parent.name:
         assert (hf_ckpt / "model.safetensors.index.json").exists()
 
