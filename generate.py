@@ -6,7 +6,7 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
     python generate.py --ckpt_dir DIR --prompt "A" --prompt "B"          # a batch of two
     python generate.py --ckpt_dir DIR --dtype bfloat16 --fast --prompt "Hi"   # the fast CPU path
     python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"      # int4 weights
-    python generate.py --ckpt_dir DIR --quantize w8a8 --prompt "Hi"      # int8 weights and activations
+    python generate.py --ckpt_dir DIR --quantize w8a8 --prompt "Hi"      # int8 activations too
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
     python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"   # with a finetune run
 
@@ -54,7 +54,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
             model = checkpoints.load_finetuned(model, lora)
         if quantize:
             llama.log(f"quantizing to {quantize} (python quantize.py --ckpt_dir {ckpt_dir} --mode "
-                      f"{quantize} saves the result, for the next start)")
+                      f"{quant.weights_format(quantize)} saves the result, for the next start)")
             quant.quantize_model(model, quantize, group_size, release=speed.release_pages)
     speed.for_inference(model, device, dtype, compile)
     g = llama.Llama(model, tokenizer, max_batch_size, seed, fast)

@@ -341,38 +341,49 @@ class Int4Linear(QuantizedLinear):
         return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 
+@cache
+def activation_levels():
+    """How many levels each side of zero W8A8Linear rounds activations to: 127 (8 bits) where the
+    CPU's int8 dot products add u8 x s8 products in 32 bits (VNNI, AMX); 63 (7 bits) where they
+    add pairs in 16 bits first (vpmaddubsw: Intel before Cascade Lake, AMD before Zen 4), which
+    saturate at 32767 < 255 x 127 x 2. Measured, not read from the CPU's flags: oneDNN's kernel
+    decides."""
+    w = torch.ops.onednn.qlinear_prepack(torch.full((16, 64), 127, dtype=torch.int8), None)
+    x = torch.full((1, 64), 255, dtype=torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, w, torch.ones(16), torch.zeros(16).long(),
+                                           None, 1.0, 0, torch.float32, "none", [], "")
+    return 127 if y[0, 0] == 255 * 127 * 64 else 63
+
+
 class W8A8Linear(nn.Module):
     """An int8 weight (Int8Linear's, per output row) times int8 activations, for CPU inference.
-    Each token's row of x is rounded to int8 on its own scale (its largest value becomes 127), and
-    oneDNN multiplies int8 by int8 into int32 with the CPU's integer dot products; the two scales
-    then apply to the result. No weight is converted to float, so decoding runs near the int8
-    bytes' bandwidth and prefill passes bf16. The price is the activations' precision: 8 bits
-    instead of bf16's, as llama.cpp's Q8_0 (per block of 32) and torchao's int8dq (per token) do.
-    Per token, an outlier in one row costs the other rows nothing. oneDNN's packed weight is not
-    read back: no backward pass and no saving (the int8 file serves both)."""
-    mode, group_size = "w8a8", None
+    Each token's row of x is rounded to integers on its own scale (its largest value becomes
+    `levels`), and oneDNN multiplies them by the int8 weight into int32 with the CPU's integer dot
+    products; the two scales then apply to the result. No weight is converted to float, so it is
+    faster than weight-only int8 in decoding and than bf16 in prefill; the activations lose
+    precision (as llama.cpp's Q8_0 and torchao's int8dq do). Forward only: oneDNN's packed weight
+    is not read back (train over int8, whose file this reads)."""
 
-    def __init__(self, qweight, scales):
+    def __init__(self, qweight, scales, levels=None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self.levels = levels or activation_levels()
         self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)  # oneDNN's blocked layout
         self.register_buffer("scales", scales)
         self.register_buffer("zero_points", torch.zeros(len(scales), dtype=torch.long),
                              persistent=False)
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        if speed.needs_grad(x):
+            raise RuntimeError("w8a8 layers run forward only; train over --quantize int8")
+        n, x2 = self.levels, x.reshape(-1, self.in_features).float()  # (tokens, in)
         amax = x2.abs().amax(1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
-        # unsigned, 128 + [-127, 127]: x86's int8 dot products take u8 x s8 (signed ones take a
-        # slow path in oneDNN)
-        qx = (x2 * (127 / amax)).round_().add_(128).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(  # (tokens, out) = (qx - 128) / 127 qweight^T scales
-            qx, 1 / 127, 128, self.packed, self.scales, self.zero_points, None, 1.0, 0,
+        # x86's dot products take u8 x s8: the integers are stored as n + 1 + [-n, n]
+        qx = (x2 * (n / amax)).round_().add_(n + 1).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(  # (tokens, out) = (qx - n - 1) / n qweight^T scales
+            qx, 1 / n, n + 1, self.packed, self.scales.float(), self.zero_points, None, 1.0, 0,
             torch.float32, "none", [], "")
         return y.mul_(amax).to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class QuantizedLoRAProduct(torch.autograd.Function):
@@ -528,6 +539,9 @@ def float_state(model):
 
 def save_quantized(model, path):
     """Write a quantized model to one safetensors file, for load_quantized."""
+    if any(isinstance(m, W8A8Linear) for m in model.modules()):
+        raise llama.InputError("w8a8 layers are not saved (oneDNN's packed layout); save the int8 "
+                               "model, then load it with mode='w8a8'")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     settings = {(m.mode, m.group_size) for m in layers.values()}
     if len(settings) != 1:
@@ -564,7 +578,9 @@ def load_quantized(model, path, device="cpu", mode=None):
     if meta.get("quantize") not in FORMATS:
         raise llama.InputError(f"{path} is not a quantized model; write one with save_quantized")
     if mode and weights_format(mode) != meta["quantize"]:
-        raise llama.InputError(f"{path} holds {meta['quantize']} weights, not {mode}'s")
+        raise llama.InputError(f"{path} holds {meta['quantize']} weights, not {mode}'s; use "
+                               f"--quantize {meta['quantize']}, or quantize.py --mode "
+                               f"{weights_format(mode)} for a file of those")
     group_size = meta.get("group_size", "None")
     group_size = None if group_size == "None" else int(group_size)
     quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear

@@ -75,6 +75,7 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24,
 def assert_close(actual, expected, tol):
     """torch.testing.assert_close(atol=rtol=tol) in a few passes: its check takes seconds on
     logits of 128k tokens' width. Its message, when it fails."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
     if not ((actual - expected).abs_() <= tol + tol * expected.abs()).all():
         torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 

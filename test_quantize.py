@@ -133,31 +133,35 @@ def test_quantization_error_is_within_half_a_step():
         assert (w - reference_int4(q, s, z, group_size)).abs().mean() < step.mean() / 3
 
 
-def reference_w8a8(x, q, scales):
-    """Each row of x rounded to int8 on its own scale (largest value -> 127), times the int8 weight,
-    the scales applied after: in float64, written out here."""
+def reference_w8a8(x, q, scales, levels):
+    """Each row of x rounded to integers on its own scale (largest value -> levels), times the int8
+    weight, the scales applied after: in float64, written out here."""
     x = x.double().reshape(-1, x.shape[-1])
     amax = x.abs().amax(1, keepdim=True).clamp(min=1e-30)
-    return torch.round(x / amax * 127) @ q.double().t() * scales.double() * amax / 127
+    return torch.round(x / amax * levels) @ q.double().t() * scales.double() * amax / levels
 
 
+@pytest.mark.parametrize("levels", [None, 63])  # this CPU's choice (127 with VNNI); 7 bits
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 200])
-def test_w8a8_layer_equals_int8_arithmetic_per_token(dtype, rows):
+def test_w8a8_layer_equals_int8_arithmetic_per_token(levels, dtype, rows):
     q, s = quantize.quantize_int8(random_weight(208, 256))
-    layer = quantize.W8A8Linear(q, s)
+    layer = quantize.W8A8Linear(q, s, levels)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (rows, 208)
-    assert not layer(torch.zeros(2, 256, dtype=dtype)).any()  # zeros, not NaN
+    assert not layer(torch.zeros(2, 256, dtype=dtype)).any()  # a row of zeros gives zeros
     # the int32 products are exact: only float rounding differs (bf16's in its output)
-    assert relative_error(y, reference_w8a8(x, q, s)) < (1e-6 if dtype == torch.float32 else 1e-2)
-    # rounding activations to int8 costs about as much as rounding the weights did
-    assert relative_error(y, x.float() @ reference_int8(q, s).t()) < 1e-2
+    reference = reference_w8a8(x, q, s, layer.levels)
+    assert relative_error(y, reference) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # rounding activations to 127 levels costs about as much as rounding the weights did
+    assert relative_error(y, x.float() @ reference_int8(q, s).t()) < 1.5 / layer.levels
     # per token: a row of huge activations beside them changes no other row
     outlier = torch.full((1, 256), 1e4, dtype=dtype)
     assert torch.equal(layer(torch.cat([x, outlier]))[:rows], y)
     assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
+    with pytest.raises(RuntimeError, match="forward only"):
+        layer(x.float().requires_grad_())
 
 
 # --- models --------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         logits = model(tokens)
-        assert relative_error(logits, int8(tokens)) < 0.05
+        assert relative_error(logits, int8(tokens)) < 0.05 * 127 / layers[0].levels
         with model.kv_cache(2, 12):  # one token at a time: rows quantized alone, as in prefill
             model(tokens[:, :8])
             steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
@@ -403,6 +407,7 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
 # End to end: generate.py and finetune.py with --quantize
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -445,10 +450,31 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
             r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir",
                                 str(tiny_ckpt), "--prompt", "The capital of", "--quantize", m,
                                 "--temperature", "0", "--max_new_tokens", "8"],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, timeout=300)  # bytes: "\r\n" stays
             ids = saved.tokenizer.encode("The capital of", bos=True)
             want = saved.tokenizer.decode(saved.generate([ids], 8, temperature=0)[0][0])
-            assert r.returncode == 0 and r.stdout == "The capital of" + want + "\n", r.stderr
+            assert r.returncode == 0, r.stderr.decode()
+            assert r.stdout.decode() == "The capital of" + want + "\n"
+
+
+def test_w8a8_takes_7_bits_where_int8_products_would_saturate():
+    # oneDNN limited to what CPUs without VNNI have (Intel before Cascade Lake, AMD before Zen 4):
+    # their dot products add pairs of u8 x s8 products in 16 bits, where 8-bit activations
+    # saturate. activation_levels must notice, and 7-bit activations must stay exact.
+    code = ("import json, torch, quantize\n"
+            "q = torch.randint(-127, 128, (208, 256), dtype=torch.int8)\n"
+            "s, x = torch.rand(208) / 100, torch.randn(7, 256)\n"
+            "ys = [quantize.W8A8Linear(q, s, n)(x).tolist() for n in (127, 63)]\n"
+            "print(json.dumps([quantize.activation_levels(), q.tolist(), s.tolist(),\n"
+            "                  x.tolist(), ys]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=HERE, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 0, r.stderr
+    levels, q, s, x, (y127, y63) = json.loads(r.stdout)
+    q, s, x = torch.tensor(q, dtype=torch.int8), torch.tensor(s), torch.tensor(x)
+    assert levels == 63
+    assert relative_error(torch.tensor(y63), reference_w8a8(x, q, s, 63)) < 1e-6
+    assert relative_error(torch.tensor(y127), reference_w8a8(x, q, s, 127)) > 0.05  # saturated
 
 
 def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
