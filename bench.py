@@ -83,11 +83,18 @@ def read_bandwidth(gib=2):
     return max(total, matvec)
 
 
+def bf16_linear(w):
+    """w as bf16 decoding multiplies it here: pre-packed for oneDNN where this CPU allows it."""
+    if speed.can_pack(torch.device("cpu"), torch.bfloat16):
+        return speed.PackedLinear(w)
+    return lambda x: torch.nn.functional.linear(x, w)
+
+
 def kernel_rates():
     """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product
     (weights pre-packed for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a
     512 x 2048 x 8192 matrix product (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
-    mats = [speed.PackedLinear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
+    mats = [bf16_linear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
     v = torch.ones(1, 2048, dtype=torch.bfloat16)
     rates = {"bf16_matvec_gb_s":
              32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}

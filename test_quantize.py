@@ -457,6 +457,14 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
             assert r.stdout.decode() == "The capital of" + want + "\n"
 
 
+def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(checkpoints, "load_checkpoint", None)  # reading weights would fail
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    for kw, message in ((dict(compile=True), "cannot trace"), (dict(device="cuda"), "on CPUs")):
+        with pytest.raises(InputError, match=message):
+            generate.load(tiny_ckpt, quantize="w8a8", **{"device": "cpu", **kw})
+
+
 def test_w8a8_takes_7_bits_where_int8_products_would_saturate():
     # oneDNN limited to what CPUs without VNNI have (Intel before Cascade Lake, AMD before Zen 4):
     # their dot products add pairs of u8 x s8 products in 16 bits, where 8-bit activations
