@@ -117,8 +117,8 @@ def quantized_kernel_rates():
     its 512 x 2048 x 8192 product (activations rounded to int8 included) is its prefill rate."""
     w, v, rates = torch.randn(8192, 2048) / 45, torch.ones(1, 2048, dtype=torch.bfloat16), {}
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
-    for mode, layer in (("int8", quantize.Int8Linear.from_float(w)),
-                        ("int4", quantize.Int4Linear.from_float(w, 32))):
+    int8 = quantize.Int8Linear.from_float(w)
+    for mode, layer in (("int8", int8), ("int4", quantize.Int4Linear.from_float(w, 32))):
         layers = [copy.deepcopy(layer) for _ in range(32)]
         rates[f"{mode}_matvec_gweights_s"] = 32 * w.numel() / best_time(
             lambda: [m.kernel(v) for m in layers], 3) / 1e9
@@ -127,8 +127,8 @@ def quantized_kernel_rates():
             lambda: [layer.dequantized(a, b, torch.bfloat16) for a, b in slices]) / 1e9
         rates[f"{mode}_kernel_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(
             lambda: layer.kernel(x)) / 1e9  # the one-row kernel given 512 rows: slower still
-    q, scales = quantize.quantize_int8(w)
-    layers = [quantize.W8A8Linear(q, scales) for _ in range(32)]  # each packs its own copy
+    # the same int8 weights; each layer packs its own copy
+    layers = [quantize.W8A8Linear(int8.qweight, int8.scales) for _ in range(32)]
     rates["w8a8_matvec_gweights_s"] = 32 * w.numel() / best_time(
         lambda: [m(v) for m in layers], 3) / 1e9
     rates["w8a8_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(lambda: layers[0](x)) / 1e9

@@ -33,10 +33,7 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     """A llama.Llama for a checkpoint in either layout, with a finetune run (or PEFT adapter) merged
     in, weights quantized (or read as quantize.py saved them) and this device's speed paths."""
     device, t0 = speed.resolve_device(device), time.time()
-    quant.check_device(quantize, device)
-    if quantize == "w8a8" and compile:
-        raise llama.InputError("torch.compile cannot trace w8a8's packed oneDNN weights; drop "
-                               "--compile (it is for GPUs)")
+    quant.check_device(quantize, device, compile)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()

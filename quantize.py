@@ -508,10 +508,14 @@ def int8_activations(model):
     return model
 
 
-def check_device(mode, device):
+def check_device(mode, device, compile=False):
+    """w8a8 runs eagerly on CPUs: its weights are packed for oneDNN."""
     if mode == "w8a8" and torch.device(device).type != "cpu":
         raise llama.InputError("w8a8 runs on CPUs (oneDNN's int8 products); on a GPU use "
                                "--quantize int8 or int4")
+    if mode == "w8a8" and compile:
+        raise llama.InputError("torch.compile cannot trace w8a8's packed oneDNN weights; drop "
+                               "--compile (it is for GPUs)")
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
