@@ -156,9 +156,12 @@ def test_w8a8_layer_equals_int8_arithmetic_per_token(levels, dtype, rows):
     assert relative_error(y, reference) < (1e-6 if dtype == torch.float32 else 1e-2)
     # rounding activations to 127 levels costs about as much as rounding the weights did
     assert relative_error(y, x.float() @ reference_int8(q, s).t()) < 1.5 / layer.levels
-    # per token: a row of huge activations beside them changes no other row
+    # per token: a row of huge activations beside them changes no other row (a scale shared with
+    # it would round them all to zero). Not bit for bit: oneDNN's float epilogue may take another
+    # kernel for another row count (AMX CPUs do), so to float rounding
     outlier = torch.full((1, 256), 1e4, dtype=dtype)
-    assert torch.equal(layer(torch.cat([x, outlier]))[:rows], y)
+    assert relative_error(layer(torch.cat([x, outlier]))[:rows], y) < \
+        (1e-6 if dtype == torch.float32 else 1e-2)
     assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
     with pytest.raises(RuntimeError, match="forward only"):
         layer(x.float().requires_grad_())
