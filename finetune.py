@@ -7,6 +7,7 @@ Finetune Llama 3.x: LoRA, RMSNorm weights, both, or everything, on TinyStories o
     python finetune.py --ckpt_dir DIR --quantize int4 --dtype bfloat16      # over an int4 base
     python finetune.py --out_dir out --resume --max_steps 2000              # continue, train longer
     torchrun --nproc_per_node 2 finetune.py --ckpt_dir DIR                  # data parallel (DDP)
+    torchrun --nproc_per_node 8 finetune.py --ckpt_dir Llama-3.1-70B/original --fsdp  # sharded
 
 Then use the run: generate.py --lora out, or checkpoints.py export out merged --to hf. Saves go to
 OUT_DIR/checkpoint (atomically), then OUT_DIR/log.jsonl. Ctrl-C or SIGTERM stops at the end of the
@@ -24,6 +25,7 @@ import torch
 
 import checkpoints
 import llama
+import parallel
 import prepare
 import quantize
 import speed
@@ -34,7 +36,8 @@ DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora",
                 warmup_steps=50,
                 weight_decay=0.0, grad_clip=1.0, eval_every=100, eval_batches=10, sample_every=200,
                 save_every=200, stop_at=None, seed=1337, device=None, dtype=None,
-                activation_checkpointing=False, quantize=None, group_size=32, lora_init=None)
+                activation_checkpointing=False, quantize=None, group_size=32, lora_init=None,
+                fsdp=False)
 CHANGEABLE = {"max_steps", "eval_every", "eval_batches", "sample_every", "save_every", "stop_at",
               "device"}
 HELP = dict(ckpt_dir="base checkpoint (Meta or HF)", data="tinystories, or a .txt / .jsonl file",
@@ -42,7 +45,9 @@ HELP = dict(ckpt_dir="base checkpoint (Meta or HF)", data="tinystories, or a .tx
             batch_size="sequences per micro-batch and process", eval_every="0: never",
             dtype="of frozen weights (bfloat16 on GPUs, else float32; on CPUs bfloat16 is faster)",
             quantize="the frozen base (LoRA and norms train in float32)", sample_every="0: never",
-            lora_init="a PEFT LoRA adapter to start from (its rank, alpha, targets)")
+            lora_init="a PEFT LoRA adapter to start from (its rank, alpha, targets)",
+            fsdp="under torchrun: shard weights, gradients and AdamW over the processes (FSDP2) "
+                 "instead of a whole copy in each (DDP)")
 CHOICES = dict(mode=llama.MODES, device=["cpu", "cuda", "mps"], dtype=list(speed.DTYPES),
                quantize=quantize.FORMATS, group_size=quantize.GROUP_SIZES)
 
@@ -85,6 +90,9 @@ def settings(a):
         llama.check_lora(c.lora_targets, c.lora_rank)
         if c.lora_init:
             checkpoints.peft_settings(c.lora_init)  # a LoRA adapter we can start from
+    if c.fsdp and c.quantize:
+        raise llama.InputError("--fsdp shards parameters, and quantized weights are buffers it "
+                               "would copy whole to every process: drop --quantize, or --fsdp (DDP)")
     if c.quantize and c.mode == "full":
         raise llama.InputError("--quantize freezes the base: use --mode lora, norm or lora+norm")
     context = checkpoints.read_args(c.ckpt_dir).context
@@ -100,7 +108,7 @@ def settings(a):
 def main(argv=None):
     cfg = settings(parse_args(argv))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = speed.init_distributed(speed.resolve_device(cfg.device), world)
+    device = parallel.init_processes(speed.resolve_device(cfg.device))
     dtype = speed.resolve_dtype(cfg.dtype, device)
     tokenizer = checkpoints.load_tokenizer(cfg.ckpt_dir)
     data_dir = cfg.out_dir / "data" if cfg.data != "tinystories" else Path(cfg.data_dir) / cfg.data
@@ -122,6 +130,8 @@ def main(argv=None):
     speed.for_training(quantize.for_training(model))  # lean training modules
     if device.type == "cuda":
         speed.use_flex_attention(model)
+    if cfg.fsdp:
+        parallel.shard_for_training(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")
@@ -138,7 +148,7 @@ def main(argv=None):
 
     stopped = llama.train(model, tokenizer, train_data, val_data, cfg, cfg.out_dir, run,
                           sample_text)
-    if world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return model, stopped
 

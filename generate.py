@@ -9,9 +9,11 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
     python generate.py --ckpt_dir DIR --quantize w8a8 --prompt "Hi"      # int8 activations too
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
     python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"   # with a finetune run
+    torchrun --nproc_per_node 8 generate.py --ckpt_dir Llama-3.1-70B/original --prompt "Hi"
 
 One prompt is streamed; several run as a batch. Chat: /reset clears the history, /exit or Ctrl-D
-leaves, Ctrl-C stops a reply. load() is where llama.py meets the files beside it.
+leaves, Ctrl-C stops a reply. Under torchrun the model is split over the processes (tensor
+parallel, parallel.py); rank 0 prints. load() is where llama.py meets the files beside it.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import torch
 import chat
 import checkpoints
 import llama
+import parallel
 import quantize as quant
 import speed
 
@@ -36,6 +39,16 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     quant.check_device(quantize, device, compile)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
+    if parallel.under_torchrun():  # tensor parallel: this process's shard, quantized here
+        check_tensor_parallel(ckpt_dir, lora)
+        device = parallel.init_processes(device)
+        model = parallel.load_tensor_parallel(ckpt_dir, device, dtype, fast, max_seq_len,
+                                              rope_scaling_factor)
+        llama.check_vocab(tokenizer, model.args)
+        if quantize:
+            quant.quantize_model(model, quantize, group_size, absmax=parallel.row_absmax)
+        return finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize,
+                      max_batch_size, seed, fast, t0)
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
     args, state_dict = (checkpoints.read_args(ckpt_dir), None) if saved else \
         checkpoints.load_checkpoint(ckpt_dir)
@@ -56,10 +69,24 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
             llama.log(f"quantizing to {quantize} (python quantize.py --ckpt_dir {ckpt_dir} --mode "
                       f"{quant.weights_format(quantize)} saves the result, for the next start)")
             quant.quantize_model(model, quantize, group_size, release=speed.release_pages)
+    return finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize, max_batch_size,
+                  seed, fast, t0)
+
+
+def finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize, max_batch_size, seed,
+           fast, t0):  # this device's speed paths, and the generator
     speed.for_inference(model, device, dtype, compile)
     g = llama.Llama(model, tokenizer, max_batch_size, seed, fast)
     llama.log(f"loaded {ckpt_dir} in {time.time() - t0:.1f}s ({device}, {quantize or dtype})")
     return speed.static_decoding(g) if compile else g
+
+
+def check_tensor_parallel(ckpt_dir, lora):
+    """Under torchrun, before anything is loaded: an even split, and no run to merge."""
+    parallel.check_tensor_parallel(checkpoints.read_args(ckpt_dir), parallel.world()[1])
+    if lora:
+        raise llama.InputError("--lora is merged into whole weights: merge it first (python "
+                               "checkpoints.py export RUN merged --to meta), then run merged")
 
 
 def parse_args(argv=None):
@@ -110,6 +137,8 @@ def check(a):
         raise llama.InputError(f"--max_seq_len must be in [2, the model's context: {context}]")
     if a.lora:
         checkpoints.check_finetuned(a.lora)
+    if parallel.under_torchrun():
+        check_tensor_parallel(a.ckpt_dir, a.lora)
     prompts = [p if a.chat else p.rstrip() for p in a.prompt]
     if prompts != a.prompt:  # "...is " ends in a lone space token, rarely seen before a word
         llama.log("note: stripped trailing whitespace from the prompt(s) (it tokenizes badly)")

@@ -33,12 +33,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 class InputError(ValueError):
     """Bad user input (files, shapes, settings); the message names the problem and the fix."""
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+def log(msg):  # progress, to stderr; under torchrun only the first process (rank 0) speaks
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -379,10 +384,10 @@ class Transformer(nn.Module):
 
     @contextmanager
     def kv_cache(self, batch_size, max_len):  # for one generation, freed when the block ends
-        a, w = self.args, self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, w.dtype,
-                                            w.device)
+        w = self.tok_embeddings.weight
+        for layer in self.layers:  # the layer's own head count: a tensor-parallel shard has fewer
+            layer.attention.cache = KVCache(batch_size, max_len, layer.attention.n_kv_heads,
+                                            self.args.head_dim, w.dtype, w.device)
         try:
             yield
         finally:
@@ -430,6 +435,16 @@ def merge_meta_shards(shards, args):
         merged[key] = torch.cat(parts, dim=dim)
     return merged
 
+def kv_copies(shards, args):
+    """How many consecutive shards hold the same K/V head (1: none). Meta's 405B for 16 ranks says
+    n_kv_heads 16 in params.json: each of its 8 K/V heads is stored twice, one per file."""
+    wk = [s["layers.0.attention.wk.weight"] for s in shards]
+    copies = 1
+    while (copies < len(wk) and wk[0].shape[0] == args.head_dim
+           and torch.equal(wk[0], wk[copies])):
+        copies += 1
+    return copies if len(wk) % copies == 0 else 1
+
 def tie_output(args, state_dict):
     """Tied when there is no output matrix, or when it copies the embedding (Meta's 3.2 1B/3B)."""
     output, embedding = state_dict.get("output.weight"), state_dict.get("tok_embeddings.weight")
@@ -454,12 +469,17 @@ def load_meta_checkpoint(ckpt_dir):
         except Exception as e:
             raise InputError(f"cannot read {p}: {str(e).splitlines()[0]}; is it whole?") from None
         log(f"  mapped {p.name} ({i + 1}/{len(paths)})")
+    # duplicated K/V heads are merged to one each (merge_meta_shards checks that they are equal)
+    args = replace(args, n_kv_heads=args.n_kv_heads // kv_copies(shards, args))
     return tie_output(args, merge_meta_shards(shards, args))
 
-def build_model(args, state_dict, device, dtype, fused=False):
-    """Weights (Meta's names) assigned into a Transformer built on the meta device: no copy made."""
+def build_model(args, state_dict, device, dtype, fused=False, shard=None):
+    """Weights (Meta's names) assigned into a Transformer built on the meta device: no copy made.
+    shard(model), if given, first cuts the empty model down to one process's part of it."""
     with torch.device("meta"):
         model = Transformer(args, fused)
+    if shard:
+        shard(model)
     if args.tie_embeddings:
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     expected = model.state_dict()
@@ -771,15 +791,24 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
     cos = math.cos(math.pi * min((step - warmup) / max(1, max_steps - warmup), 1.0))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos))
 
+# torch.distributed.checkpoint's state dicts: whole tensors, in one process or gathered from the
+# shards of FSDP's processes (on rank 0, a layer at a time, into CPU memory); frozen weights left out
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
 def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     """Trained weights, optimizer, step, RNG states, settings and log up to this step, in one
-    directory written atomically; log.jsonl beside it is replaced only then: never ahead of it."""
-    out_dir = Path(out_dir)
-    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    directory written atomically; log.jsonl beside it is replaced only then: never ahead of it.
+    Every process calls it (FSDP gathers the shards); the first one writes."""
+    out_dir, names = Path(out_dir), {n for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: t.contiguous() for n, t in get_model_state_dict(model, options=WHOLE).items()
+               if n in names}  # (buffers are left out too)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    if os.environ.get("RANK", "0") != "0":
+        return
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     with atomic_directory(out_dir / "checkpoint") as tmp:
         save_file(trained, tmp / "trainable.safetensors", metadata={"format": "pt"})
-        torch.save({"optimizer": optimizer.state_dict(), "step": step,
+        torch.save({"optimizer": optimizer_state, "step": step,
                     "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps({**run, "step": step}, indent=2))
         (tmp / "log.jsonl").write_text("".join(line + "\n" for line in log_lines))
@@ -793,14 +822,19 @@ def load_trained(model, out_dir):
     for name, t in saved.items():
         if name not in params or params[name].shape != t.shape:
             raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
-        params[name].data = t.to(params[name].device)
+    # (into FSDP's shards too: each process keeps its part)
+    set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
     return model
 
+def as_number(t):  # a scalar tensor -> float; FSDP's are sharded tensors, made whole first
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).item()
+
 def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text=None):
-    """cfg: finetune.py's settings. -> the signal that stopped it, "stop_at", or None at the end."""
+    """cfg: finetune.py's settings. -> the signal that stopped it, "stop_at", or None at the end.
+    Under torchrun the model is copied whole into each process (DDP) or, with cfg.fsdp, arrives
+    already sharded over them (FSDP2's fully_shard), which syncs the gradients itself."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device, main_process = model.tok_embeddings.weight.device, rank == 0
-    say = log if main_process else (lambda msg: None)
+    device = model.tok_embeddings.weight.device
     out_dir, params = Path(out_dir), [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(  # weight decay on matrices only, never on norms
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -809,15 +843,17 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
     step, log_lines = 0, []
     if cfg.resume:  # exactly where it stopped: weights, optimizer, step, random state, log
         state = torch.load(out_dir / "checkpoint" / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
         step, _ = state["step"], load_trained(model, out_dir)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(state["torch_rng"])
         torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
         log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()
-        say(f"resumed {out_dir} at step {step}")
+        log(f"resumed {out_dir} at step {step}")
     # buffers (RoPE, quantized weights) are frozen and alike in every process: never sent
-    train_model = (nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-                   if world > 1 else model)
+    ddp = world > 1 and not cfg.fsdp
+    train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp \
+        else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def all_sum(*values):
@@ -861,13 +897,13 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             loss_sum = 0.0
             for i, (x, y, loss_mask) in enumerate(batches):
                 last = i == cfg.grad_accum - 1
-                sync = train_model.no_sync() if world > 1 and not last else torch.enable_grad()
+                sync = train_model.no_sync() if ddp and not last else torch.enable_grad()
                 with autocast, sync:
                     losses, w = token_losses(train_model, x, y, tokenizer.bos_id, loss_mask)
                     loss = (losses * w).sum()
                     (loss * world / n_tokens).backward()
                 loss_sum += loss.item()
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            grad_norm = as_number(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -876,22 +912,22 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             tokens_per_s = tokens / (time.time() - t0)
             log_lines.append(json.dumps({"step": step, "loss": loss, "lr": lr,
                                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}))
-            say(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = evaluate()
                 log_lines.append(json.dumps({"step": step, "val_loss": val_loss}))
-                say(f"step {step} | val loss {val_loss:.4f}")
-            if sample_text and cfg.sample_every and step % cfg.sample_every == 0 and main_process:
-                say(f"sample: {sample_text(model)!r}")
+                log(f"step {step} | val loss {val_loss:.4f}")
+            if sample_text and cfg.sample_every and step % cfg.sample_every == 0:
+                log(f"sample: {sample_text(model)!r}")
             # every rank learns of a signal that reached any of them, and all stop at the same step
             stopping = all_sum(float(stop["signal"] is not None))[0] > 0
-            if main_process and (step % cfg.save_every == 0 or step == cfg.max_steps or stopping
-                                 or step == cfg.stop_at):
+            if (step % cfg.save_every == 0 or step == cfg.max_steps or stopping
+                    or step == cfg.stop_at):
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
-                say(f"saved step {step} to {out_dir / 'checkpoint'}")
+                log(f"saved step {step} to {out_dir / 'checkpoint'}")
             if stopping or step == cfg.stop_at:
-                say(f"stopped at step {step}; continue with: "
+                log(f"stopped at step {step}; continue with: "
                     f"finetune.py --out_dir {out_dir} --resume")
                 return stop["signal"] or "stop_at"
     finally:

@@ -67,10 +67,11 @@ def row_slices(out_features, in_features):
     return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
 
 
-def quantize_int8(w):
-    """w (out, in) float -> q (out, in) int8, scales (out,) float32."""
+def quantize_int8(w, absmax=None):
+    """w (out, in) float -> q (out, in) int8, scales (out,) float32. absmax: each row's largest
+    |w|, if not w's own (a row split over processes shares one)."""
     w = w.float()
-    scales = w.abs().amax(1).clamp(min=1e-12) / 127  # (out,)
+    scales = (w.abs().amax(1) if absmax is None else absmax).clamp(min=1e-12) / 127  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -257,11 +258,12 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_float(cls, weight):
+    def from_float(cls, weight, absmax=None):
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # (out, in)
         scales = torch.empty(len(weight), device=weight.device)  # (out,)
         for a, b in row_slices(*weight.shape):
-            q[a:b], scales[a:b] = quantize_int8(weight[a:b].detach())
+            q[a:b], scales[a:b] = quantize_int8(weight[a:b].detach(),
+                                                None if absmax is None else absmax[a:b])
         return cls(q, scales)
 
     @classmethod
@@ -479,20 +481,20 @@ def slot_weight(parent, attr):
     return module.weight if isinstance(module, nn.Linear) else None
 
 
-def quantize_model(model, mode, group_size=32, release=None, output=True):
+def quantize_model(model, mode, group_size=32, release=None, output=True, absmax=None):
     """Replace every projection (and, with output=True, the output layer) by an Int8Linear,
     Int4Linear or W8A8Linear. release(w), if given, is called on each float weight once it is
-    quantized (the loaders pass speed.release_pages, which hands a memory-mapped weight's pages
-    back to the OS)."""
+    quantized (speed.release_pages hands a memory-mapped weight's pages back to the OS).
+    absmax(name, weight), if given, gives the rows' largest |w| for int8's scales (or None)."""
     check_settings(mode, group_size)
     check_device(mode, model.tok_embeddings.weight.device)
     slots = [s for s in weight_slots(model) if output or s[0] != "output"]
     for name, parent, attr in slots:
         check_slot(model, name, parent, attr, mode, group_size)
-    for _, parent, attr in slots:
+    for name, parent, attr in slots:
         weight = slot_weight(parent, attr)
         setattr(parent, attr, Int4Linear.from_float(weight, group_size) if mode == "int4"
-                else Int8Linear.from_float(weight))
+                else Int8Linear.from_float(weight, absmax and absmax(name, weight)))
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear

@@ -7,6 +7,7 @@ stdout. test_llama.py compares llama.py against this, token for token.
     python reference.py --ckpt_dir DIR --prompt "The capital of France is" \\
         --max_gen_len 32 --temperature 0
     python reference.py --ckpt_dir DIR --prompt_tokens '[[128000, 791]]' --dtype bfloat16 --logprobs
+    torchrun --nproc_per_node 2 reference.py --ckpt_dir DIR --prompt "Hi"   # model parallel 2
 
 Output: {"tokens": [[ids of prompt 1], ...], "stops": [stop token id or null, ...],
 "logprobs": [[...], ...]}: generated tokens only, the stop token excluded (it is in "stops"), at
@@ -17,7 +18,8 @@ What this script has to work around, and why each is harmless to the comparison:
   no CPU torchvision wheel. If the real import fails, an empty stand-in module is registered; the
   text model never touches it.
 - Meta's loader needs a torch.distributed process group (gloo on CPU) and fairscale's model parallel
-  state; a single-process group is set up here.
+  state; a single-process group is set up here, or torchrun's N processes are used (Meta's model
+  parallel over N: its Llama3.build reshards the consolidated.NN.pth files to N). Rank 0 prints.
 - Meta's loader sets the whole process's default dtype to bf16, so it runs in its own process. For a
   float32 run its model is converted with .float() after loading, from the same bf16 checkpoint
   values that llama.py reads.
@@ -98,7 +100,8 @@ def main():
         n_prompts = len(prompts) + len(a.prompt)
         llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len,
                                         max_batch_size=max(n_prompts, 1),
-                                        world_size=1, seed=a.seed, device="cpu")
+                                        world_size=int(os.environ["WORLD_SIZE"]), seed=a.seed,
+                                        device="cpu")
         if a.dtype == "float32":
             llama.model.float()
         prompts += [llama.formatter.encode_content(text).tokens for text in a.prompt]
@@ -123,7 +126,8 @@ def main():
     out = {"tokens": tokens, "stops": stops}
     if a.logprobs:
         out["logprobs"] = logprobs
-    print(json.dumps(out))
+    if os.environ["RANK"] == "0":
+        print(json.dumps(out))
     torch.distributed.destroy_process_group()
 
 

@@ -73,16 +73,6 @@ def resolve_device(device):
     return device
 
 
-def init_distributed(device, world):
-    """Under torchrun (world > 1): one process per device, gloo on CPUs, nccl on GPUs."""
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    return device
-
-
 # -----------------------------------------------------------------------------
 # Memory: hand pages back to the operating system
 
@@ -240,8 +230,9 @@ def static_decoding(generator, compile=True):
         w, cache = model.tok_embeddings.weight, model.layers[0].attention.cache
         if cache is None or cache.k.shape[0] != batch_size:
             for layer in model.layers:
-                layer.attention.cache = StaticKVCache(batch_size, a.max_seq_len, a.n_kv_heads,
-                                                      a.head_dim, w.dtype, w.device)
+                layer.attention.cache = StaticKVCache(batch_size, a.max_seq_len,
+                                                      layer.attention.n_kv_heads, a.head_dim,
+                                                      w.dtype, w.device)
         yield
 
     def step(tokens, start_pos, last_only=False):

@@ -56,9 +56,18 @@ def write_meta_checkpoint(path, args, n_shards=1, seed=0):
     return path
 
 
+def torchrun(n):  # the command that starts n processes, on a free port
+    import reference  # its free_port: a fixed port can still be held by an earlier run
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_port", reference.free_port()]
+
+
 def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24,
-             temperature=0.0, top_p=0.9, seed=1, dtype="float32", logprobs=False):
-    cmd = [sys.executable, str(HERE / "reference.py"), "--ckpt_dir", str(ckpt_dir),
+             temperature=0.0, top_p=0.9, seed=1, dtype="float32", logprobs=False, nproc=1):
+    """Meta's reference in a process of its own, or model parallel over nproc processes."""
+    cmd = [*(torchrun(nproc) if nproc > 1 else [sys.executable]), str(HERE / "reference.py"),
+           "--ckpt_dir", str(ckpt_dir),
            "--max_gen_len", str(max_gen_len), "--temperature", str(temperature),
            "--top_p", str(top_p), "--seed", str(seed), "--dtype", dtype]
     for p in prompts:
@@ -1251,11 +1260,8 @@ def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
                           "--batch_size", "4", "--out_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    import reference  # its free_port: a fixed port can still be held by an earlier run
-
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                          "--nproc_per_node", "2", "--master_port", reference.free_port(),
-                          str(HERE / "finetune.py"), *map(str, common), "--batch_size", "2",
+    two = subprocess.run([*torchrun(2), str(HERE / "finetune.py"), *map(str, common),
+                          "--batch_size", "2",
                           "--out_dir", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

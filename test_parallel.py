@@ -1,0 +1,280 @@
+"""
+Tests of parallel.py: tensor-parallel generation against Meta's reference at the same model-parallel
+size (both under torchrun, gloo on CPU), per-process memory against the planning function, and
+FSDP2 finetuning against DDP.
+
+    python -m pytest -q test_parallel.py
+"""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import generate
+import llama
+import parallel
+from test_llama import (META_TOKENIZER, PROMPTS, TOKENIZER, ckpt_gqa, ckpt_stops,  # noqa: F401
+                        corpus, read_log, run_meta, tiny_args, torchrun)
+
+HERE = Path(__file__).parent
+
+# Loads each job's checkpoint under torchrun through generate.load (the tensor-parallel path) and
+# writes every process's results; rank 0 saves the logits of one prefill.
+WORKER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch, generate, parallel
+jobs, results = json.loads(open(sys.argv[2]).read()), []
+for job in jobs:
+    g = generate.load(job["ckpt"], max_seq_len=256, max_batch_size=4, device="cpu",
+                      dtype=job.get("dtype", "float32"), seed=job.get("seed", 1),
+                      quantize=job.get("quantize"))
+    out = {"bytes": parallel.local_bytes(g.model) - g.model.freqs_cis.numel() * 8,
+           "n_kv_heads": g.model.layers[0].attention.n_kv_heads}
+    ids = job["ids"]
+    out["tokens"], _, out["stops"] = g.generate(ids, 24, temperature=job.get("temperature", 0),
+                                                top_p=0.9)
+    with torch.inference_mode():
+        logits = g.model(torch.tensor([ids[0]]))
+    if os.environ["RANK"] == "0" and job.get("logits"):
+        torch.save(logits, job["logits"])
+    results.append(out)
+every = [None] * int(os.environ["WORLD_SIZE"])
+torch.distributed.all_gather_object(every, results)
+if os.environ["RANK"] == "0":
+    open(sys.argv[3], "w").write(json.dumps(every))
+"""
+
+
+def run_ours(tmp_path, n, jobs):
+    """-> per job, the results of rank 0, after checking that every rank had the same tokens."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    r = subprocess.run([*torchrun(n), str(tmp_path / "worker.py"), str(HERE),
+                        str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    every = json.loads((tmp_path / "out.json").read_text())
+    for job in range(len(jobs)):  # the ranks never diverge: each sampled the same tokens
+        assert all(e[job]["tokens"] == every[0][job]["tokens"] for e in every)
+    return every[0], r.stderr
+
+
+IDS = [TOKENIZER.encode(p, bos=True) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def ckpt_405b_style(tmp_path_factory, ckpt_gqa):
+    """ckpt_gqa as Meta ships 405B for 16 ranks: n_kv_heads doubled in params.json, each K/V head
+    stored twice, one file per query head (4 files)."""
+    args, sd = checkpoints.load_checkpoint(ckpt_gqa)
+    hd, out = args.head_dim, dict(sd)
+    for key in sd:
+        if key.endswith(("wk.weight", "wv.weight")):
+            out[key] = sd[key].view(args.n_kv_heads, 1, hd, -1).expand(-1, 2, -1, -1).reshape(
+                2 * args.n_kv_heads * hd, -1)
+    path = tmp_path_factory.mktemp("405b") / "ckpt"
+    checkpoints.save_meta_checkpoint(replace(args, n_kv_heads=2 * args.n_kv_heads), out, path,
+                                     META_TOKENIZER, n_shards=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_wide(tmp_path_factory):
+    """8 query and 4 K/V heads in 4 files (merged two by two on 2 processes), and the same weights
+    as Hugging Face safetensors over several files with an index."""
+    args = tiny_args(dim=128, n_heads=8, n_kv_heads=4, ffn_hidden_dim=384)
+    sd = checkpoints.random_state_dict(args, seed=4)
+    root = tmp_path_factory.mktemp("wide")
+    checkpoints.save_meta_checkpoint(args, sd, root / "meta", META_TOKENIZER, n_shards=4)
+    checkpoints.save_hf_checkpoint(args, sd, root / "hf", META_TOKENIZER, max_shard_bytes=2**22)
+    assert len(list((root / "hf").glob("*.safetensors"))) > 2
+    return root
+
+
+def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckpt_stops,
+                                                                   ckpt_wide, ckpt_405b_style):
+    # float32 greedy: a ragged batch whose rows stop at different steps, one long prompt alone,
+    # and sampled (temperature, top-p): Meta's tokens and stop tokens, at model parallel 2 and 4
+    sampled = dict(temperature=0.8, seed=7)
+    two, log = run_ours(tmp_path, 2, [
+        dict(ckpt=str(ckpt_stops), ids=IDS), dict(ckpt=str(ckpt_stops), ids=IDS[3:]),
+        dict(ckpt=str(ckpt_stops), ids=IDS[:3], **sampled),
+        dict(ckpt=str(ckpt_wide / "meta"), ids=IDS), dict(ckpt=str(ckpt_wide / "hf"), ids=IDS),
+        dict(ckpt=str(ckpt_405b_style), ids=IDS[:2])])
+    assert "weights per process: " in log
+    meta = run_meta(ckpt_stops, prompt_tokens=IDS, nproc=2)
+    assert (two[0]["tokens"], two[0]["stops"]) == (meta["tokens"], meta["stops"])
+    assert len({s for s in meta["stops"] if s is not None}) >= 2  # rows end on stop tokens
+    assert two[1]["tokens"] == run_meta(ckpt_stops, prompt_tokens=IDS[3:], nproc=2)["tokens"]
+    assert two[2]["tokens"] == run_meta(ckpt_stops, prompt_tokens=IDS[:3], nproc=2,
+                                        **sampled)["tokens"]
+    # 4 files on 2 processes (joined two by two), and the same weights in HF's layout
+    meta_wide = run_meta(ckpt_wide / "meta", prompt_tokens=IDS, nproc=2)["tokens"]
+    assert two[3]["tokens"] == meta_wide == two[4]["tokens"]
+    # 405B's duplicated K/V heads are dropped on 2 processes: one K/V head each, the model of
+    # ckpt_gqa (ckpt_stops differs from it only in the stop tokens' output rows)
+    assert two[5]["n_kv_heads"] == 1
+    assert two[5]["tokens"] == run_meta(ckpt_gqa, prompt_tokens=IDS[:2], nproc=2)["tokens"]
+    # 4 processes: more than the 2 K/V heads, each head copied to two processes
+    four, _ = run_ours(tmp_path, 4, [dict(ckpt=str(ckpt_stops), ids=IDS)])
+    assert four[0]["n_kv_heads"] == 1
+    assert four[0]["tokens"] == run_meta(ckpt_stops, prompt_tokens=IDS, nproc=4)["tokens"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_tied(tmp_path_factory):  # Llama 3.2 style: the output is the embedding
+    args = tiny_args(tie_embeddings=True)
+    path = tmp_path_factory.mktemp("tied") / "ckpt"
+    checkpoints.save_meta_checkpoint(args, checkpoints.random_state_dict(args, seed=3), path,
+                                     META_TOKENIZER, n_shards=1)
+    return path
+
+
+def test_tied_quantized_and_memory_per_process(tmp_path, ckpt_tied):
+    # Meta's code has no tied output: the tied model under tensor parallel against one process of
+    # ours, logits within float32 summation order (1e-5 relative); bf16 and quantized shards
+    # against one process in bf16 and quantized alike (the same quantized weights): 1e-2 covers
+    # bf16's partial sums, a tenth of what int8's rounding alone moves the logits.
+    # Each process's bytes are the planning function's, and at most 1/N plus the norms.
+    jobs = [dict(ckpt=str(ckpt_tied), ids=IDS[:1], dtype=dtype, quantize=q,
+                 logits=str(tmp_path / f"{q or dtype}.pt"))
+            for dtype, q in (("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                             ("bfloat16", "int4"))]
+    two, _ = run_ours(tmp_path, 2, jobs)
+    args = llama.replace(tiny_args(tie_embeddings=True))
+    for job, result in zip(jobs, two):
+        one = generate.load(ckpt_tied, max_seq_len=256, device="cpu", dtype=job["dtype"],
+                            quantize=job["quantize"])
+        with torch.inference_mode():
+            expected = one.model(torch.tensor([IDS[0]]))
+        got, tol = torch.load(job["logits"]), 1e-5 if job["dtype"] == "float32" else 1e-2
+        assert (got - expected).norm() <= tol * expected.norm(), job
+        fmt = job["quantize"] or "bf16"
+        if job["dtype"] == "bfloat16":
+            assert result["bytes"] == parallel.bytes_per_process(args, 2, fmt), job
+            whole = parallel.bytes_per_process(args, 1, fmt)
+            assert result["bytes"] == (parallel.local_bytes(one.model) - one.model.freqs_cis
+                                       .numel() * 8 if fmt == "bf16" else result["bytes"])
+            norms = (2 * args.n_layers + 1) * args.dim * 2
+            assert result["bytes"] <= (whole - norms) / 2 + norms + 4 * 192 * 2, job
+
+
+def test_sizes_that_do_not_divide_fail_in_one_line_before_loading(ckpt_gqa):
+    args = tiny_args()  # 4 heads, 2 K/V heads
+    with pytest.raises(llama.InputError, match=r"use --nproc_per_node in \[1, 2, 4\]"):
+        parallel.check_tensor_parallel(args, 3)
+    r = subprocess.run([*torchrun(3), str(HERE / "generate.py"), "--ckpt_dir", str(ckpt_gqa),
+                        "--prompt", "Hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: 3 processes cannot split this model" in r.stderr
+    assert "Traceback" not in r.stderr and "loading" not in r.stderr
+
+
+def test_planning_bytes_are_the_real_ones_in_one_process(ckpt_gqa):
+    # the planning function against real models (untied, one process), and the table's shape
+    args = checkpoints.read_args(ckpt_gqa)
+    for q in (None, "int8", "int4"):
+        g = generate.load(ckpt_gqa, max_seq_len=64, device="cpu", dtype="bfloat16", quantize=q)
+        real = parallel.local_bytes(g.model) - g.model.freqs_cis.numel() * 8
+        assert real == parallel.bytes_per_process(args, 1, q or "bf16")
+    table = parallel.planning_table()
+    assert table.count("\n") == 2 + 9 and "| 405B | int4 |" in table
+    # 405B in bf16 is 810 GB: on 16 processes, about 51 GB each plus its KV cache
+    b = parallel.bytes_per_process(llama.ModelArgs(vocab_size=128256, **parallel.SIZES["405B"]),
+                                   16)
+    assert 50e9 < b < 52e9
+
+
+def test_405b_style_duplicated_kv_heads_merge_in_one_process(ckpt_405b_style, ckpt_gqa):
+    args, sd = checkpoints.load_checkpoint(ckpt_405b_style)
+    ref_args, ref = checkpoints.load_checkpoint(ckpt_gqa)
+    assert args.n_kv_heads == ref_args.n_kv_heads == 2
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+# ----------------------------------------------------------------------------- FSDP2 finetuning
+
+def finetune(tmp_path, name, n, *flags):
+    common = ["--seq_len", 64, "--grad_accum", 2, "--max_steps", 4, "--lr", 3e-3, "--eval_every",
+              2, "--eval_batches", 2, "--sample_every", 0, "--device", "cpu", "--batch_size", 2,
+              "--save_every", 2]
+    r = subprocess.run([*torchrun(n), str(HERE / "finetune.py"), *map(str, common + list(flags)),
+                        "--out_dir", str(tmp_path / name)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_log(tmp_path / name), r.stderr
+
+
+def same_losses(a, b, rel):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        key = "loss" if "loss" in x else "val_loss"
+        assert math.isclose(x[key], y[key], rel_tol=rel), (x, y)
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("full", ()), ("lora+norm", ("--dtype", "bfloat16", "--activation_checkpointing"))])
+def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(tmp_path, ckpt_gqa, corpus, mode,
+                                                            extra):
+    flags = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--mode", mode, *extra]
+    ddp, _ = finetune(tmp_path, "ddp", 2, *flags)
+    fsdp, log = finetune(tmp_path, "fsdp", 2, *flags, "--fsdp")
+    same_losses(ddp, fsdp, rel=1e-4)
+    assert "parameters per process:" in log
+    # the one whole checkpoint rank 0 wrote is read as any run is
+    prompt = [TOKENIZER.encode("Tom had a", bos=True)]
+    a, b = (generate.load(ckpt_gqa, max_seq_len=64, device="cpu", lora=tmp_path / r)
+            .generate(prompt, 12, temperature=0)[0] for r in ("ddp", "fsdp"))
+    assert a == b
+    if mode == "full":
+        return
+    # stopped at step 2 and resumed under FSDP: exactly the uninterrupted run's losses
+    finetune(tmp_path, "stop", 2, *flags, "--fsdp", "--stop_at", 2)
+    resumed, _ = finetune(tmp_path, "stop", 2, "--resume")
+    same_losses(resumed, fsdp, rel=1e-6)
+
+
+FSDP_BYTES = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, checkpoints, llama, parallel
+torch.distributed.init_process_group("gloo")
+model = llama.build_model(*checkpoints.load_checkpoint(sys.argv[2]), "cpu", torch.float32)
+params = llama.set_trainable(model, "full")
+if sys.argv[3] == "fsdp":
+    parallel.shard_for_training(model)
+optimizer = torch.optim.AdamW(params)
+x = torch.randint(0, 1000, (2, 16))
+model(x, targets=x).mean().backward()
+optimizer.step()
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)
+states = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
+print(json.dumps([size(params), size(p.grad for p in params), size(states)]))
+"""
+
+
+def test_fsdp_holds_half_of_everything_on_two_processes(tmp_path, ckpt_gqa):
+    (tmp_path / "bytes.py").write_text(FSDP_BYTES)
+    sizes = {}
+    for kind in ("ddp", "fsdp"):
+        r = subprocess.run([*torchrun(2), str(tmp_path / "bytes.py"), str(HERE), str(ckpt_gqa),
+                            kind], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        sizes[kind] = json.loads(r.stdout.splitlines()[0])
+    for whole, shard in zip(sizes["ddp"], sizes["fsdp"]):  # parameters, gradients, AdamW
+        assert whole / 2 <= shard <= whole / 2 * 1.01, sizes
+
+
+def test_fsdp_refuses_quantized_bases(ckpt_gqa, corpus, tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa),
+                        "--data", str(corpus), "--fsdp", "--quantize", "int4", "--out_dir",
+                        str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --fsdp shards parameters")
