@@ -179,6 +179,8 @@ def main(argv=None):
     llama.log(f"{n} tokens in {seconds:.2f}s: {n / seconds:.1f} tokens/s{first}")
     if max(len(p) + len(o) for p, o in zip(ids, outputs)) >= a.max_seq_len:
         llama.log(f"note: stopped at --max_seq_len {a.max_seq_len}; raise it for longer output")
+    if torch.distributed.is_initialized():  # tensor parallel: gloo may abort at exit without it
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -256,7 +256,6 @@ def local_bytes(model):
     """Bytes of this process's parameters and buffers (a tied weight once; FSDP's shards)."""
     tensors = [t.to_local() if hasattr(t, "to_local") else t
                for t in [*model.parameters(), *model.buffers()]]
-    tensors += [m.packed for m in model.modules() if hasattr(m, "packed")]  # speed.PackedLinear
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
