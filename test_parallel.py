@@ -33,7 +33,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, generate, parallel
 jobs, results = json.loads(open(sys.argv[2]).read()), []
 for job in jobs:
-    g = generate.load(job["ckpt"], max_seq_len=256, max_batch_size=4, device="cpu",
+    g = generate.load(job["ckpt"], max_seq_len=512, max_batch_size=4, device="cpu",
                       dtype=job.get("dtype", "float32"), seed=job.get("seed", 1),
                       quantize=job.get("quantize"))
     out = {"bytes": parallel.local_bytes(g.model) - g.model.freqs_cis.numel() * 8,
@@ -101,7 +101,7 @@ def ckpt_wide(tmp_path_factory):
     return root
 
 
-def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckpt_stops,
+def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckpt_stops, ckpt_gqa,
                                                                    ckpt_wide, ckpt_405b_style):
     # float32 greedy: a ragged batch whose rows stop at different steps, one long prompt alone,
     # and sampled (temperature, top-p): Meta's tokens and stop tokens, at model parallel 2 and 4
@@ -153,7 +153,7 @@ def test_tied_quantized_and_memory_per_process(tmp_path, ckpt_tied):
     two, _ = run_ours(tmp_path, 2, jobs)
     args = llama.replace(tiny_args(tie_embeddings=True))
     for job, result in zip(jobs, two):
-        one = generate.load(ckpt_tied, max_seq_len=256, device="cpu", dtype=job["dtype"],
+        one = generate.load(ckpt_tied, max_seq_len=512, device="cpu", dtype=job["dtype"],
                             quantize=job["quantize"])
         with torch.inference_mode():
             expected = one.model(torch.tensor([IDS[0]]))
@@ -254,12 +254,13 @@ model = llama.build_model(*checkpoints.load_checkpoint(sys.argv[2]), "cpu", torc
 params = llama.set_trainable(model, "full")
 if sys.argv[3] == "fsdp":
     parallel.shard_for_training(model)
+params = [p for p in model.parameters() if p.requires_grad]  # FSDP's, when sharded
 optimizer = torch.optim.AdamW(params)
 x = torch.randint(0, 1000, (2, 16))
 model(x, targets=x).mean().backward()
 optimizer.step()
 local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)
+size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts if t is not None)
 states = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
 print(json.dumps([size(params), size(p.grad for p in params), size(states)]))
 torch.distributed.destroy_process_group()
