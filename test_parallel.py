@@ -125,10 +125,13 @@ def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckp
     # ckpt_gqa (ckpt_stops differs from it only in the stop tokens' output rows)
     assert two[5]["n_kv_heads"] == 1
     assert two[5]["tokens"] == run_meta(ckpt_gqa, prompt_tokens=IDS[:2], nproc=2)["tokens"]
-    # 4 processes: more than the 2 K/V heads, each head copied to two processes
-    four, _ = run_ours(tmp_path, 4, [dict(ckpt=str(ckpt_stops), ids=IDS)])
-    assert four[0]["n_kv_heads"] == 1
-    assert four[0]["tokens"] == run_meta(ckpt_stops, prompt_tokens=IDS, nproc=4)["tokens"]
+    # 4 processes: Meta's at 4 (its code needs a K/V head per process), and more processes than
+    # K/V heads, each head copied to two (Meta's cannot: its greedy tokens at 2, float32 apart)
+    four, _ = run_ours(tmp_path, 4, [dict(ckpt=str(ckpt_wide / "meta"), ids=IDS),
+                                     dict(ckpt=str(ckpt_stops), ids=IDS)])
+    assert four[0]["tokens"] == run_meta(ckpt_wide / "meta", prompt_tokens=IDS,
+                                         nproc=4)["tokens"]
+    assert four[1]["n_kv_heads"] == 1 and four[1]["tokens"] == meta["tokens"]
 
 
 @pytest.fixture(scope="module")
