@@ -3,9 +3,9 @@ Speed paths beside llama.py, applied by swapping modules in at one assembly poin
 and finetune.py call for_inference / for_training); llama.py itself keeps one plain path. Each
 swapped-in module computes what the module it replaces computes (the tests compare them):
 
-- CPU, bf16 generation: weights packed once into oneDNN's blocked layout (PackedLinear), wq|wk|wv
-  and w1|w3 as one product each; the memory-mapped originals are handed back to the OS as they
-  are packed.
+- CPU, bf16 generation (where oneDNN has native bf16 kernels): weights packed once into oneDNN's
+  blocked layout (PackedLinear), wq|wk|wv and w1|w3 as one product each; the memory-mapped
+  originals are handed back to the OS as they are packed.
 - CPU, training: products with frozen bf16 weights run in float32 where bf16 products are slow
   (no AMX); RMSNorm, SwiGLU and LoRA backwards written out so that no float32 copy of an
   activation is kept; the output layer's cross-entropy a chunk at a time, never holding the
@@ -130,16 +130,29 @@ def bf16_products_fast():
     return cpu_has_amx() or ("AuthenticAMD" in info and " avx512_bf16" in info)
 
 
+# oneDNN's ISAs below AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA can cap a CPU at one of them)
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                            "AVX512_CORE_VNNI")
+
+
 def can_pack(device, dtype):
+    """Only where oneDNN multiplies bf16 natively (AVX512_BF16 or AMX): there a packed weight's
+    inner product and F.linear's matmul run the same brgemm kernel. Without it they are two other
+    gemm kernels, one reading W and one W transposed, whose sums can round differently (and the
+    packed layout is the plain one)."""
+    cpu = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
     return (device.type == "cpu" and dtype == torch.bfloat16
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
+            and isa not in ONEDNN_ISAS_WITHOUT_BF16)
 
 
 class PackedLinear(nn.Module):
     """A frozen bf16 Linear for CPU inference, its weight arranged once in oneDNN's blocked layout.
     F.linear re-arranges a bf16 weight on every call, so one-token decoding reads each weight ~1.6x
     over; pre-arranged, it runs near memory bandwidth. Same kernel, same arithmetic: bit-identical
-    results."""
+    results, for the weights that packs_like_linear allows."""
 
     def __init__(self, weight):
         super().__init__()
@@ -182,6 +195,18 @@ class FusedPart(nn.Module):
         return self.fused[0].compute(x, self.i)
 
 
+ONEDNN_MIN_PRODUCT = 16 ** 3
+
+
+def packs_like_linear(weight):
+    """Whether F.linear multiplies by this weight in oneDNN for every number of rows: a bf16
+    product of rows x in x out <= 16**3 multiply-adds takes another kernel, whose sums can round
+    differently (on AMX: one value in a tiny model's one-token steps). Meta's F.linear decides
+    per call; a packed or fused weight would always be oneDNN's, so smaller weights (only tiny
+    models have them) stay plain Linears."""
+    return weight.shape[0] * weight.shape[1] > ONEDNN_MIN_PRODUCT
+
+
 def pack_for_cpu_inference(model):
     """Every projection (and the output, a packed copy when tied to the embedding) as packed
     products, one weight at a time: peak memory stays near one copy of the weights."""
@@ -190,6 +215,8 @@ def pack_for_cpu_inference(model):
                                        (layer.feed_forward, ("w1", "w3")))]:
         if not all(type(getattr(module, n)) is nn.Linear for n in names):
             continue  # quantized: those modules have kernels of their own
+        if not all(packs_like_linear(getattr(module, n).weight) for n in names):
+            continue  # fused, a small one would be multiplied by oneDNN where F.linear is not
         fused = FusedProducts([getattr(module, n).weight for n in names])
         for i, n in enumerate(names):
             release_pages(getattr(module, n).weight)
@@ -197,7 +224,7 @@ def pack_for_cpu_inference(model):
         module.fused_products = fused  # owns the packed weight
     for module, name in llama.projections(model):
         child = getattr(module, name)
-        if isinstance(child, nn.Linear):
+        if isinstance(child, nn.Linear) and packs_like_linear(child.weight):
             setattr(module, name, PackedLinear(child.weight))
             if child.weight is not model.tok_embeddings.weight:
                 release_pages(child.weight)
