@@ -6,6 +6,8 @@ reply, not the chat.
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
 """
 
+import torch.distributed as dist
+
 import llama
 
 
@@ -16,7 +18,7 @@ def chat(g, a):
     history, max_len = [], g.args.max_seq_len
     if not a.prompt:
         llama.log("chat: /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops a reply")
-    for line in a.prompt or terminal_lines():
+    for line in shared(a.prompt or terminal_lines()):
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
@@ -56,3 +58,18 @@ def terminal_lines():
             continue
         if line.strip():
             yield line
+
+
+def shared(lines):
+    """Under torchrun (tensor parallel) only rank 0 reads the terminal: each line is broadcast, so
+    every process computes the same turn. (Ctrl-C stops a reply on rank 0 only: use /exit.)"""
+    if not dist.is_initialized():
+        yield from lines
+        return
+    lines = iter(lines) if dist.get_rank() == 0 else None
+    while True:
+        box = [next(lines, None) if lines is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        yield box[0]
