@@ -33,10 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint import state_dict as dcp
 
 class InputError(ValueError):
     """Bad user input (files, shapes, settings); the message names the problem and the fix."""
@@ -791,18 +788,19 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
     cos = math.cos(math.pi * min((step - warmup) / max(1, max_steps - warmup), 1.0))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos))
 
-# torch.distributed.checkpoint's state dicts: whole tensors, in one process or gathered from the
-# shards of FSDP's processes (on rank 0, a layer at a time, into CPU memory); frozen weights left out
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+# torch.distributed.checkpoint's state dicts: whole tensors, in one process or gathered from FSDP's
+# shards (on rank 0, a layer at a time, into CPU memory); frozen weights left out. And back.
+WHOLE = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+INTO = dcp.StateDictOptions(full_state_dict=True, strict=False)
 
 def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     """Trained weights, optimizer, step, RNG states, settings and log up to this step, in one
     directory written atomically; log.jsonl beside it is replaced only then: never ahead of it.
     Every process calls it (FSDP gathers the shards); the first one writes."""
     out_dir, names = Path(out_dir), {n for n, p in model.named_parameters() if p.requires_grad}
-    trained = {n: t.contiguous() for n, t in get_model_state_dict(model, options=WHOLE).items()
-               if n in names}  # (buffers are left out too)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    trained = {n: t.contiguous() for n, t in dcp.get_model_state_dict(model, options=WHOLE)
+               .items() if n in names}  # (buffers are left out too)
+    optimizer_state = dcp.get_optimizer_state_dict(model, optimizer, options=WHOLE)
     if os.environ.get("RANK", "0") != "0":
         return
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -823,7 +821,7 @@ def load_trained(model, out_dir):
         if name not in params or params[name].shape != t.shape:
             raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
     # (into FSDP's shards too: each process keeps its part)
-    set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+    dcp.set_model_state_dict(model, saved, options=INTO)
     return model
 
 def as_number(t):  # a scalar tensor -> float; FSDP's are sharded tensors, made whole first
@@ -844,8 +842,7 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
     if cfg.resume:  # exactly where it stopped: weights, optimizer, step, random state, log
         state = torch.load(out_dir / "checkpoint" / "state.pt", weights_only=True)
         step, _ = state["step"], load_trained(model, out_dir)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=INTO)
         torch.set_rng_state(state["torch_rng"])
         torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
         log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()

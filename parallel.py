@@ -20,7 +20,6 @@ bf16) and 3.1 405B (810 GB) run where no single device holds them.
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -311,7 +310,7 @@ OVERHEAD_GB = 3  # CUDA context, activations and the logits of a short batch
 def planning_table(kv_tokens=8192):
     """Markdown: GB per process for 8B/70B/405B, bf16/int8/int4, N = 1..16, and the smallest of
     GPUS_GB that holds it with a KV cache of kv_tokens (and OVERHEAD_GB)."""
-    lines = [f"| model | format | " + " | ".join(f"N={n}" for n in (1, 2, 4, 8, 16)) + " |",
+    lines = ["| model | format | " + " | ".join(f"N={n}" for n in (1, 2, 4, 8, 16)) + " |",
              "|---|---|" + "---|" * 5]
     for name, shape in SIZES.items():
         args = llama.ModelArgs(vocab_size=128256, **shape)
