@@ -15,7 +15,6 @@ step, saves, and exits with 130 (143 for SIGTERM).
 """
 
 import argparse
-import os
 import shutil
 import sys
 from dataclasses import replace
@@ -107,7 +106,7 @@ def settings(a):
 
 def main(argv=None):
     cfg = settings(parse_args(argv))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = parallel.world()
     device = parallel.init_processes(speed.resolve_device(cfg.device))
     dtype = speed.resolve_dtype(cfg.dtype, device)
     tokenizer = checkpoints.load_tokenizer(cfg.ckpt_dir)

@@ -20,6 +20,7 @@ bf16) and 3.1 405B (810 GB) run where no single device holds them.
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -121,10 +122,10 @@ def tensor_parallel(model, rank, n):
     Quantization and the speed paths then act on the local nn.Linear modules as in one process."""
     a = model.args
     for key, p in list(model.named_parameters()):
-        r = shard_range(key, p.shape[llama.meta_shard_dim(key) or 0], a, rank, n)
-        if r is None:
+        dim = llama.meta_shard_dim(key)
+        if dim is None:
             continue
-        dim, start, end = r
+        _, start, end = shard_range(key, p.shape[dim], a, rank, n)
         module = model.get_submodule(key.rsplit(".", 1)[0])
         shape = list(p.shape)
         shape[dim] = end - start
@@ -182,7 +183,7 @@ def read_meta_shard(d, args, rank, n):
     for i in mine:  # memory-mapped: only the slices used are read
         files[i] = torch.load(paths[i], map_location="cpu", weights_only=True, mmap=True)
     copies = llama.kv_copies(list(files.values()), args)  # duplicated K/V heads (405B on 16)
-    args = llama.replace(args, n_kv_heads=args.n_kv_heads // copies)
+    args = replace(args, n_kv_heads=args.n_kv_heads // copies)
     out = {}
     for key, t in files[mine[0]].items():
         dim = llama.meta_shard_dim(key)
@@ -239,7 +240,7 @@ def load_tensor_parallel(ckpt_dir, device, dtype, fused, max_seq_len, rope_scali
     """This process's shard of the model, built on the meta device, its slices loaded."""
     rank, n = world()
     args, state_dict = load_shard(ckpt_dir, rank, n)
-    args = llama.replace(args, max_seq_len=max_seq_len,
+    args = replace(args, max_seq_len=max_seq_len,
                          rope_scaling_factor=rope_scaling_factor or args.rope_scaling_factor)
     state_dict = {k: t.to(device=device, dtype=dtype).contiguous() for k, t in state_dict.items()}
     model = llama.build_model(args, state_dict, device, dtype, fused,

@@ -154,7 +154,7 @@ def test_tied_quantized_and_memory_per_process(tmp_path, ckpt_tied):
             for dtype, q in (("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
                              ("bfloat16", "int4"))]
     two, _ = run_ours(tmp_path, 2, jobs)
-    args = llama.replace(tiny_args(tie_embeddings=True))
+    args = tiny_args(tie_embeddings=True)
     for job, result in zip(jobs, two):
         one = generate.load(ckpt_tied, max_seq_len=512, device="cpu", dtype=job["dtype"],
                             quantize=job["quantize"])
