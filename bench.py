@@ -7,6 +7,7 @@ roofline it implies.
     python bench.py --shape 8B --dtypes bfloat16 --new_tokens 16 --skip_batch8 --skip_prefill
     python bench.py --json                           # the same figures as JSON
     python bench.py --profile --new_tokens 16        # one decoded token split into its parts
+    python bench.py --scale --new_tokens 32          # tensor parallel and FSDP2, per process
 
 Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout;
 never committed). Every measurement runs in a fresh process so that its peak resident memory
@@ -31,6 +32,7 @@ import torch
 import checkpoints
 import generate
 import llama
+import parallel
 import quantize
 import speed
 
@@ -441,6 +443,136 @@ def run_child(impl, ckpt, dtype, a, lora=False, profile=False):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------- scale: tensor parallel and FSDP2, per process
+# The processes of one machine stand in for GPUs. They share its cores and memory bandwidth, and
+# gloo sends each all-reduce through shared memory and the kernel: these runs show what each
+# process holds, and only an upper bound on what communication costs; NCCL between GPUs is another
+# world. Each run is its own torchrun; rank 0 prints every rank's figures.
+
+SCALE_RUNS = (("decode", 1), ("decode", 2), ("ddp", 2), ("fsdp", 2))
+
+
+def resident_gb(field="VmRSS"):
+    return next(int(l.split()[1]) for l in open("/proc/self/status")
+                if l.startswith(field)) * 1024 / 1e9
+
+
+def reset_peak_rss():  # VmHWM starts again from VmRSS (Linux: clear_refs 5)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def tp_decode_child(ckpt, a):
+    """Tensor-parallel bf16 --fast decoding, batch 1: this process's weights and tokens/s."""
+    g = generate.load(ckpt, max_seq_len=a.prompt_len + a.new_tokens, device="cpu",
+                      dtype="bfloat16", fast=True)
+    planned = parallel.bytes_per_process(g.model.args, parallel.world()[1], "bf16")
+    with torch.inference_mode():
+        g.generate(prompt_ids(8).tolist(), 4, temperature=0)  # warm-up
+        t, steps = None, 0
+        for _ in g.generate_steps(prompt_ids(a.prompt_len).tolist(), a.new_tokens, temperature=0):
+            t, steps = t or time.perf_counter(), steps + 1  # timed from the first new token
+        tok_s = (steps - 1) / (time.perf_counter() - t)
+    return {"planned_weights_gb": planned / 1e9, "rss_after_load_gb": resident_gb(),
+            "peak_rss_gb": peak_rss_gb(), "decode_b1_tok_s": tok_s}
+
+
+def train_step_child(kind, ckpt, a):
+    """--scale_mode training steps (bf16 frozen weights, activation checkpointing, AdamW) under
+    DDP (a whole copy in each process) or FSDP2 (fully_shard, as finetune.py --fsdp): this
+    process's bytes of parameters, gradients and AdamW state, and its peak memory in the steps."""
+    device = parallel.init_processes(torch.device("cpu"))
+    args, sd = checkpoints.load_checkpoint(ckpt)
+    args = replace(args, max_seq_len=a.prefill_len)
+    model = llama.build_model(args, speed.convert(sd, device, torch.bfloat16), device,
+                              torch.bfloat16, fused=True)
+    if "lora" in a.scale_mode:
+        llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
+    params = llama.set_trainable(model, a.scale_mode)
+    model.activation_checkpointing = True
+    step_model = model
+    if kind == "fsdp":
+        parallel.shard_for_training(model, device)
+        params = [p for p in model.parameters() if p.requires_grad]  # the shards
+    else:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    speed.for_training(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = prompt_ids(a.prefill_len + 1)
+    speed.release_freed_memory()
+    reset_peak_rss()
+    times = []
+    for _ in range(a.lora_steps + 1):  # the first one is a warm-up (AdamW's state appears)
+        t = time.perf_counter()
+        losses, weights = llama.token_losses(step_model, x[:, :-1], x[:, 1:], 128000)
+        ((losses * weights).sum() / weights.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the gradients stay, to be counted
+        times.append(time.perf_counter() - t)
+    states = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
+    gb = lambda ts: sum(parallel.local_bytes_of(t) for t in ts) / 1e9  # noqa: E731
+    return {"params_gb": gb(model.parameters()), "grads_gb": gb(p.grad for p in params),
+            "adamw_gb": gb(states), "step_peak_rss_gb": peak_rss_gb(),
+            "step_s": statistics.median(times[1:])}
+
+
+def scale_child(kind, ckpt, a):
+    torch.set_num_threads(a.threads)
+    out = tp_decode_child(ckpt, a) if kind == "decode" else train_step_child(kind, ckpt, a)
+    every = [None] * parallel.world()[1]
+    torch.distributed.all_gather_object(every, out)
+    print(json.dumps(every))  # (other ranks print to /dev/null)
+    torch.distributed.destroy_process_group()
+
+
+def scale(ckpt, a):
+    """bench.py --scale: each of SCALE_RUNS under torchrun, the cores split among its processes."""
+    results = {"machine": machine_info(a), "mode": a.scale_mode, "scale": []}
+    for kind, n in SCALE_RUNS:
+        threads = max(1, a.threads // n)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(n), __file__, "--_scale", kind, "--_ckpt", str(ckpt), "--threads",
+               str(threads), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
+               "--prefill_len", str(a.prefill_len), "--lora_steps", str(a.lora_steps),
+               "--scale_mode", a.scale_mode]
+        llama.log(f"measuring {kind} over {n} process(es), {threads} thread(s) each ...")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        ranks = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+        if ranks is None:
+            llama.log(f"  failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}")
+        results["scale"].append({"kind": kind, "processes": n, "threads": threads,
+                                 "ranks": ranks})
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_scale(results)
+
+
+def print_scale(results):
+    m = results["machine"]
+    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads in all, torch "
+          f"{m['torch']}, {m['date']}; gloo between processes of one machine: communication-"
+          f"bound and sharing the cores, not a forecast for GPUs")
+    print("tensor-parallel decoding, bf16 --fast, batch 1 (per process):")
+    print(f"  {'N':>3}{'threads':>9}{'planned GB':>12}{'RSS GB':>9}{'peak GB':>9}{'tok/s':>8}")
+    runs = {(r["kind"], r["processes"]): r for r in results["scale"] if r["ranks"]}
+    for (kind, n), r in runs.items():
+        if kind == "decode":
+            for x in r["ranks"][:1]:  # (every rank holds the same bytes; rank 0's are shown)
+                print(f"  {n:>3}{r['threads']:>9}{x['planned_weights_gb']:>12.2f}"
+                      f"{x['rss_after_load_gb']:>9.2f}{x['peak_rss_gb']:>9.2f}"
+                      f"{x['decode_b1_tok_s']:>8.2f}")
+    print(f"training step, {results['mode']}, bf16 frozen weights, activation checkpointing "
+          f"(per process, the largest rank):")
+    print(f"  {'':6}{'params GB':>11}{'grads GB':>10}{'AdamW GB':>10}{'peak GB':>9}{'step s':>8}")
+    for kind in ("ddp", "fsdp"):
+        if (kind, 2) in runs:
+            x = {k: max(rank[k] for rank in runs[kind, 2]["ranks"])
+                 for k in runs[kind, 2]["ranks"][0]}
+            print(f"  {kind:6}{x['params_gb']:>11.3f}{x['grads_gb']:>10.3f}{x['adamw_gb']:>10.3f}"
+                  f"{x['step_peak_rss_gb']:>9.2f}{x['step_s']:>8.2f}")
+
+
 # ----------------------------------------------------------------------------- report
 
 def main():
@@ -475,6 +607,13 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="only profile a decoded token: ms, bytes, GB/s of its parts, bf16 --fast "
                         "and the quantized --impls (default off)")
+    p.add_argument("--scale", action="store_true",
+                   help="only the scale view: tensor-parallel decoding over 1 and 2 processes, "
+                        "and a training step's memory per process under DDP and FSDP2, each "
+                        "under torchrun (default off)")
+    p.add_argument("--scale_mode", default="lora", choices=llama.MODES,
+                   help="what the --scale training step trains (default lora)")
+    p.add_argument("--_scale", help=argparse.SUPPRESS)
     p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -482,12 +621,16 @@ def main():
     a = p.parse_args()
     if a._child:
         return child(a._child, a._ckpt, a.dtypes, a)
+    if a._scale:
+        return scale_child(a._scale, a._ckpt, a)
 
     ckpt = make_checkpoint(a.shape, Path(a.ckpt_root) / a.shape)
     args = checkpoints.read_args(ckpt)
     impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
     if a.profile:
         return profile(ckpt, [i for i in impls if i in PROFILED], a)
+    if a.scale:
+        return scale(ckpt, a)
     llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
     bandwidth, rates = read_bandwidth(), kernel_rates()
     machine = {**machine_info(a), "read_bandwidth_gb_s": round(bandwidth, 1),

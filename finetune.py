@@ -119,18 +119,21 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     args, state_dict = checkpoints.load_checkpoint(cfg.ckpt_dir)
     args = replace(args, max_seq_len=max(cfg.seq_len, 256))
-    model = llama.build_model(args, speed.convert(state_dict, device, dtype), device, dtype, True)
+    # under FSDP the whole model never reaches a GPU: it is built in CPU memory (the checkpoint's
+    # mapped pages) and fully_shard moves each block's 1/N to the device
+    at = torch.device("cpu") if cfg.fsdp else device
+    model = llama.build_model(args, speed.convert(state_dict, at, dtype), at, dtype, True)
     if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
         quantize.quantize_model(model, cfg.quantize, cfg.group_size, speed.release_pages, False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:
+        parallel.shard_for_training(model, device)
     speed.for_training(quantize.for_training(model))  # lean training modules
     if device.type == "cuda":
         speed.use_flex_attention(model)
-    if cfg.fsdp:
-        parallel.shard_for_training(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")

@@ -252,25 +252,31 @@ def load_tensor_parallel(ckpt_dir, device, dtype, fused, max_seq_len, rope_scali
     return model
 
 
+def local_bytes_of(t):  # of this process's part: FSDP's parameters are sharded tensors (DTensor)
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 def local_bytes(model):
     """Bytes of this process's parameters and buffers (a tied weight once; FSDP's shards)."""
-    tensors = [t.to_local() if hasattr(t, "to_local") else t
-               for t in [*model.parameters(), *model.buffers()]]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(local_bytes_of(t) for t in [*model.parameters(), *model.buffers()])
 
 
 # -----------------------------------------------------------------------------
 # Sharded finetuning (FSDP2)
 
-def shard_for_training(model):
+def shard_for_training(model, device):
     """fully_shard per transformer block, then the rest (embedding, norm, output): each process
     keeps 1/N of every parameter, its gradient and AdamW's state; a block's weights are gathered
-    whole only while it computes (forward, and backward's recomputation too)."""
+    whole only while it computes (forward, and backward's recomputation too). A model in CPU
+    memory moves to device a block at a time, as its shard."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (world()[1],))
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     llama.log(f"parameters per process: {local_bytes(model) / 1e9:.3f} GB (FSDP2)")
     return model
 

@@ -248,38 +248,23 @@ def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(tmp_path, ckpt_gqa, 
     same_losses(resumed, fsdp, rel=1e-6)
 
 
-FSDP_BYTES = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import torch, checkpoints, llama, parallel
-torch.distributed.init_process_group("gloo")
-model = llama.build_model(*checkpoints.load_checkpoint(sys.argv[2]), "cpu", torch.float32)
-params = llama.set_trainable(model, "full")
-if sys.argv[3] == "fsdp":
-    parallel.shard_for_training(model)
-params = [p for p in model.parameters() if p.requires_grad]  # FSDP's, when sharded
-optimizer = torch.optim.AdamW(params)
-x = torch.randint(0, 1000, (2, 16))
-model(x, targets=x).mean().backward()
-optimizer.step()
-local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts if t is not None)
-states = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
-print(json.dumps([size(params), size(p.grad for p in params), size(states)]))
-torch.distributed.destroy_process_group()
-"""
-
-
-def test_fsdp_holds_half_of_everything_on_two_processes(tmp_path, ckpt_gqa):
-    (tmp_path / "bytes.py").write_text(FSDP_BYTES)
-    sizes = {}
-    for kind in ("ddp", "fsdp"):
-        r = subprocess.run([*torchrun(2), str(tmp_path / "bytes.py"), str(HERE), str(ckpt_gqa),
-                            kind], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        sizes[kind] = json.loads(r.stdout.splitlines()[0])
-    for whole, shard in zip(sizes["ddp"], sizes["fsdp"]):  # parameters, gradients, AdamW
-        assert whole / 2 <= shard <= whole / 2 * 1.01, sizes
+def test_bench_scale_view_and_fsdp_holds_half_of_everything(tmp_path):
+    # bench.py --scale end to end on the tiny shape: tensor-parallel decoding at N=1 and 2, and a
+    # full-finetuning step under DDP and FSDP2 on 2 processes
+    r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--scale", "--shape", "tiny",
+                        "--scale_mode", "full", "--prompt_len", "8", "--new_tokens", "4",
+                        "--prefill_len", "16", "--lora_steps", "1", "--json", "--ckpt_root",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {(x["kind"], x["processes"]): x["ranks"] for x in json.loads(r.stdout)["scale"]}
+    assert all(runs.values()), runs
+    one, two = runs["decode", 1][0], runs["decode", 2]
+    assert all(x["decode_b1_tok_s"] > 0 and x["peak_rss_gb"] > 0 for x in [one, *two])
+    assert all(x["planned_weights_gb"] < one["planned_weights_gb"] for x in two)
+    for key in ("params_gb", "grads_gb", "adamw_gb"):  # FSDP: half of DDP's whole copy, each rank
+        whole = [x[key] for x in runs["ddp", 2]]
+        assert whole[0] == whole[1] > 0, runs  # (DDP: the same in every process)
+        assert all(whole[0] / 2 <= x[key] <= whole[0] / 2 * 1.01 for x in runs["fsdp", 2]), runs
 
 
 def test_fsdp_refuses_quantized_bases(ckpt_gqa, corpus, tmp_path):
