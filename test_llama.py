@@ -838,7 +838,8 @@ def train(ckpt, data, out, *extra):
 
     argv = ["--ckpt_dir", str(ckpt), "--data", str(data), "--out_dir", str(out), "--seq_len", "64",
             "--batch_size", "4", "--grad_accum", "1", "--warmup_steps", "2", "--eval_every", "0",
-            "--sample_every", "0", "--save_every", "100", "--device", "cpu", *map(str, extra)]
+            "--eval_batches", "2", "--sample_every", "0", "--save_every", "100", "--device", "cpu",
+            *map(str, extra)]
     return finetune.main(argv)[0]
 
 
@@ -1121,11 +1122,11 @@ def test_only_selected_parameters_change(ckpt_gqa, corpus, tmp_path, mode):
 def test_training_lowers_validation_loss(ckpt_gqa, corpus, tmp_path):
     train(ckpt_gqa, corpus, tmp_path / "run", "--mode", "lora+norm",
           "--lora_targets", "wq,wk,wv,wo,w1,w2,w3,output",
-          "--max_steps", 40, "--lr", 3e-3, "--eval_every", 10, "--eval_batches", 4)
+          "--max_steps", 20, "--lr", 6e-3, "--eval_every", 10, "--eval_batches", 4)
     log = read_log(tmp_path / "run")
     val = [r["val_loss"] for r in log if "val_loss" in r]
     steps = [r for r in log if "loss" in r]
-    assert len(steps) == 40 and all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
+    assert len(steps) == 20 and all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
     assert val[-1] < val[0] - 2.0, val  # a clear margin
 
 
@@ -1169,8 +1170,9 @@ def test_signal_stops_at_a_step_boundary_and_resume_is_exact(ckpt_gqa, corpus,
     import finetune
 
     common = ["--mode", "lora", "--max_steps", 6, "--lr", 3e-3, "--lora_dropout", 0.2,
-              "--eval_every", 3, "--save_every", 100, "--seq_len", 64, "--batch_size", 4,
-              "--grad_accum", 1, "--sample_every", 0, "--data", corpus, "--ckpt_dir", ckpt_gqa]
+              "--eval_every", 3, "--eval_batches", 2, "--save_every", 100, "--seq_len", 64,
+              "--batch_size", 4, "--grad_accum", 1, "--sample_every", 0, "--data", corpus,
+              "--ckpt_dir", ckpt_gqa]
     finetune.main([*map(str, common), "--out_dir", str(tmp_path / "whole")])
     rng = random.Random(sig)
     p = run_finetune_py(*common, "--out_dir", tmp_path / "cut")
