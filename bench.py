@@ -183,7 +183,8 @@ def lora_step_child(impl, ckpt, dtype, a):
     else:
         args, sd = checkpoints.load_checkpoint(ckpt)
         args = replace(args, max_seq_len=a.prefill_len)
-        model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype, fused=True)
+        args = replace(args, fused_attention=True)
+        model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype)
         if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
             quantize.quantize_model(model, QUANTIZED[impl], release=speed.release_pages,
                                     output=False)  # as finetune.py does
@@ -483,9 +484,9 @@ def train_step_child(kind, ckpt, a):
     process's bytes of parameters, gradients and AdamW state, and its peak memory in the steps."""
     device = parallel.init_processes(torch.device("cpu"))
     args, sd = checkpoints.load_checkpoint(ckpt)
-    args = replace(args, max_seq_len=a.prefill_len)
+    args = replace(args, max_seq_len=a.prefill_len, fused_attention=True)
     model = llama.build_model(args, speed.convert(sd, device, torch.bfloat16), device,
-                              torch.bfloat16, fused=True)
+                              torch.bfloat16)
     if "lora" in a.scale_mode:
         llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
     params = llama.set_trainable(model, a.scale_mode)

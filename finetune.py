@@ -118,11 +118,11 @@ def main(argv=None):
     train_data, val_data = prepare.load_splits(data_dir, cfg.seq_len, need_val=cfg.eval_every > 0)
     torch.manual_seed(cfg.seed)
     args, state_dict = checkpoints.load_checkpoint(cfg.ckpt_dir)
-    args = replace(args, max_seq_len=max(cfg.seq_len, 256))
+    args = replace(args, max_seq_len=max(cfg.seq_len, 256), fused_attention=True)
     # under FSDP the whole model never reaches a GPU: it is built in CPU memory (the checkpoint's
     # mapped pages) and fully_shard moves each block's 1/N to the device
     at = torch.device("cpu") if cfg.fsdp else device
-    model = llama.build_model(args, speed.convert(state_dict, at, dtype), at, dtype, True)
+    model = llama.build_model(args, speed.convert(state_dict, at, dtype), at, dtype)
     if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
         quantize.quantize_model(model, cfg.quantize, cfg.group_size, speed.release_pages, False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}

@@ -52,17 +52,17 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
     args, state_dict = (checkpoints.read_args(ckpt_dir), None) if saved else \
         checkpoints.load_checkpoint(ckpt_dir)
-    args = replace(args, max_seq_len=max_seq_len,
+    args = replace(args, max_seq_len=max_seq_len, fused_attention=fast,
                    rope_scaling_factor=rope_scaling_factor or args.rope_scaling_factor)
     llama.check_vocab(tokenizer, args)
     if saved:  # quantized before: skip the work
         with torch.device("meta"):
-            model = llama.Transformer(args, fast)
+            model = llama.Transformer(args)
         path = quant.saved_path(ckpt_dir, quantize, group_size)
         model = quant.load_quantized(model, path, device, quantize)
     else:
         state_dict = speed.convert(state_dict, device, dtype)
-        model = llama.build_model(args, state_dict, device, dtype, fast)
+        model = llama.build_model(args, state_dict, device, dtype)
         if lora:
             model = checkpoints.load_finetuned(model, lora)
         if quantize:

@@ -69,6 +69,8 @@ class ModelArgs:
     max_seq_len: int = 2048  # the longest sequence this run will process (a runtime choice)
     multiple_of: int = 256  # kept only to write params.json back as Meta does
     ffn_dim_multiplier: float | None = None
+    # SDPA kernels (flash attention on GPUs) instead of Meta's arithmetic: faster, not bit-exact
+    fused_attention: bool = False
 
     @property
     def head_dim(self):
@@ -267,14 +269,14 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 class Attention(nn.Module):
-    def __init__(self, args, fused=False):
+    def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.fused = fused  # SDPA kernels (flash attention on GPUs) instead of Meta's arithmetic
+        self.fused = args.fused_attention
         self.cache = None  # a KVCache while generating
 
     def forward(self, x, freqs_cis, start_pos, mask):
@@ -322,10 +324,10 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args, fused=False):
+    def __init__(self, args):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, fused)
+        self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
@@ -341,11 +343,11 @@ class CrossEntropy(nn.Module):
                                reduction="none").view(targets.shape)
 
 class Transformer(nn.Module):
-    def __init__(self, args, fused=False):
+    def __init__(self, args):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, fused) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -470,11 +472,11 @@ def load_meta_checkpoint(ckpt_dir):
     args = replace(args, n_kv_heads=args.n_kv_heads // kv_copies(shards, args))
     return tie_output(args, merge_meta_shards(shards, args))
 
-def build_model(args, state_dict, device, dtype, fused=False, shard=None):
+def build_model(args, state_dict, device, dtype, shard=None):
     """Weights (Meta's names) assigned into a Transformer built on the meta device: no copy made.
     shard(model), if given, first cuts the empty model down to one process's part of it."""
     with torch.device("meta"):
-        model = Transformer(args, fused)
+        model = Transformer(args)
     if shard:
         shard(model)
     if args.tie_embeddings:

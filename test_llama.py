@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -194,10 +195,11 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
 
 @pytest.mark.parametrize("n_kv_heads", [2, 8])  # grouped-query and multi-head attention
 def test_one_token_decode_attention_is_metas_arithmetic(n_kv_heads):
-    # speed.DecodeAttention (--fast on CPUs) against llama.Attention's Meta arithmetic (fused=False)
+    # speed.DecodeAttention (--fast on CPUs) against llama.Attention's Meta arithmetic
     # for one query over a cache; with several queries or a mask it is llama.Attention's own path
     args = tiny_args(n_heads=8, n_kv_heads=n_kv_heads)
-    meta, fast = llama.Attention(args), llama.Attention(args, fused=True)
+    fused = replace(args, fused_attention=True)
+    meta, fast = llama.Attention(args), llama.Attention(fused)
     fast.__class__ = speed.DecodeAttention
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 37, n_kv_heads, args.head_dim, generator=g) for _ in range(2))
@@ -208,7 +210,7 @@ def test_one_token_decode_attention_is_metas_arithmetic(n_kv_heads):
     mask = torch.rand(2, 1, 5, 37, generator=g) > 0.3
     mask[..., 0] = True
     for m in (None, mask):
-        fused_path = llama.Attention(args, fused=True).attend(q, k, v, m)
+        fused_path = llama.Attention(fused).attend(q, k, v, m)
         assert torch.equal(fast.attend(q, k, v, m), fused_path)
 
 
@@ -1039,9 +1041,9 @@ def lora_model(ckpt, targets, dtype=torch.float32, lean=True):
     """A LoRA model as finetune.py builds it (lean: with speed.py's training modules),
     or llama.py's plain one."""
     torch.manual_seed(0)
-    model = llama.apply_lora(llama.build_model(*checkpoints.load_checkpoint(ckpt), "cpu", dtype,
-                                               fused=True),
-                             targets, rank=4, alpha=8)
+    args, sd = checkpoints.load_checkpoint(ckpt)
+    model = llama.apply_lora(llama.build_model(replace(args, fused_attention=True), sd, "cpu",
+                                               dtype), targets, rank=4, alpha=8)
     llama.set_trainable(model, "lora")
     for m in model.modules():
         if isinstance(m, llama.LoRALinear):
