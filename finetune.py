@@ -148,7 +148,7 @@ def main(argv=None):
         model.train()
         return text["generation"]
 
-    stopped = llama.train(model, tokenizer, train_data, val_data, cfg, cfg.out_dir, run,
+    stopped = llama.train(model, tokenizer, train_data, val_data, run, cfg.out_dir, cfg.resume,
                           sample_text)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import tiktoken
 import torch
@@ -515,6 +516,18 @@ def atomic_directory(out_dir):
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
+@contextmanager
+def atomic_file(path):
+    """Write a file completely or not at all: into a temporary sibling, moved into place only when
+    the block ends without an error (a reader sees the old file or the new, never a part)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 def recover_directory(out_dir):
     out_dir = Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old")
@@ -795,6 +808,10 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
 WHOLE = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 INTO = dcp.StateDictOptions(full_state_dict=True, strict=False)
 
+def processes():  # (this process's rank, how many) in torch.distributed's group, else (0, 1)
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_initialized() else (0, 1)
+
 def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     """Trained weights, optimizer, step, RNG states, settings and log up to this step, in one
     directory written atomically; log.jsonl beside it is replaced only then: never ahead of it.
@@ -803,7 +820,7 @@ def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     trained = {n: t.contiguous() for n, t in dcp.get_model_state_dict(model, options=WHOLE)
                .items() if n in names}  # (buffers are left out too)
     optimizer_state = dcp.get_optimizer_state_dict(model, optimizer, options=WHOLE)
-    if os.environ.get("RANK", "0") != "0":
+    if processes()[0] != 0:
         return
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     with atomic_directory(out_dir / "checkpoint") as tmp:
@@ -812,8 +829,20 @@ def save_training_state(out_dir, model, optimizer, step, run, log_lines):
                     "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps({**run, "step": step}, indent=2))
         (tmp / "log.jsonl").write_text("".join(line + "\n" for line in log_lines))
-    shutil.copyfile(out_dir / "checkpoint" / "log.jsonl", out_dir / ".log.jsonl.tmp")
-    os.replace(out_dir / ".log.jsonl.tmp", out_dir / "log.jsonl")
+    with atomic_file(out_dir / "log.jsonl") as tmp:
+        shutil.copyfile(out_dir / "checkpoint" / "log.jsonl", tmp)
+
+def load_training_state(out_dir, model, optimizer):
+    """save_training_state's mirror: weights, optimizer and random state exactly as they were at
+    the saved step. -> (step, log lines up to it)"""
+    state = torch.load(Path(out_dir) / "checkpoint" / "state.pt", weights_only=True)
+    load_trained(model, out_dir)
+    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=INTO)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log(f"resumed {out_dir} at step {state['step']}")
+    return state["step"], (Path(out_dir) / "checkpoint" / "log.jsonl").read_text().splitlines()
 
 def load_trained(model, out_dir):
     """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model like it."""
@@ -826,29 +855,32 @@ def load_trained(model, out_dir):
     dcp.set_model_state_dict(model, saved, options=INTO)
     return model
 
-def as_number(t):  # a scalar tensor -> float; FSDP's are sharded tensors, made whole first
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).item()
+@contextmanager
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set stop["signal"]: the loop stops
+    at the next step boundary and saves, so that a resumed run continues exactly from there."""
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text=None):
-    """cfg: finetune.py's settings. -> the signal that stopped it, "stop_at", or None at the end.
-    Under torchrun the model is copied whole into each process (DDP) or, with cfg.fsdp, arrives
-    already sharded over them (FSDP2's fully_shard), which syncs the gradients itself."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = model.tok_embeddings.weight.device
-    out_dir, params = Path(out_dir), [p for p in model.parameters() if p.requires_grad]
+def train(model, tokenizer, train_data, val_data, run, out_dir, resume=False, sample_text=None):
+    """Train on (tokens, loss mask) data with run's settings (lr, batch_size, ...: saved with each
+    checkpoint in out_dir; resume goes on from the last). -> the signal that stopped it, "stop_at"
+    or None. In several processes the model is whole in each (DDP wraps it here) or, with
+    run["fsdp"], already sharded by fully_shard."""
+    cfg, (rank, world) = SimpleNamespace(**run), processes()
+    device, out_dir = model.tok_embeddings.weight.device, Path(out_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(  # weight decay on matrices only, never on norms
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    step, log_lines = 0, []
-    if cfg.resume:  # exactly where it stopped: weights, optimizer, step, random state, log
-        state = torch.load(out_dir / "checkpoint" / "state.pt", weights_only=True)
-        step, _ = state["step"], load_trained(model, out_dir)
-        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=INTO)
-        torch.set_rng_state(state["torch_rng"])
-        torch.cuda.set_rng_state_all(state["cuda_rng"]) if state["cuda_rng"] else None
-        log_lines = (out_dir / "checkpoint" / "log.jsonl").read_text().splitlines()
-        log(f"resumed {out_dir} at step {step}")
+    step, log_lines = load_training_state(out_dir, model, optimizer) if resume else (0, [])
     # buffers (RoPE, quantized weights) are frozen and alike in every process: never sent
     ddp = world > 1 and not cfg.fsdp
     train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp \
@@ -861,33 +893,29 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
             torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def batch(data, i, seed):
+        return get_batch(data, i, cfg.batch_size, cfg.seq_len, seed, rank, world, device)
+
     def evaluate():
         model.eval()
         total, count = 0.0, 0.0
         with torch.no_grad(), autocast:
             for i in range(cfg.eval_batches):
-                x, y, m = get_batch(val_data, i, cfg.batch_size, cfg.seq_len, cfg.seed + 1, rank,
-                                    world, device)
+                x, y, m = batch(val_data, i, cfg.seed + 1)
                 losses, weights = token_losses(model, x, y, tokenizer.bos_id, m)
                 total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
         model.train()
         total, count = all_sum(total, count)
         return total / max(count, 1)
 
-    # Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set a flag: the loop stops at the next
-    # step boundary and saves, so that a resumed run continues exactly where this one stopped
-    stop = {"signal": None}
-    on_signal = lambda signum, frame: stop.update(signal=signum)  # noqa: E731
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
-    try:
+    with stop_on_signals() as stop:
         while step < cfg.max_steps:
-            t0 = time.time()
-            lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+            t0, lr = time.time(), cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [get_batch(train_data, step * cfg.grad_accum + i, cfg.batch_size, cfg.seq_len,
-                                 cfg.seed, rank, world, device) for i in range(cfg.grad_accum)]
+            batches = [batch(train_data, step * cfg.grad_accum + i, cfg.seed)
+                       for i in range(cfg.grad_accum)]
             # normalise by the tokens of the whole step on all ranks, so that N processes x M
             # micro-batches give exactly the gradient of one big batch (DDP averages over ranks:
             # multiply back by world)
@@ -902,34 +930,28 @@ def train(model, tokenizer, train_data, val_data, cfg, out_dir, run, sample_text
                     loss = (losses * w).sum()
                     (loss * world / n_tokens).backward()
                 loss_sum += loss.item()
-            grad_norm = as_number(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP's: a DTensor
+            grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = all_sum(loss_sum)[0] / n_tokens
-            tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-            tokens_per_s = tokens / (time.time() - t0)
+            step, loss = step + 1, all_sum(loss_sum)[0] / n_tokens
+            tokens_per_s = len(batches) * x.numel() * world / (time.time() - t0)
             log_lines.append(json.dumps({"step": step, "loss": loss, "lr": lr,
                                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}))
             log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val_loss = evaluate()
-                log_lines.append(json.dumps({"step": step, "val_loss": val_loss}))
+                log_lines.append(json.dumps({"step": step, "val_loss": (val_loss := evaluate())}))
                 log(f"step {step} | val loss {val_loss:.4f}")
             if sample_text and cfg.sample_every and step % cfg.sample_every == 0:
                 log(f"sample: {sample_text(model)!r}")
             # every rank learns of a signal that reached any of them, and all stop at the same step
-            stopping = all_sum(float(stop["signal"] is not None))[0] > 0
-            if (step % cfg.save_every == 0 or step == cfg.max_steps or stopping
-                    or step == cfg.stop_at):
+            stopping = all_sum(float(stop["signal"] is not None))[0] > 0 or step == cfg.stop_at
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
                 log(f"saved step {step} to {out_dir / 'checkpoint'}")
-            if stopping or step == cfg.stop_at:
+            if stopping:
                 log(f"stopped at step {step}; continue with: "
                     f"finetune.py --out_dir {out_dir} --resume")
                 return stop["signal"] or "stop_at"
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return None
