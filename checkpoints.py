@@ -254,7 +254,8 @@ def read_tokenizer_model(path):
 # tokenizer.model by transformers' tiktoken converter: its vocab ids ARE the ranks, and its merges
 # are listed in the order of the merged token's id, which makes the two algorithms one
 # (test_formats.py checks transformers encodes as tiktoken does). So the ranks are read as the
-# vocab ids, after checking that the merges are in id order.
+# vocab ids, after checking that the merges are in id order. The spellings (token_string,
+# bpe_merges, CHAT_TEMPLATE) are shared with the writers of tokenizer.json and GGUF.
 
 def byte_to_unicode():
     """GPT-2's table: printable bytes as themselves, the others as chr(256 + n) in byte order."""
