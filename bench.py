@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import convert
 import generate
 import llama
 import parallel
@@ -45,10 +46,10 @@ def make_checkpoint(shape, out_dir):
     """Random bf16 weights of a real shape, in HF's layout (made once; never committed)."""
     if (out_dir / "config.json").exists():
         return out_dir
-    args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **checkpoints.SHAPES[shape])
+    args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **convert.SHAPES[shape])
     llama.log(f"making a random {shape}-shaped checkpoint in {out_dir} (once)")
-    checkpoints.save_hf_checkpoint(args, checkpoints.random_state_dict(args), out_dir,
-                                   checkpoints.bundled_tokenizer(), max_shard_bytes=2 * 2**30)
+    convert.save_hf_checkpoint(args, convert.random_state_dict(args), out_dir,
+                               convert.bundled_tokenizer(), max_shard_bytes=2 * 2**30)
     return out_dir
 
 
@@ -579,7 +580,7 @@ def print_scale(results):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="1B")
+    p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated (default float32,bfloat16)")
     p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_w8a8,ours_int4",

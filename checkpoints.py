@@ -1,35 +1,25 @@
 """
-Checkpoint formats beside llama.py: Hugging Face's layout (read and write, tokenizer.json
-included), Meta's layout (write), finetune runs merged into full checkpoints or written as PEFT LoRA
-adapters, GGUF files for llama.cpp (gguf_export.py), and random-weight checkpoints of real shapes
-for trying things offline.
+Every reader of a checkpoint beside llama.py: a directory in either layout (Meta's params.json +
+consolidated.*.pth, Hugging Face's config.json + *.safetensors), its tokenizer (Meta's
+tokenizer.model or Hugging Face's tokenizer.json), finetune runs (a base checkpoint plus what the
+run trained) and PEFT LoRA adapters; and the spellings shared with the writers (byte-level token
+strings, BPE merges, the chat template). No command line: convert.py writes every format.
 
-    python checkpoints.py convert Llama-3.2-1B/original Llama-3.2-1B-hf --to hf  # or --to meta
-    python checkpoints.py convert Llama-3.2-1B-hf Llama-3.2-1B.gguf --to gguf --gguf_dtype q8_0
-    python checkpoints.py export out merged --to hf        # a finetune run merged into its base
-    python checkpoints.py export out adapter --to peft     # a LoRA run's adapters, for peft
-    python checkpoints.py export out tuned.gguf --to gguf  # a finetune run merged, one GGUF file
-    python generate.py --ckpt_dir Llama-3.2-1B-hf --lora adapter --prompt "Hi"  # a PEFT adapter
-    python checkpoints.py random tiny_random --shape tiny  # random weights, the real tokenizer
+    args, state_dict = checkpoints.load_checkpoint("Llama-3.2-1B")  # either layout
+    tokenizer = checkpoints.load_tokenizer("Llama-3.2-1B")  # tokenizer.model or tokenizer.json
+    model = checkpoints.load_finetuned(model, "out")  # a finetune run or PEFT adapter, merged
 
-A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read,
-and every Hugging Face checkpoint written here has tokenizer.json, tokenizer_config.json and
-special_tokens_map.json.
+A directory with tokenizer.json alone (no tokenizer.model) works everywhere a checkpoint is read.
 """
 
-import argparse
 import base64
-import json
 import math
-import shutil
-import sys
-from dataclasses import replace
 from pathlib import Path
 
-import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import llama
-import speed
 from llama import InputError, log
 
 
@@ -138,8 +128,6 @@ def permute_rows_from_hf(w, n_heads):
 
 def load_hf_checkpoint(ckpt_dir):
     """config.json + *.safetensors -> (ModelArgs, state_dict in Meta's names), memory-mapped."""
-    from safetensors import safe_open
-
     ckpt_dir = Path(ckpt_dir)
     args = args_from_hf_config(llama.read_json(ckpt_dir / "config.json"),
                                str(ckpt_dir / "config.json"))
@@ -259,14 +247,15 @@ def read_tokenizer_model(path):
 
 
 # -----------------------------------------------------------------------------
-# tokenizer.json: Hugging Face's file for the same byte-level BPE, read and written as plain JSON
+# tokenizer.json: Hugging Face's file for the same byte-level BPE, read as plain JSON
 # model.vocab maps token strings to ids, each byte spelled as one printable character (GPT-2's
 # byte-to-unicode table); model.merges lists the pairs to merge, first listed first. tiktoken
 # instead merges the pair whose result has the lowest rank. Llama 3's tokenizer.json was made from
 # tokenizer.model by transformers' tiktoken converter: its vocab ids ARE the ranks, and its merges
 # are listed in the order of the merged token's id, which makes the two algorithms one
 # (test_formats.py checks transformers encodes as tiktoken does). So the ranks are read as the
-# vocab ids, after checking that the merges are in id order.
+# vocab ids, after checking that the merges are in id order. The spellings (token_string,
+# bpe_merges, CHAT_TEMPLATE) are shared with the writers of tokenizer.json and GGUF.
 
 def byte_to_unicode():
     """GPT-2's table: printable bytes as themselves, the others as chr(256 + n) in byte order."""
@@ -338,40 +327,6 @@ def bpe_merges(ranks):
     return merges
 
 
-def tokenizer_json(tokenizer):
-    """tokenizer.json as the hub's Llama 3.x repositories have it (prepending <|begin_of_text|>)."""
-    bos = "<|begin_of_text|>"
-    template = [{"SpecialToken": {"id": bos, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}}]
-    pair = template + [{"SpecialToken": {"id": bos, "type_id": 1}},
-                       {"Sequence": {"id": "B", "type_id": 1}}]
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True}
-                         for s, i in tokenizer.special_tokens.items()],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": llama.LLAMA3_SPLIT_PATTERN},
-             "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-             "use_regex": False}]},
-        "post_processor": {"type": "Sequence", "processors": [
-            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
-             "use_regex": True},
-            {"type": "TemplateProcessing", "single": template, "pair": pair, "special_tokens": {
-                bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {token_string(t): r for t, r in tokenizer.ranks.items()},
-                  "merges": [f"{token_string(a)} {token_string(b)}"
-                             for a, b in bpe_merges(tokenizer.ranks)]},
-    }
-
-
 # Our chat format (Meta's ChatFormat, llama.Tokenizer.encode_dialog_prompt) as a Jinja template,
 # so that transformers' apply_chat_template gives the same tokens. It is Meta-Llama-3-8B-Instruct's
 # template without its `| trim` of each message (Meta's code does not strip) and with tool ->
@@ -388,179 +343,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
-
-
-def special_token(s):
-    return {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False}
-
-
-def tokenizer_config(tokenizer, args):
-    """tokenizer_config.json as on the hub, with the class every transformers version reads
-    (transformers 5 writes TokenizersBackend, which older versions cannot load).
-    clean_up_tokenization_spaces is off (the hub's files say true): decoding must give the text back
-    exactly, " ." included."""
-    return {"added_tokens_decoder": {str(i): {**special_token(s), "special": True}
-                                     for s, i in tokenizer.special_tokens.items()},
-            "bos_token": "<|begin_of_text|>", "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False, "eos_token": "<|end_of_text|>",
-            "model_input_names": ["input_ids", "attention_mask"], "model_max_length": args.context,
-            "tokenizer_class": "PreTrainedTokenizerFast"}
-
-
-def write_tokenizer_model(tokenizer, path):
-    """tokenizer.model: one "base64(token bytes) rank" line per token, in rank order, as Meta's."""
-    lines = (f"{base64.b64encode(t).decode()} {r}\n"
-             for t, r in sorted(tokenizer.ranks.items(), key=lambda kv: kv[1]))
-    Path(path).write_text("".join(lines))
-
-
-def copy_tokenizer_model(tokenizer_path, dst):
-    """Meta's tokenizer.model at dst: copied, or written from a tokenizer.json's ranks."""
-    if Path(tokenizer_path).suffix == ".json":
-        write_tokenizer_model(read_tokenizer_json(tokenizer_path), dst)
-    else:
-        shutil.copyfile(tokenizer_path, dst)
-
-
-def write_hf_tokenizer(tokenizer, args, out_dir):
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
-    out_dir = Path(out_dir)
-    (out_dir / "tokenizer.json").write_text(
-        json.dumps(tokenizer_json(tokenizer), ensure_ascii=False))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(tokenizer, args), indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": special_token("<|begin_of_text|>"),
-         "eos_token": special_token("<|end_of_text|>")}, indent=2))
-
-
-# -----------------------------------------------------------------------------
-# Writing either layout (atomically: a directory is complete or absent)
-
-def meta_params(args):
-    """params.json as Meta writes it. multiple_of / ffn_dim_multiplier must reproduce
-    ffn_hidden_dim."""
-    multiple_of, multiplier = args.multiple_of, args.ffn_dim_multiplier
-    if llama.meta_ffn_hidden_dim(args.dim, multiple_of, multiplier) != args.ffn_hidden_dim:
-        # from a Hugging Face config, which stores the width itself: find Meta's two numbers,
-        # plainest first
-        ratio = args.ffn_hidden_dim / int(2 * 4 * args.dim / 3)
-        candidates = [(m, r)
-                      for r in (None, round(ratio, 1), round(ratio, 2), round(ratio, 4), ratio)
-                      for m in (256, 1024, 4096, 32, 64, 128, 512, 2048)
-                      if args.ffn_hidden_dim % m == 0]
-        fits = [(m, r) for m, r in candidates
-                if llama.meta_ffn_hidden_dim(args.dim, m, r) == args.ffn_hidden_dim]
-        if not fits:
-            raise InputError(f"FFN width {args.ffn_hidden_dim} cannot be written as Meta's "
-                             f"multiple_of/ffn_dim_multiplier")
-        multiple_of, multiplier = fits[0]
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-              "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
-              "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "use_scaled_rope": args.use_scaled_rope}
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def save_meta_checkpoint(args, state_dict, out_dir, tokenizer_path, n_shards=1):
-    """params.json, consolidated.NN.pth (split as Meta splits for model parallelism) and
-    tokenizer.model."""
-    if args.use_scaled_rope and args.rope_scaling_factor != 8.0:
-        log(f"note: params.json cannot record the RoPE scaling factor {args.rope_scaling_factor:g} "
-            f"(readers assume 8): pass --rope_scaling_factor {args.rope_scaling_factor:g} when "
-            f"loading {out_dir}")
-    if "output.weight" not in state_dict:  # Meta's files always carry the output layer, tied or not
-        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
-    with llama.atomic_directory(out_dir) as tmp:
-        (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2))
-        for rank in range(n_shards):
-            shard = {}
-            for key, t in state_dict.items():
-                dim = llama.meta_shard_dim(key)
-                shard[key] = (t if dim is None else t.chunk(n_shards, dim=dim)[rank]).clone()
-            torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
-        copy_tokenizer_model(tokenizer_path, tmp / "tokenizer.model")
-    log(f"saved {out_dir} (Meta layout, {n_shards} shard(s))")
-
-
-def hf_config(args):
-    """config.json as the Llama 3.x repositories on the Hugging Face hub have it."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-           "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
-           "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-           "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-           "rope_theta": args.rope_theta, "max_position_embeddings": args.context,
-           "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu",
-           "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000,
-           "eos_token_id": 128001, "torch_dtype": "bfloat16"}
-    if args.use_scaled_rope:
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
-                               "low_freq_factor": args.rope_low_freq_factor,
-                               "high_freq_factor": args.rope_high_freq_factor,
-                               "original_max_position_embeddings": args.rope_original_context}
-    return cfg
-
-
-def hf_tensors(args, state_dict):
-    """Meta-named weights -> HF-named ones (q/k rows permuted; a tied output stored once)."""
-    names, tensors = hf_names(args.n_layers), {}
-    for key, t in state_dict.items():
-        if key == "output.weight" and args.tie_embeddings:
-            continue
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
-            t = permute_rows_to_hf(t, args.n_heads if key.endswith("wq.weight")
-                                   else args.n_kv_heads)
-        tensors[names[key]] = t.contiguous()
-    return tensors
-
-
-def save_hf_checkpoint(args, state_dict, out_dir, tokenizer_path, max_shard_bytes=5 * 2**30):
-    """config.json, generation_config.json, model*.safetensors (sharded past max_shard_bytes, with
-    an index), tokenizer.json + tokenizer_config.json + special_tokens_map.json, and Meta's
-    tokenizer.model under original/, as the HF hub repositories are laid out.
-    tokenizer_path: either tokenizer file."""
-    from safetensors.torch import save_file
-
-    tensors = hf_tensors(args, state_dict)
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    with llama.atomic_directory(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(args), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
-             "temperature": 0.6, "top_p": 0.9}, indent=2))
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else \
-                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        write_hf_tokenizer(read_tokenizer(tokenizer_path), args, tmp)
-        (tmp / "original").mkdir()
-        copy_tokenizer_model(tokenizer_path, tmp / "original" / "tokenizer.model")
-    log(f"saved {out_dir} (Hugging Face layout, {len(shards)} safetensors file(s))")
-
-
-def save_checkpoint(args, state_dict, out_dir, tokenizer_path, layout, gguf_dtype="bf16"):
-    if layout == "gguf":
-        import gguf_export
-
-        return gguf_export.write_gguf(args, state_dict, read_tokenizer(tokenizer_path), out_dir,
-                                      gguf_dtype)
-    save = {"meta": save_meta_checkpoint, "hf": save_hf_checkpoint}[layout]
-    save(args, state_dict, out_dir, tokenizer_path)
 
 
 # -----------------------------------------------------------------------------
@@ -631,7 +413,7 @@ def check_finetuned(run_dir):
 
 
 # -----------------------------------------------------------------------------
-# PEFT LoRA adapters (Hugging Face's peft library), both ways
+# PEFT LoRA adapters (Hugging Face's peft library), read
 # adapter_config.json + adapter_model.safetensors, keyed by HF module names:
 # base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in) and .lora_B.weight
 # (out, r), the update being (lora_alpha / r) B A, as ours. lora_A reads the input, which HF does
@@ -691,57 +473,10 @@ def lora_modules(model):
             if isinstance(getattr(module, name), llama.LoRALinear)}
 
 
-def save_peft_adapter(model_or_run_dir, out_dir, base_model_name_or_path=None):
-    """A model with LoRA modules, or a LoRA finetune run's directory -> a PEFT adapter directory
-    (written atomically) that peft's PeftModel.from_pretrained applies to the HF base model."""
-    from safetensors.torch import load_file, save_file
-
-    if isinstance(model_or_run_dir, torch.nn.Module):
-        args, modules = model_or_run_dir.args, lora_modules(model_or_run_dir)
-        pairs = {n: (m.lora_a, m.lora_b) for n, m in modules.items()}
-        some = next(iter(modules.values()), None)
-        rank, alpha = (some.lora_a.shape[0], some.scale * some.lora_a.shape[0]) if some else (0, 0)
-        dropout = some.dropout.p if some else 0.0
-    else:
-        run_dir = Path(model_or_run_dir)
-        run = read_run(run_dir)
-        if run["mode"] != "lora":
-            why = ("trained norms too, which an adapter cannot hold" if run["mode"] == "lora+norm"
-                   else "trained no LoRA adapters")
-            raise InputError(f"{run_dir} (mode {run['mode']}) {why}; export it --to hf "
-                             f"(a merged model)")
-        args = read_args(run["ckpt_dir"])
-        saved = load_file(run_dir / "checkpoint" / "trainable.safetensors")
-        pairs = {k.removesuffix(".lora_a"): (v, saved[k.removesuffix("_a") + "_b"])
-                 for k, v in saved.items() if k.endswith(".lora_a")}
-        rank, alpha, dropout = run["lora_rank"], run["lora_alpha"], run["lora_dropout"]
-        base_model_name_or_path = base_model_name_or_path or str(run["ckpt_dir"])
-    if not pairs:
-        raise InputError(f"{model_or_run_dir} has no LoRA adapters to export")
-    tensors = {}
-    for name, (a, b) in pairs.items():
-        key = peft_key(args, name)
-        tensors[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
-        tensors[f"{key}.lora_B.weight"] = (
-            permute_lora_b(b.detach().float(), name, args, True).contiguous())
-    targets = sorted({PEFT_MODULES[n.rsplit(".", 1)[-1]] for n in pairs})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": dropout, "target_modules": targets, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "inference_mode": True,
-              "base_model_name_or_path": base_model_name_or_path}
-    with llama.atomic_directory(out_dir) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    log(f"saved {out_dir} (PEFT LoRA adapter: r {rank}, alpha {alpha:g}, {', '.join(targets)})")
-
-
 def load_peft_adapter(model, adapter_dir):
     """Give our model a PEFT LoRA adapter's modules and weights (unmerged: merge_lora folds them
     in). The adapter's tensors say which modules it adapts (target_modules may be a regular
     expression)."""
-    from safetensors.torch import load_file
-
     cfg, adapter_dir = peft_settings(adapter_dir), Path(adapter_dir)
     path = adapter_dir / "adapter_model.safetensors"
     if not path.exists():
@@ -784,120 +519,3 @@ def load_peft_adapter(model, adapter_dir):
     return model
 
 
-def state_dict_of(model):
-    """A model's weights (Meta's names) and its args, tie_embeddings as the model now has it."""
-    tied = model.output.weight is model.tok_embeddings.weight
-    args = replace(model.args, tie_embeddings=tied)
-    return args, {k: v for k, v in model.state_dict().items()
-                  if not (tied and k == "output.weight")}
-
-
-# -----------------------------------------------------------------------------
-# Random weights of real shapes (tests, benchmarks, trying things offline: they write gibberish)
-
-SHAPES = {
-    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden_dim=768, multiple_of=256,
-                 tie_embeddings=True),
-    "1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192,
-               multiple_of=256, ffn_dim_multiplier=1.5, tie_embeddings=True),
-    "3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192,
-               multiple_of=256, ffn_dim_multiplier=1.0, tie_embeddings=True),
-    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336,
-               multiple_of=1024, ffn_dim_multiplier=1.3),
-}
-
-
-def random_state_dict(args, seed=0, dtype=torch.bfloat16):
-    """std 1/sqrt(dim) keeps activations O(1): greedy outputs are varied and free of near-ties."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in llama.Transformer(args).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in shapes.items():
-        if key.endswith("norm.weight"):
-            sd[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
-        else:
-            sd[key] = (torch.randn(shape, generator=g) / math.sqrt(args.dim)).to(dtype)
-    if args.tie_embeddings:
-        del sd["output.weight"]
-    return sd
-
-
-def bundled_tokenizer():
-    """The real Llama 3 tokenizer.model in Meta's llama-models package (a test dependency)."""
-    try:
-        import llama_models
-    except ImportError:
-        raise InputError("no tokenizer given and llama-models is not installed; pass --tokenizer "
-                         "PATH, or pip install llama-models") from None
-    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert",
-                       help="convert a checkpoint between Meta's and HF's layouts (lossless)")
-    c.add_argument("src", help="checkpoint directory in either layout")
-    c.add_argument("dst", help="output directory (written atomically; must not be src)")
-    c.add_argument("--to", choices=["hf", "meta", "gguf"], required=True,
-                   help="the layout to write (gguf: one file for llama.cpp, dst ending in .gguf)")
-    c.add_argument("--rope_scaling_factor", type=float, default=None,
-                   help="the llama3 RoPE factor of a Meta source, which params.json cannot record "
-                        "(32 for 3.2 1B/3B; default: 8, or what config.json says)")
-    e = sub.add_parser("export", help="merge a finetune run (LoRA / norms / full) into its base "
-                                      "checkpoint, or write its LoRA adapters for peft")
-    e.add_argument("run_dir", help="the --out_dir of a finetune run")
-    e.add_argument("dst", help="output directory, or file for --to gguf (written atomically)")
-    e.add_argument("--to", choices=["hf", "meta", "peft", "gguf"], required=True,
-                   help="the layout to write (peft: the adapters alone, for Hugging Face's peft)")
-    e.add_argument("--dtype", choices=list(speed.DTYPES), default="bfloat16",
-                   help="dtype of the written weights for hf/meta (default bfloat16)")
-    for sp in (c, e):
-        sp.add_argument("--gguf_dtype", choices=["f32", "bf16", "q8_0"], default="bf16",
-                        help="weights of a GGUF file (default bf16; norms stay f32)")
-    r = sub.add_parser("random",
-                       help="a random-weight checkpoint of a real shape (writes gibberish)")
-    r.add_argument("out_dir", help="output directory")
-    r.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="(default tiny)")
-    r.add_argument("--tokenizer", default=None,
-                   help="tokenizer.model to copy (default: llama-models')")
-    r.add_argument("--seed", type=int, default=0, help="(default 0)")
-    a = p.parse_args(argv)
-    if a.command == "convert":
-        if Path(a.src).resolve().is_relative_to(Path(a.dst).resolve()):  # dst is src or holds it
-            raise InputError(f"convert would write {a.dst} over its own source; choose another "
-                             f"output directory")
-        args, state_dict = load_checkpoint(a.src)
-        if a.rope_scaling_factor is not None:
-            args = replace(args, rope_scaling_factor=a.rope_scaling_factor)
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(a.src), a.to, a.gguf_dtype)
-    elif a.command == "export":
-        if a.to == "peft":
-            return save_peft_adapter(a.run_dir, a.dst)
-        run = read_run(a.run_dir)
-        model = llama.build_model(*load_checkpoint(run["ckpt_dir"]), "cpu", torch.float32)
-        model = load_finetuned(model, a.run_dir)
-        args, state_dict = state_dict_of(model)
-        if a.to != "gguf":  # (GGUF: float32 to write_gguf, which rounds once, to --gguf_dtype)
-            dtype = speed.DTYPES[a.dtype]
-            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        save_checkpoint(args, state_dict, a.dst, find_tokenizer(run["ckpt_dir"]), a.to,
-                        a.gguf_dtype)
-    else:
-        args = llama.ModelArgs(vocab_size=128256, use_scaled_rope=True, **SHAPES[a.shape])
-        log(f"writing a random {a.shape}-shaped checkpoint to {a.out_dir}")
-        save_meta_checkpoint(args, random_state_dict(args, a.seed), a.out_dir,
-                             a.tokenizer or bundled_tokenizer())
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

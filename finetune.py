@@ -9,7 +9,7 @@ Finetune Llama 3.x: LoRA, RMSNorm weights, both, or everything, on TinyStories o
     torchrun --nproc_per_node 2 finetune.py --ckpt_dir DIR                  # data parallel (DDP)
     torchrun --nproc_per_node 8 finetune.py --ckpt_dir Llama-3.1-70B/original --fsdp  # sharded
 
-Then use the run: generate.py --lora out, or checkpoints.py export out merged --to hf. Saves go to
+Then use the run: generate.py --lora out, or convert.py export out merged --to hf. Saves go to
 OUT_DIR/checkpoint (atomically), then OUT_DIR/log.jsonl. Ctrl-C or SIGTERM stops at the end of the
 step, saves, and exits with 130 (143 for SIGTERM).
 """

@@ -86,7 +86,7 @@ def check_tensor_parallel(ckpt_dir, lora):
     parallel.check_tensor_parallel(checkpoints.read_args(ckpt_dir), parallel.world()[1])
     if lora:
         raise llama.InputError("--lora is merged into whole weights: merge it first (python "
-                               "checkpoints.py export RUN merged --to meta), then run merged")
+                               "convert.py export RUN merged --to meta), then run merged")
 
 
 def parse_args(argv=None):

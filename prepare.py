@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoints
 import llama
 from llama import InputError, log
 
@@ -203,8 +204,6 @@ def prepare_data(data, tokenizer, data_dir):
 
 
 def main(argv=None):
-    import checkpoints
-
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", required=True, help="checkpoint whose tokenizer to use")

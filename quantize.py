@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import checkpoints
 import llama
 import speed
 
@@ -632,8 +633,6 @@ def saved_path(ckpt_dir, mode, group_size=32):
 
 
 def main(argv=None):
-    import checkpoints
-
     p = argparse.ArgumentParser(description="Quantize a checkpoint's weights once, into "
                                 "CKPT_DIR/model-MODE.safetensors, which generate.py --quantize "
                                 "reads.")

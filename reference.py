@@ -74,7 +74,7 @@ def main():
     if not os.path.exists(os.path.join(a.ckpt_dir, "params.json")):
         sys.exit(f"error: {a.ckpt_dir} has no params.json; "
                  "Meta's reference reads Meta's layout only "
-                 f"(convert with: python checkpoints.py convert {a.ckpt_dir} DIR --to meta)")
+                 f"(convert with: python convert.py convert {a.ckpt_dir} DIR --to meta)")
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", free_port()), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):

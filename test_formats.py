@@ -1,6 +1,7 @@
 """
-Tests for the interchange formats of checkpoints.py (issue 14): tokenizer.json both ways, PEFT LoRA
-adapters both ways, GGUF out. transformers, peft and gguf are the independent readers and writers.
+Tests for the interchange formats of checkpoints.py (readers) and convert.py (writers), issue 14:
+tokenizer.json both ways, PEFT LoRA adapters both ways, GGUF out. transformers, peft and gguf are the
+independent readers and writers.
 
     python -m pytest -q test_formats.py
 """
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 import checkpoints
+import convert
 import generate
 import llama
 from llama import InputError
 
-META_TOKENIZER = checkpoints.bundled_tokenizer()
+META_TOKENIZER = convert.bundled_tokenizer()
 TOKENIZER = checkpoints.read_tokenizer(META_TOKENIZER)
 
 # Unicode, emoji, code, whitespace runs, long runs, numbers, and every
@@ -44,8 +46,8 @@ def tiny_args(**overrides):
 def meta_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("meta") / "ckpt"
     args = tiny_args()
-    checkpoints.save_meta_checkpoint(
-        args, checkpoints.random_state_dict(args, seed=3, dtype=torch.float32), path,
+    convert.save_meta_checkpoint(
+        args, convert.random_state_dict(args, seed=3, dtype=torch.float32), path,
         META_TOKENIZER)
     return path
 
@@ -53,7 +55,7 @@ def meta_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_ckpt(meta_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "ckpt"
-    checkpoints.main(["convert", str(meta_ckpt), str(path), "--to", "hf"])
+    convert.main(["convert", str(meta_ckpt), str(path), "--to", "hf"])
     return path
 
 
@@ -132,7 +134,7 @@ def test_directory_with_tokenizer_json_only(hf_ckpt, tmp_path):
     assert g.tokenizer.ranks == TOKENIZER.ranks
     # converting it back to Meta's layout writes tokenizer.model from the
     # ranks: the same file as Meta's
-    checkpoints.main(["convert", str(d), str(tmp_path / "meta"), "--to", "meta"])
+    convert.main(["convert", str(d), str(tmp_path / "meta"), "--to", "meta"])
     assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == META_TOKENIZER.read_bytes()
 
 
@@ -197,7 +199,7 @@ def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_pa
     with torch.no_grad():
         expected = model(TOKENS)
     run = write_run(model, meta_ckpt, tmp_path / "run")
-    checkpoints.main(["export", str(run), str(tmp_path / "adapter"), "--to", "peft"])
+    convert.main(["export", str(run), str(tmp_path / "adapter"), "--to", "peft"])
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 12.0 and cfg["task_type"] == "CAUSAL_LM"
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "down_proj", "lm_head"}
@@ -223,7 +225,7 @@ def test_our_lora_run_as_peft_adapter_in_transformers(meta_ckpt, hf_ckpt, tmp_pa
     tokens = g.text_completion(["Tom had a"], temperature=0, max_gen_len=6)[0]["tokens"]
     assert capsys.readouterr().out == "Tom had a" + g.tokenizer.decode(tokens) + "\n"
     # a model object exports the same adapter
-    checkpoints.save_peft_adapter(model, tmp_path / "adapter2")
+    convert.save_peft_adapter(model, tmp_path / "adapter2")
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), \
@@ -286,7 +288,7 @@ def test_peft_errors_are_one_line(meta_ckpt, tmp_path):
     cfg = json.loads((run / "checkpoint" / "run.json").read_text())
     (run / "checkpoint" / "run.json").write_text(json.dumps({**cfg, "mode": "lora+norm"}))
     with pytest.raises(InputError, match="norms"):
-        checkpoints.save_peft_adapter(run, tmp_path / "out")
+        convert.save_peft_adapter(run, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -317,10 +319,10 @@ BYTES_TOKENIZER = llama.Tokenizer({bytes([i]): i for i in range(256)}, "bytes")
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
-    checkpoints.write_tokenizer_model(BYTES_TOKENIZER, d / "bytes.model")
+    convert.write_tokenizer_model(BYTES_TOKENIZER, d / "bytes.model")
     args = tiny_args(vocab_size=512)
-    sd = checkpoints.random_state_dict(args, seed=5, dtype=torch.float32)
-    checkpoints.save_meta_checkpoint(args, sd, d / "ckpt", d / "bytes.model")
+    sd = convert.random_state_dict(args, seed=5, dtype=torch.float32)
+    convert.save_meta_checkpoint(args, sd, d / "ckpt", d / "bytes.model")
     return d / "ckpt"
 
 
@@ -328,10 +330,8 @@ def check_gguf_tensors(sd, tensors, dtype):
     """Every tensor equal to the source: f32 and bf16 exactly, q8_0 within its quantization step."""
     import gguf
 
-    from gguf_export import gguf_name
-
     for key, want in sd.items():
-        t = tensors[gguf_name(key)]
+        t = tensors[convert.gguf_name(key)]
         got = dequantized(t)
         assert got.shape == want.shape, key
         if want.dim() == 1 or dtype == "f32":
@@ -351,10 +351,8 @@ def check_gguf_tensors(sd, tensors, dtype):
 def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
     import gguf
 
-    from gguf_export import gguf_name, rope_freq_factors
-
     path = tmp_path / "model.gguf"
-    checkpoints.main(["convert", str(meta_ckpt), str(path), "--to", "gguf", "--gguf_dtype", "f32"])
+    convert.main(["convert", str(meta_ckpt), str(path), "--to", "gguf", "--gguf_dtype", "f32"])
     args, sd = checkpoints.load_checkpoint(meta_ckpt)
     fields, tensors = read_gguf(path)
     assert not list(tmp_path.glob(".*.tmp"))
@@ -384,10 +382,10 @@ def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
     assert len(merges) == 280147 and merges[:3] == ["Ġ Ġ", "Ġ ĠĠĠ", "ĠĠ ĠĠ"]
     # the weights: Meta's layout (llama.cpp's converter un-permutes HF's q/k),
     # and llama3 RoPE's factors
-    assert set(tensors) == {gguf_name(k) for k in sd} | {"rope_freqs.weight"}
+    assert set(tensors) == {convert.gguf_name(k) for k in sd} | {"rope_freqs.weight"}
     check_gguf_tensors(sd, tensors, "f32")
     factors = dequantized(tensors["rope_freqs.weight"])
-    assert torch.equal(factors, rope_freq_factors(args))
+    assert torch.equal(factors, convert.rope_freq_factors(args))
     base = llama.rope_frequencies(llama.ModelArgs(**{**vars(args), "use_scaled_rope": False}))
     torch.testing.assert_close(base / factors, llama.rope_frequencies(args), rtol=1e-6, atol=0)
 
@@ -395,7 +393,7 @@ def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
 def test_gguf_bf16_and_q8_0(small_ckpt, tmp_path, dtype):
     path = tmp_path / f"model-{dtype}.gguf"
-    checkpoints.main(["convert", str(small_ckpt), str(path), "--to", "gguf", "--gguf_dtype", dtype])
+    convert.main(["convert", str(small_ckpt), str(path), "--to", "gguf", "--gguf_dtype", dtype])
     fields, tensors = read_gguf(path)
     assert fields["general.file_type"] == {"bf16": 32, "q8_0": 7}[dtype]
     assert len(fields["tokenizer.ggml.tokens"]) == fields["llama.vocab_size"] == 512
@@ -403,24 +401,22 @@ def test_gguf_bf16_and_q8_0(small_ckpt, tmp_path, dtype):
 
 
 def test_gguf_tied_output_and_export_of_a_run(small_ckpt, tmp_path, monkeypatch):
-    import gguf_export
-
     args, sd = checkpoints.load_checkpoint(small_ckpt)
     tied = {k: v for k, v in sd.items() if k != "output.weight"}
-    gguf_export.write_gguf(llama.ModelArgs(**{**vars(args), "tie_embeddings": True}),
-                           tied, BYTES_TOKENIZER, tmp_path / "tied.gguf", "f32")
+    convert.write_gguf(llama.ModelArgs(**{**vars(args), "tie_embeddings": True}),
+                       tied, BYTES_TOKENIZER, tmp_path / "tied.gguf", "f32")
     tensors = read_gguf(tmp_path / "tied.gguf")[1]
     # llama.cpp reuses token_embd
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
     # a LoRA run exported to GGUF holds the merged weights
     model = random_lora(our_model(small_ckpt))
     run = write_run(model, small_ckpt, tmp_path / "run")
-    checkpoints.main(["export", str(run), str(tmp_path / "run.gguf"), "--to", "gguf",
-                      "--gguf_dtype", "f32"])
+    convert.main(["export", str(run), str(tmp_path / "run.gguf"), "--to", "gguf",
+                  "--gguf_dtype", "f32"])
     merged = llama.merge_lora(model).state_dict()
     tensors = read_gguf(tmp_path / "run.gguf")[1]
     for key in ("layers.1.attention.wk.weight", "output.weight", "layers.0.feed_forward.w2.weight"):
-        assert torch.equal(dequantized(tensors[gguf_export.gguf_name(key)]), merged[key]), key
+        assert torch.equal(dequantized(tensors[convert.gguf_name(key)]), merged[key]), key
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if not installed
     with pytest.raises(InputError, match="pip install gguf"):
-        gguf_export.write_gguf(args, sd, BYTES_TOKENIZER, tmp_path / "x.gguf")
+        convert.write_gguf(args, sd, BYTES_TOKENIZER, tmp_path / "x.gguf")

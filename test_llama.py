@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import checkpoints
+import convert
 import generate
 import llama
 import prepare
@@ -52,8 +53,8 @@ def tiny_args(**overrides):
 def write_meta_checkpoint(path, args, n_shards=1, seed=0):
     # a tied model is saved with output.weight a copy of the embedding, as in
     # Meta's Llama 3.2 1B/3B files
-    sd = checkpoints.random_state_dict(args, seed=seed)
-    checkpoints.save_meta_checkpoint(args, sd, path, META_TOKENIZER, n_shards=n_shards)
+    sd = convert.random_state_dict(args, seed=seed)
+    convert.save_meta_checkpoint(args, sd, path, META_TOKENIZER, n_shards=n_shards)
     return path
 
 
@@ -229,7 +230,7 @@ def ckpt_stops(tmp_path_factory, ckpt_gqa):
     for stop, token in picks.items():
         out["output.weight"][stop] = (sd["output.weight"][token].float() * 1.02).bfloat16()
     path = tmp_path_factory.mktemp("stops") / "ckpt"
-    checkpoints.save_meta_checkpoint(args, out, path, META_TOKENIZER, n_shards=2)
+    convert.save_meta_checkpoint(args, out, path, META_TOKENIZER, n_shards=2)
     return path
 
 
@@ -378,7 +379,7 @@ def test_params_json_of_every_release(params, ffn, scaled):
     args = llama.args_from_meta_params(params)
     assert (args.ffn_hidden_dim, args.use_scaled_rope, args.rope_scaling_factor) == \
         (ffn, scaled, 8.0)
-    assert checkpoints.meta_params(args) == {"use_scaled_rope": False, **params}
+    assert convert.meta_params(args) == {"use_scaled_rope": False, **params}
 
 
 def test_unknown_params_are_reported(capsys):
@@ -566,12 +567,12 @@ def test_bad_files_and_tools_fail_in_one_line(ckpt_gqa, tmp_path):
             "tokenizer" in r.stderr.splitlines()[-1], r.stderr
     # convert onto its own source (or a folder holding it): refused
     for dst in (ckpt_gqa, ckpt_gqa.parent):
-        r = subprocess.run([sys.executable, str(HERE / "checkpoints.py"), "convert", str(ckpt_gqa),
+        r = subprocess.run([sys.executable, str(HERE / "convert.py"), "convert", str(ckpt_gqa),
                             str(dst), "--to", "hf"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "its own source" in r.stderr and \
             (ckpt_gqa / "params.json").exists()
-    checkpoints.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
+    convert.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
     r = subprocess.run([sys.executable, str(HERE / "reference.py"), "--ckpt_dir",
                         str(tmp_path / "hf"), "--prompt", "a"],
                        capture_output=True, text=True, timeout=300)
@@ -662,7 +663,7 @@ def test_hf_greedy_matches_transformers(hf_ckpt):
 
 
 def test_meta_converted_to_hf_gives_same_tokens_in_transformers(ckpt_gqa, tmp_path):
-    checkpoints.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
+    convert.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
     # transformers reads the config.json and safetensors we wrote
     hf = hf_reference(tmp_path / "hf")
     from_meta = generate.load(ckpt_gqa, max_seq_len=512, device="cpu")
@@ -684,23 +685,23 @@ def test_round_trips_are_bitwise(ckpt_gqa, ckpt_mha, tmp_path):
     from safetensors.torch import load_file
 
     for i, meta_dir in enumerate((ckpt_gqa, ckpt_mha)):  # Meta -> HF -> Meta
-        checkpoints.main(["convert", str(meta_dir), str(tmp_path / f"hf{i}"), "--to", "hf"])
-        checkpoints.main(["convert", str(tmp_path / f"hf{i}"),
-                          str(tmp_path / f"meta{i}"), "--to", "meta"])
+        convert.main(["convert", str(meta_dir), str(tmp_path / f"hf{i}"), "--to", "hf"])
+        convert.main(["convert", str(tmp_path / f"hf{i}"),
+                      str(tmp_path / f"meta{i}"), "--to", "meta"])
         assert_same_tensors(llama.load_meta_checkpoint(meta_dir)[1],
                             llama.load_meta_checkpoint(tmp_path / f"meta{i}")[1])
         assert json.loads((tmp_path / f"meta{i}" / "params.json").read_text())["dim"] == \
             checkpoints.load_checkpoint(meta_dir)[0].dim
     # HF -> Meta -> HF
     hf_dir = write_hf_checkpoint(tmp_path / "hf_src", rope_factor=32.0, tied=True)
-    checkpoints.main(["convert", str(hf_dir), str(tmp_path / "meta_mid"), "--to", "meta"])
+    convert.main(["convert", str(hf_dir), str(tmp_path / "meta_mid"), "--to", "meta"])
     # Meta's params.json cannot hold the RoPE factor 32 of Llama 3.2: it must be
     # given back when converting
-    checkpoints.main(["convert", str(tmp_path / "meta_mid"),
-                      str(tmp_path / "hf_back"), "--to", "hf"])
+    convert.main(["convert", str(tmp_path / "meta_mid"),
+                  str(tmp_path / "hf_back"), "--to", "hf"])
     assert checkpoints.load_checkpoint(tmp_path / "hf_back")[0].rope_scaling_factor == 8.0
-    checkpoints.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"),
-                      "--to", "hf", "--rope_scaling_factor", "32"])
+    convert.main(["convert", str(tmp_path / "meta_mid"), str(tmp_path / "hf_back"),
+                  "--to", "hf", "--rope_scaling_factor", "32"])
     assert_same_tensors(load_file(hf_dir / "model.safetensors"),
                         load_file(tmp_path / "hf_back" / "model.safetensors"))
     assert checkpoints.load_checkpoint(tmp_path / "hf_back")[0] == \
@@ -709,8 +710,8 @@ def test_round_trips_are_bitwise(ckpt_gqa, ckpt_mha, tmp_path):
 
 def test_hf_sharded_save(ckpt_gqa, tmp_path):
     args, sd = checkpoints.load_checkpoint(ckpt_gqa)
-    checkpoints.save_hf_checkpoint(args, sd, tmp_path / "sharded", META_TOKENIZER,
-                                   max_shard_bytes=4 * 2**20)
+    convert.save_hf_checkpoint(args, sd, tmp_path / "sharded", META_TOKENIZER,
+                               max_shard_bytes=4 * 2**20)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert_same_tensors(checkpoints.load_checkpoint(tmp_path / "sharded")[1], sd)
@@ -722,7 +723,7 @@ def test_hf_repo_root_with_original_prefers_safetensors(hf_ckpt, tmp_path, capsy
     root = tmp_path / "repo"
     shutil.copytree(hf_ckpt, root)
     args, sd = checkpoints.load_checkpoint(hf_ckpt)
-    checkpoints.save_meta_checkpoint(args, sd, root / "original", META_TOKENIZER)
+    convert.save_meta_checkpoint(args, sd, root / "original", META_TOKENIZER)
     model = generate.load(root, max_seq_len=64, device="cpu")
     assert "using the safetensors" in capsys.readouterr().err
     meta_only = tmp_path / "meta_only"
@@ -743,12 +744,12 @@ def test_save_is_atomic(ckpt_gqa, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+        convert.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
     assert calls and not (tmp_path / "out").exists()  # nothing that looks complete
     monkeypatch.undo()
-    checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+    convert.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
     # overwriting works too
-    checkpoints.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
+    convert.save_meta_checkpoint(args, sd, tmp_path / "out", META_TOKENIZER)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -1283,8 +1284,8 @@ def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
     expected = tuned.text_completion([prompt], temperature=0, max_gen_len=12)[0]["tokens"]
     assert expected != ours(ckpt_gqa, [prompt], max_gen_len=12)[0]  # the run changed the model
     for layout in ("hf", "meta"):
-        checkpoints.main(["export", str(tmp_path / "run"), str(tmp_path / f"merged_{layout}"),
-                          "--to", layout, "--dtype", "float32"])
+        convert.main(["export", str(tmp_path / "run"), str(tmp_path / f"merged_{layout}"),
+                      "--to", layout, "--dtype", "float32"])
         merged = generate.load(tmp_path / f"merged_{layout}", max_seq_len=128, device="cpu")
         # LoRA on the output unties it from the embedding
         assert merged.args.tie_embeddings is False
@@ -1493,7 +1494,7 @@ def test_405b_shard_layout_merges_and_checks_the_copies(tmp_path):
     # more model-parallel shards than K/V heads (405B: 8 KV heads on 16 ranks): each
     # head's rows sit in two shards
     args = tiny_args(n_kv_heads=2, n_heads=4)
-    sd = checkpoints.random_state_dict(args, seed=3, dtype=torch.float32)
+    sd = convert.random_state_dict(args, seed=3, dtype=torch.float32)
     n = 4
     shards = [{} for _ in range(n)]
     for key, t in sd.items():

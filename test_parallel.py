@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoints
+import convert
 import generate
 import llama
 import parallel
@@ -86,8 +87,8 @@ def ckpt_405b_style(tmp_path_factory, ckpt_stops):
             out[key] = sd[key].view(args.n_kv_heads, 1, hd, -1).expand(-1, 2, -1, -1).reshape(
                 2 * args.n_kv_heads * hd, -1)
     path = tmp_path_factory.mktemp("405b") / "ckpt"
-    checkpoints.save_meta_checkpoint(replace(args, n_kv_heads=2 * args.n_kv_heads), out, path,
-                                     META_TOKENIZER, n_shards=4)
+    convert.save_meta_checkpoint(replace(args, n_kv_heads=2 * args.n_kv_heads), out, path,
+                                 META_TOKENIZER, n_shards=4)
     return path
 
 
@@ -96,10 +97,10 @@ def ckpt_wide(tmp_path_factory):
     """8 query and 4 K/V heads in 4 files (merged two by two on 2 processes), and the same weights
     as Hugging Face safetensors over several files with an index."""
     args = tiny_args(dim=128, n_heads=8, n_kv_heads=4, ffn_hidden_dim=384)
-    sd = checkpoints.random_state_dict(args, seed=4)
+    sd = convert.random_state_dict(args, seed=4)
     root = tmp_path_factory.mktemp("wide")
-    checkpoints.save_meta_checkpoint(args, sd, root / "meta", META_TOKENIZER, n_shards=4)
-    checkpoints.save_hf_checkpoint(args, sd, root / "hf", META_TOKENIZER, max_shard_bytes=2**22)
+    convert.save_meta_checkpoint(args, sd, root / "meta", META_TOKENIZER, n_shards=4)
+    convert.save_hf_checkpoint(args, sd, root / "hf", META_TOKENIZER, max_shard_bytes=2**22)
     assert len(list((root / "hf").glob("*.safetensors"))) > 2
     return root
 
@@ -140,8 +141,8 @@ def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckp
 def ckpt_tied(tmp_path_factory):  # Llama 3.2 style: the output is the embedding
     args = tiny_args(tie_embeddings=True)
     path = tmp_path_factory.mktemp("tied") / "ckpt"
-    checkpoints.save_meta_checkpoint(args, checkpoints.random_state_dict(args, seed=3), path,
-                                     META_TOKENIZER, n_shards=1)
+    convert.save_meta_checkpoint(args, convert.random_state_dict(args, seed=3), path,
+                                 META_TOKENIZER, n_shards=1)
     return path
 
 

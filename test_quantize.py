@@ -417,6 +417,7 @@ import time
 from pathlib import Path
 
 import checkpoints
+import convert
 import generate
 
 HERE = Path(__file__).parent
@@ -428,8 +429,8 @@ def tiny_ckpt(tmp_path_factory):
     args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
                            ffn_hidden_dim=192, multiple_of=32, use_scaled_rope=True)
     path = tmp_path_factory.mktemp("q") / "ckpt"
-    checkpoints.save_meta_checkpoint(args, checkpoints.random_state_dict(args, seed=4), path,
-                                     META_TOKENIZER)
+    convert.save_meta_checkpoint(args, convert.random_state_dict(args, seed=4), path,
+                                 META_TOKENIZER)
     return path
 
 
@@ -589,8 +590,8 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
     logs = [[{k: v for k, v in record.items() if k != "tokens_per_s"}
              for record in read_log(tmp_path / d)] for d in ("whole", "cut")]
     assert logs[0] == logs[1] and len(logs[0]) == 8
-    checkpoints.main(["export", str(tmp_path / "whole"), str(tmp_path / "merged"), "--to", "hf",
-                      "--dtype", "float32"])
+    convert.main(["export", str(tmp_path / "whole"), str(tmp_path / "merged"), "--to", "hf",
+                  "--dtype", "float32"])
     merged = generate.load(tmp_path / "merged", device="cpu").model
     base = llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu", torch.float32)
     assert all(isinstance(getattr(m, n), torch.nn.Linear) for m, n in llama.projections(merged))
