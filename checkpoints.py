@@ -358,24 +358,6 @@ def read_run(out_dir):
     return llama.read_json(path)
 
 
-def run_settings(out_dir, defaults, given, changeable, resume, overwrite):
-    """A finetune run's settings: the defaults, then (on resume) what run.json saved, then the flags
-    given. A flag that would change a resumed run (not in changeable) is refused, and a run is never
-    overwritten unasked."""
-    if resume:
-        saved = {k: v for k, v in read_run(out_dir).items() if k in defaults}
-        other = [k for k, v in given.items() if k not in changeable and saved.get(k) != v]
-        if other:
-            changed = ", ".join(f"{k}={saved.get(k)!r}, not {given[k]!r}" for k in other)
-            raise InputError(f"--resume: {out_dir} was trained with other settings ({changed}); "
-                             f"drop those flags")
-        return {**defaults, **saved, **given}
-    if not overwrite and any((Path(out_dir) / f).exists() for f in ("checkpoint", "log.jsonl")):
-        raise InputError(f"{out_dir} holds a finetune run; continue it with --resume, start over "
-                         f"with --overwrite, or pass another --out_dir")
-    return {**defaults, **given}
-
-
 def apply_run_lora(model, run):
     """Give a model a finetune run's LoRA modules (if it used LoRA), so its saved weights fit. A run
     started from a PEFT adapter (--lora_init) has that adapter's modules, rank and alpha."""

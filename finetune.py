@@ -29,14 +29,14 @@ import prepare
 import quantize
 import speed
 
-DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora", lora_rank=8,
-                lora_alpha=16.0, lora_dropout=0.0, lora_targets=["wq", "wk", "wv", "wo", "w1", "w2",
-                "w3"], seq_len=512, batch_size=8, grad_accum=4, max_steps=1000, lr=2e-4,
-                warmup_steps=50,
-                weight_decay=0.0, grad_clip=1.0, eval_every=100, eval_batches=10, sample_every=200,
-                save_every=200, stop_at=None, seed=1337, device=None, dtype=None,
-                activation_checkpointing=False, quantize=None, group_size=32, lora_init=None,
-                fsdp=False)
+DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora",
+                lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+                lora_targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+                seq_len=512, batch_size=8, grad_accum=4, max_steps=1000, lr=2e-4, warmup_steps=50,
+                weight_decay=0.0, grad_clip=1.0,
+                eval_every=100, eval_batches=10, sample_every=200, save_every=200, stop_at=None,
+                seed=1337, device=None, dtype=None, activation_checkpointing=False,
+                quantize=None, group_size=32, lora_init=None, fsdp=False)
 CHANGEABLE = {"max_steps", "eval_every", "eval_batches", "sample_every", "save_every", "stop_at",
               "device"}
 HELP = dict(ckpt_dir="base checkpoint (Meta or HF)", data="tinystories, or a .txt / .jsonl file",
@@ -66,6 +66,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_settings(out_dir, given, resume, overwrite):
+    """The defaults, then (on resume) what run.json saved, then the flags given. A flag that would
+    change a resumed run (not in CHANGEABLE) is refused, and a run is never overwritten unasked."""
+    if resume:
+        saved = {k: v for k, v in checkpoints.read_run(out_dir).items() if k in DEFAULTS}
+        other = [k for k, v in given.items() if k not in CHANGEABLE and saved.get(k) != v]
+        if other:
+            changed = ", ".join(f"{k}={saved.get(k)!r}, not {given[k]!r}" for k in other)
+            raise llama.InputError(f"--resume: {out_dir} was trained with other settings "
+                                   f"({changed}); drop those flags")
+        return {**DEFAULTS, **saved, **given}
+    if not overwrite and any((Path(out_dir) / f).exists() for f in ("checkpoint", "log.jsonl")):
+        raise llama.InputError(f"{out_dir} holds a finetune run; continue it with --resume, start "
+                               f"over with --overwrite, or pass another --out_dir")
+    return {**DEFAULTS, **given}
+
+
 def settings(a):
     """Defaults, then (on --resume) the run's saved settings, then the flags given; all checked."""
     given = {k: v for k, v in vars(a).items() if k in DEFAULTS and v is not None}
@@ -73,7 +90,7 @@ def settings(a):
         if given.get(key, "tinystories") != "tinystories":
             given[key] = str(Path(given[key]).resolve())
     out_dir = Path(a.out_dir)
-    cfg = checkpoints.run_settings(out_dir, DEFAULTS, given, CHANGEABLE, a.resume, a.overwrite)
+    cfg = run_settings(out_dir, given, a.resume, a.overwrite)
     c = argparse.Namespace(**cfg, resume=a.resume, out_dir=out_dir)
     if c.ckpt_dir is None:
         raise llama.InputError("--ckpt_dir is required to start a run")
@@ -122,9 +139,10 @@ def main(argv=None):
     # under FSDP the whole model never reaches a GPU: it is built in CPU memory (the checkpoint's
     # mapped pages) and fully_shard moves each block's 1/N to the device
     at = torch.device("cpu") if cfg.fsdp else device
-    model = llama.build_model(args, speed.convert(state_dict, at, dtype), at, dtype)
+    model = llama.build_model(args, speed.convert(state_dict, at, dtype), device=at, dtype=dtype)
     if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
-        quantize.quantize_model(model, cfg.quantize, cfg.group_size, speed.release_pages, False)
+        quantize.quantize_model(model, cfg.quantize, cfg.group_size,
+                                release=speed.release_pages, output=False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)
@@ -148,8 +166,8 @@ def main(argv=None):
         model.train()
         return text["generation"]
 
-    stopped = llama.train(model, tokenizer, train_data, val_data, run, cfg.out_dir, cfg.resume,
-                          sample_text)
+    stopped = llama.train(model, tokenizer, train_data, val_data, run, cfg.out_dir,
+                          resume=cfg.resume, sample_text=sample_text)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return model, stopped
