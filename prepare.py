@@ -17,6 +17,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,6 @@ TINYSTORIES = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/m
 def download(url, path):
     """Download with a progress line, resuming a partial download (HTTP Range) and caching the
     result."""
-    import urllib.request
-
     path = Path(path)
     if path.exists():
         return path
@@ -82,7 +82,6 @@ def check_source(data):
 def read_documents(path):
     """-> documents: strings, or message lists for conversations (see the module's docstring)."""
     path = Path(path)
-    check_source(str(path))
     if path.suffix == ".jsonl":
         docs = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -129,29 +128,29 @@ def encode_documents(docs):
 
 def tokenize_to_bin(docs, tokenizer, out_path, workers=None):
     """Tokenize documents in parallel, with progress, into out_path (and its .mask.bin for
-    conversations). The .bin is renamed into place last: when it exists, the split is complete."""
+    conversations). The .bin moves into place last: when it exists, the split is complete."""
     out_path = Path(out_path)
     chat = any(not isinstance(d, str) for d in docs)
-    mask_path = out_path.with_suffix(".mask.bin")
-    tmp, mask_tmp = Path(f"{out_path}.tmp"), Path(f"{mask_path}.tmp")
+    # plain documents train on every token: their mask goes nowhere
+    mask_file = llama.atomic_file(out_path.with_suffix(".mask.bin")) if chat else \
+        nullcontext(os.devnull)
     jobs = [docs[i:i + 1000] for i in range(0, len(docs), 1000)]
     workers = min(workers or os.cpu_count(), len(jobs))
     start_worker(tokenizer)  # a single job runs here: starting processes would take longer
     pool = (mp.get_context("spawn").Pool(workers, start_worker, (tokenizer,)) if workers > 1
             else None)
-    with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm:
-        n = 0
-        for i, (ids, train_on) in enumerate(pool.imap(encode_documents, jobs) if pool else
-                                            map(encode_documents, jobs)):
-            f.write(ids.tobytes())
-            fm.write(train_on.tobytes() if chat else b"")
-            n += len(ids)
-            log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of "
-                f"{out_path.name}: {n:,} tokens")
+    with llama.atomic_file(out_path) as tmp, mask_file as mask_tmp:  # the mask moves first
+        with open(tmp, "wb") as f, open(mask_tmp, "wb") as fm:
+            n = 0
+            for i, (ids, train_on) in enumerate(pool.imap(encode_documents, jobs) if pool else
+                                                map(encode_documents, jobs)):
+                f.write(ids.tobytes())
+                fm.write(train_on.tobytes())
+                n += len(ids)
+                log(f"  tokenized {min((i + 1) * 1000, len(docs))}/{len(docs)} documents of "
+                    f"{out_path.name}: {n:,} tokens")
     if pool:
         pool.close()
-    mask_tmp.rename(mask_path) if chat else mask_tmp.unlink()
-    tmp.rename(out_path)
     return load_bin(out_path)
 
 
@@ -212,7 +211,6 @@ def main(argv=None):
     p.add_argument("--data_dir", default="data/tinystories",
                    help="output folder (default data/tinystories)")
     a = p.parse_args(argv)
-    check_source(a.data)
     prepare_data(a.data, checkpoints.load_tokenizer(a.ckpt_dir), a.data_dir)
 
 
