@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import replace
@@ -311,25 +310,10 @@ def gguf_name(key):
 
 def rope_freq_factors(args):
     """llama.cpp's rope_freqs tensor for llama3 RoPE scaling: what each frequency is divided by
-    (1 for short wavelengths, factor for long ones, interpolated between), computed as its
-    converter computes it."""
-    head_dim = args.head_dim
-    freqs = 1.0 / (args.rope_theta
-                   ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor, low, high = (args.rope_scaling_factor, args.rope_low_freq_factor,
-                         args.rope_high_freq_factor)
-    old_ctx = args.rope_original_context
-    factors = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_ctx / high:
-            factors.append(1.0)
-        elif wavelen > old_ctx / low:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
+    (1 for short wavelengths, the factor for long ones, interpolated between), i.e. llama's
+    unscaled frequencies over its scaled ones."""
+    return llama.rope_frequencies(replace(args, use_scaled_rope=False)) / \
+        llama.rope_frequencies(args)
 
 
 # -----------------------------------------------------------------------------
@@ -359,32 +343,29 @@ def write_gguf(args, state_dict, tokenizer, path, dtype="bf16", name="nano-llama
         if not (key == "output.weight" and args.tie_embeddings):
             tensors[gguf_name(key)] = t
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
-    add_metadata(w, gguf, args, tokenizer, name, ftype)
-    plan = {}
+    plan = {}  # each tensor's GGUF type
     for gname, t in tensors.items():
         q = qtype if t.dim() > 1 else Q.F32
         # rows must be whole blocks; llama.cpp falls back, as we do
         if q == Q.Q8_0 and t.shape[-1] % 32:
             log(f"note: {gname} has rows of {t.shape[-1]}, not a multiple of 32: written as f32")
             q = Q.F32
-        block, nbytes = gguf.GGML_QUANT_SIZES[q]
         plan[gname] = q
-        w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32),
-                          t.numel() // block * nbytes, raw_dtype=q)
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+    with llama.atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        add_metadata(w, gguf, args, tokenizer, name, ftype)
         for gname, t in tensors.items():
-            w.write_tensor_data(tensor_bytes(gguf, t, plan[gname]))
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
+            block, nbytes = gguf.GGML_QUANT_SIZES[plan[gname]]
+            w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32),
+                              t.numel() // block * nbytes, raw_dtype=plan[gname])
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for gname, t in tensors.items():
+                w.write_tensor_data(tensor_bytes(gguf, t, plan[gname]))
+        finally:
+            w.close()  # before the file moves into place (or is removed)
     log(f"saved {path} (GGUF, {dtype}, {len(tensors)} tensors)")
 
 
