@@ -15,7 +15,6 @@ never committed). Every measurement runs in a fresh process so that its peak res
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -179,8 +178,9 @@ def lora_step_child(impl, ckpt, dtype, a):
             r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         model.config.use_cache = False
-        # HF shifts labels itself
-        loss_fn = lambda: model(input_ids=x, labels=tokens[:, :-1].clone()).loss  # noqa: E731
+
+        def loss_fn():  # HF shifts labels itself
+            return model(input_ids=x, labels=tokens[:, :-1].clone()).loss
     else:
         args, sd = checkpoints.load_checkpoint(ckpt)
         args = replace(args, max_seq_len=a.prefill_len)
@@ -582,7 +582,7 @@ def print_scale(results):
 
 # ----------------------------------------------------------------------------- report
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B")
@@ -625,53 +625,75 @@ def main():
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    a = parse_args()
     if a._child:
         return child(a._child, a._ckpt, a.dtypes, a)
     if a._scale:
         return scale_child(a._scale, a._ckpt, a)
 
     ckpt = make_checkpoint(a.shape, Path(a.ckpt_root) / a.shape)
-    args = checkpoints.read_args(ckpt)
     impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
     if a.profile:
         return profile(ckpt, [i for i in impls if i in PROFILED], a)
     if a.scale:
         return scale(ckpt, a)
-    llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
-    bandwidth, rates = read_bandwidth(), kernel_rates()
-    machine = {**machine_info(a), "read_bandwidth_gb_s": round(bandwidth, 1),
-               **{k: round(v, 1) for k, v in rates.items()}}
-    results = {"machine": machine, "runs": {}}
-    for dtype in a.dtypes.split(","):
-        nbytes = 4 if dtype == "float32" else 2
-        roofline = bandwidth * 1e9 / decode_bytes_per_token(args, nbytes)
-        # either may be used for bf16 weights
-        gemm = max(rates["f32_gemm_gflop_s"], rates["bf16_gemm_gflop_s"]) * 1e9
-        matvec = bandwidth if dtype == "float32" else rates["bf16_matvec_gb_s"]
-        ceilings = {
-            "decode_kernel_tok_s": matvec * 1e9 / decode_bytes_per_token(args, nbytes),
-            "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
-            # forward + input gradients, frozen weights
-            "lora_step_tok_s": gemm / (4 * matmul_params(args))}
-        if dtype == "bfloat16" and not a.skip_decode:
-            save_quantized_once(ckpt, impls)
-        runs = {impl: {} for impl in impls if impl not in QUANTIZED or dtype == "bfloat16"}
-        for _ in range(0 if a.skip_decode else a.rounds):  # in turn: a slow spell hits one run
-            for impl in runs:
-                runs[impl] = best(runs[impl], run_child(impl, ckpt, dtype, a))
-        for impl in ("ours", "transformers", "ours_int4"):
-            if impl in runs and not a.skip_lora and (impl != "transformers" or installed("peft")):
-                runs[impl] = {**(runs[impl] or {}),
-                              **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
-        if dtype == "bfloat16" and set(QUANTIZED) & set(impls) and not a.skip_decode:
-            runs["quantization_accuracy"] = run_child("accuracy", ckpt, dtype, a)
-        results["runs"][dtype] = {"weights_gb": weight_bytes(args, nbytes) / 1e9,
-                                  "roofline_tok_s": roofline, "ceilings": ceilings, **runs}
+    machine, bandwidth, rates = measure_machine(a)
+    results = {"machine": machine, "runs": {
+        dtype: run_implementations(ckpt, dtype, impls, bandwidth, rates, a)
+        for dtype in a.dtypes.split(",")}}
     if a.json:
         print(json.dumps(results, indent=2))
     else:
         print_table(results)
+
+
+def measure_machine(a):
+    """The machine's ceilings, measured once before the runs -> (its figures for the report,
+    read bandwidth, kernel rates)."""
+    llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
+    bandwidth, rates = read_bandwidth(), kernel_rates()
+    machine = {**machine_info(a), "read_bandwidth_gb_s": round(bandwidth, 1),
+               **{k: round(v, 1) for k, v in rates.items()}}
+    return machine, bandwidth, rates
+
+
+def ceilings(args, dtype, bandwidth, rates):
+    """What this machine's bandwidth and fastest kernels allow for each measured figure."""
+    nbytes = 4 if dtype == "float32" else 2
+    # either may be used for bf16 weights
+    gemm = max(rates["f32_gemm_gflop_s"], rates["bf16_gemm_gflop_s"]) * 1e9
+    matvec = bandwidth if dtype == "float32" else rates["bf16_matvec_gb_s"]
+    return {
+        "decode_kernel_tok_s": matvec * 1e9 / decode_bytes_per_token(args, nbytes),
+        "prefill_tok_s": gemm / (2 * (matmul_params(args) - args.vocab_size * args.dim)),
+        # forward + input gradients, frozen weights
+        "lora_step_tok_s": gemm / (4 * matmul_params(args))}
+
+
+def run_implementations(ckpt, dtype, impls, bandwidth, rates, a):
+    """Each implementation in dtype: decoding and prefill (the best of --rounds, taken in turn),
+    then the LoRA step and the quantized models' accuracy, beside the ceilings."""
+    args = checkpoints.read_args(ckpt)
+    nbytes = 4 if dtype == "float32" else 2
+    if dtype == "bfloat16" and not a.skip_decode:
+        save_quantized_once(ckpt, impls)
+    runs = {impl: {} for impl in impls if impl not in QUANTIZED or dtype == "bfloat16"}
+    for _ in range(0 if a.skip_decode else a.rounds):  # in turn: a slow spell hits one run
+        for impl in runs:
+            runs[impl] = best(runs[impl], run_child(impl, ckpt, dtype, a))
+    for impl in ("ours", "transformers", "ours_int4"):
+        if impl in runs and not a.skip_lora and (impl != "transformers" or installed("peft")):
+            runs[impl] = {**(runs[impl] or {}),
+                          **(run_child(impl, ckpt, dtype, a, lora=True) or {})}
+    if dtype == "bfloat16" and set(QUANTIZED) & set(impls) and not a.skip_decode:
+        runs["quantization_accuracy"] = run_child("accuracy", ckpt, dtype, a)
+    return {"weights_gb": weight_bytes(args, nbytes) / 1e9,
+            "roofline_tok_s": bandwidth * 1e9 / decode_bytes_per_token(args, nbytes),
+            "ceilings": ceilings(args, dtype, bandwidth, rates), **runs}
 
 
 def save_quantized_once(ckpt, impls):
@@ -745,71 +767,92 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+COLUMNS = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"),
+           ("decode_b1_tok_s", "decode b1 tok/s"), ("decode_b8_tok_s", "decode b8 tok/s"),
+           ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
+           ("lora_peak_rss_gb", "LoRA peak GB")]
+
+
 def print_table(results):
-    m = results["machine"]
+    print_machine(results["machine"])
+    if "int8_matvec_gweights_s" in results["machine"]:
+        print_quantized_kernels(results["machine"])
+    for dtype, r in results["runs"].items():
+        print_runs(dtype, r)
+        print_ratios(r)
+        print_accuracy(r)
+
+
+def print_machine(m):
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
           f"{m['date']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
           f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
           f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
-    if "int8_matvec_gweights_s" in m:
-        bf16 = m["bf16_matvec_gb_s"] / 2  # G weights/s
-        print("quantized kernels (G weights/s; the matrix-vector rate over bf16's, a ceiling for "
-              "decoding; the prefill ceiling at 512 tokens from dequantizing):")
-        for mode in quantize.FORMATS:
-            deq = m[f"{mode}_dequantize_gweights_s"]
-            prefill = 1 / (1 + m["bf16_gemm_gflop_s"] / (2 * 512 * deq))
-            print(f"  {mode}: matrix-vector {m[f'{mode}_matvec_gweights_s']} "
-                  f"({m[f'{mode}_matvec_gweights_s'] / bf16:.2f}x bf16), dequantize {deq} "
-                  f"(prefill at most {prefill:.2f}x bf16; torch's {mode} kernel on 512 rows "
-                  f"{m[f'{mode}_kernel_gemm_gflop_s']} GFLOP/s, "
-                  f"{m[f'{mode}_kernel_gemm_gflop_s'] / m['bf16_gemm_gflop_s']:.2f}x bf16's)")
-        w8a8 = m["w8a8_gemm_gflop_s"]
-        print(f"  w8a8: matrix-vector {m['w8a8_matvec_gweights_s']} "
-              f"({m['w8a8_matvec_gweights_s'] / bf16:.2f}x bf16), 512x2048x8192 product "
-              f"{w8a8} GFLOP/s ({w8a8 / m['bf16_gemm_gflop_s']:.2f}x bf16's)")
-    cols = [("load_s", "load s"), ("peak_rss_gb", "peak RSS GB"), ("ttft_s", "TTFT s"),
-            ("decode_b1_tok_s", "decode b1 tok/s"), ("decode_b8_tok_s", "decode b8 tok/s"),
-            ("prefill_tok_s", "prefill tok/s"), ("lora_step_tok_s", "LoRA tok/s"),
-            ("lora_peak_rss_gb", "LoRA peak GB")]
-    for dtype, r in results["runs"].items():
-        c = r["ceilings"]
-        print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline "
-              f"{r['roofline_tok_s']:.1f} tok/s (with the fastest matrix-vector kernel: "
-              f"{c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
-              f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
-        print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in cols))
-        for impl in ("ours", "ours_fast", "transformers", *QUANTIZED):
-            if r.get(impl):
-                print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}"
-                                               for k, _ in cols))
-        ours, hf = r.get("ours"), r.get("transformers")
-        if ours and "decode_b1_tok_s" in ours:
-            fast = r.get("ours_fast") or ours
-            print(f"  decode b1 / roofline: "
-                  f"ours {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}, "
-                  f"ours_fast {fast['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
-                  f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
-        if ours and hf:
-            ratios = [f"{name} {ours[k] / hf[k]:.2f}x"
-                      + (" (lower is better)" if k == "lora_peak_rss_gb" else "")
-                      for k, name in cols[3:] if k in ours and k in hf]
-            print("  ours / transformers: " + ", ".join(ratios))
-        if r.get("ours_fast") and hf and "decode_b1_tok_s" in hf:
-            print("  ours_fast / transformers: "
-                  + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x"
-                              for k, name in cols[3:6] if k in r["ours_fast"] and k in hf))
-        for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
-            q, fast = r.get(impl), r.get("ours_fast")
-            if q and fast and "decode_b1_tok_s" in q:
-                print(f"  {impl} / ours_fast: " + ", ".join(f"{name} {q[k] / fast[k]:.2f}x"
-                                                          for k, name in cols[1:6]
-                                                          if k in q and k in fast))
-        for impl, acc in (r.get("quantization_accuracy") or {}).items():
-            print(f"  {impl} vs bf16 over {acc['tokens']} tokens of text: logits' relative error "
-                  f"{acc['logits_rel_error']:.3f}, KL {acc['kl_mean']:.4f}, "
-                  f"top-1 agreement {acc['top1_agreement']:.3f}")
+
+
+def print_quantized_kernels(m):
+    bf16 = m["bf16_matvec_gb_s"] / 2  # G weights/s
+    print("quantized kernels (G weights/s; the matrix-vector rate over bf16's, a ceiling for "
+          "decoding; the prefill ceiling at 512 tokens from dequantizing):")
+    for mode in quantize.FORMATS:
+        deq = m[f"{mode}_dequantize_gweights_s"]
+        prefill = 1 / (1 + m["bf16_gemm_gflop_s"] / (2 * 512 * deq))
+        print(f"  {mode}: matrix-vector {m[f'{mode}_matvec_gweights_s']} "
+              f"({m[f'{mode}_matvec_gweights_s'] / bf16:.2f}x bf16), dequantize {deq} "
+              f"(prefill at most {prefill:.2f}x bf16; torch's {mode} kernel on 512 rows "
+              f"{m[f'{mode}_kernel_gemm_gflop_s']} GFLOP/s, "
+              f"{m[f'{mode}_kernel_gemm_gflop_s'] / m['bf16_gemm_gflop_s']:.2f}x bf16's)")
+    w8a8 = m["w8a8_gemm_gflop_s"]
+    print(f"  w8a8: matrix-vector {m['w8a8_matvec_gweights_s']} "
+          f"({m['w8a8_matvec_gweights_s'] / bf16:.2f}x bf16), 512x2048x8192 product "
+          f"{w8a8} GFLOP/s ({w8a8 / m['bf16_gemm_gflop_s']:.2f}x bf16's)")
+
+
+def print_runs(dtype, r):  # the figures of each implementation beside the ceilings
+    c = r["ceilings"]
+    print(f"\n{dtype}: weights {r['weights_gb']:.2f} GB, decode roofline "
+          f"{r['roofline_tok_s']:.1f} tok/s (with the fastest matrix-vector kernel: "
+          f"{c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
+          f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
+    print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in COLUMNS))
+    for impl in ("ours", "ours_fast", "transformers", *QUANTIZED):
+        if r.get(impl):
+            print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}"
+                                           for k, _ in COLUMNS))
+
+
+def print_ratios(r):  # ours against the roofline, transformers, and the quantized against bf16
+    ours, hf = r.get("ours"), r.get("transformers")
+    if ours and "decode_b1_tok_s" in ours:
+        fast = r.get("ours_fast") or ours
+        print(f"  decode b1 / roofline: "
+              f"ours {ours['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}, "
+              f"ours_fast {fast['decode_b1_tok_s'] / r['roofline_tok_s']:.2f}; "
+              f"peak RSS / weights: {ours['peak_rss_gb'] / r['weights_gb']:.2f}")
+    if ours and hf:
+        ratios = [f"{name} {ours[k] / hf[k]:.2f}x"
+                  + (" (lower is better)" if k == "lora_peak_rss_gb" else "")
+                  for k, name in COLUMNS[3:] if k in ours and k in hf]
+        print("  ours / transformers: " + ", ".join(ratios))
+    if r.get("ours_fast") and hf and "decode_b1_tok_s" in hf:
+        print("  ours_fast / transformers: "
+              + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x"
+                          for k, name in COLUMNS[3:6] if k in r["ours_fast"] and k in hf))
+    for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
+        q, fast = r.get(impl), r.get("ours_fast")
+        if q and fast and "decode_b1_tok_s" in q:
+            print(f"  {impl} / ours_fast: " + ", ".join(f"{name} {q[k] / fast[k]:.2f}x"
+                                                      for k, name in COLUMNS[1:6]
+                                                      if k in q and k in fast))
+
+
+def print_accuracy(r):
+    for impl, acc in (r.get("quantization_accuracy") or {}).items():
+        print(f"  {impl} vs bf16 over {acc['tokens']} tokens of text: logits' relative error "
+              f"{acc['logits_rel_error']:.3f}, KL {acc['kl_mean']:.4f}, "
+              f"top-1 agreement {acc['top1_agreement']:.3f}")
 
 
 if __name__ == "__main__":
