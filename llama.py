@@ -12,9 +12,10 @@ Read it top to bottom:
 
 By default the arithmetic is Meta's, op for op, so the output is token-exact with Meta's reference
 implementation (reference.py runs it; test_llama.py compares). Everything optional lives beside
-this file and is applied by swapping modules in: checkpoints.py (Hugging Face layout, conversion),
-speed.py (CPU and GPU fast paths), quantize.py (int8/int4 weights), prepare.py (data);
-generate.load puts them together, for any checkpoint layout; finetune.py trains."""
+this file and is applied by swapping modules in: checkpoints.py (reading Hugging Face's layout,
+tokenizer files, runs), convert.py (writing them), speed.py (CPU and GPU fast paths), quantize.py
+(int8/int4 weights), parallel.py (over processes), prepare.py (data); generate.load puts them
+together, for any checkpoint layout; finetune.py trains."""
 
 import codecs
 import json
