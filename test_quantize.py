@@ -7,6 +7,7 @@ a quantized tiny Transformer against its float twin, QLoRA gradients, and save/l
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -525,8 +526,8 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
     import speed
 
     def build():
-        return llama.build_model(*checkpoints.load_checkpoint(tiny_ckpt), "cpu",
-                                 torch.float32, True)
+        args, sd = checkpoints.load_checkpoint(tiny_ckpt)
+        return llama.build_model(replace(args, fused_attention=True), sd, "cpu", torch.float32)
 
     quantized = quantize.quantize_model(build(), "int4", 32)
     twin = dequantize_into(build(), quantized)
