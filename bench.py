@@ -75,16 +75,15 @@ def best_time(fn, repeats=5):
     return min(times)  # best of a few: the machine is shared
 
 
-def read_bandwidth(gib=2):
+def read_bandwidth(gib):
     """GB/s of reading far more memory than the caches hold: the faster of a sum and of float32
     matrix-vector products (they read at different rates; the machine can do at least the better
     one)."""
-    x = torch.ones(gib * 2**30 // 4, dtype=torch.float32)
-    total = x.numel() * 4 / best_time(x.sum) / 1e9
-    # 64 MB matrices: each fits the cache, all of them do not
-    mats, v = x.view(-1, 4096, 2048), torch.ones(1, 2048)
-    matvec = x.numel() * 4 / best_time(lambda: [torch.nn.functional.linear(v, m)
-                                                for m in mats]) / 1e9
+    # 32 MiB matrices: each may fit the cache, all of them do not
+    mats, v = torch.ones(max(1, round(gib * 32)), 4096, 2048), torch.ones(1, 2048)
+    total = mats.numel() * 4 / best_time(mats.sum) / 1e9
+    matvec = mats.numel() * 4 / best_time(lambda: [torch.nn.functional.linear(v, m)
+                                                   for m in mats]) / 1e9
     return max(total, matvec)
 
 
@@ -95,27 +94,27 @@ def bf16_linear(w):
     return lambda x: torch.nn.functional.linear(x, w)
 
 
-def kernel_rates():
+def kernel_rates(copies=32):
     """The fastest kernels torch has here for what the model does: a bf16 matrix-vector product
-    (weights pre-packed for oneDNN, as llama.py decodes; GB/s over 1 GiB of weights), and a
+    (weights pre-packed for oneDNN, as llama.py decodes; GB/s over copies x 32 MiB), and a
     512 x 2048 x 8192 matrix product (GFLOP/s) in float32 and in bf16 (weights pre-packed too)."""
-    mats = [bf16_linear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(32)]
+    mats = [bf16_linear(torch.randn(8192, 2048, dtype=torch.bfloat16)) for _ in range(copies)]
     v = torch.ones(1, 2048, dtype=torch.bfloat16)
     rates = {"bf16_matvec_gb_s":
-             32 * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
+             copies * 8192 * 2048 * 2 / best_time(lambda: [m(v) for m in mats], 3) / 1e9}
     x, w = torch.randn(512, 2048), torch.randn(8192, 2048)
     rates["f32_gemm_gflop_s"] = (2 * 512 * 2048 * 8192
                                  / best_time(lambda: torch.nn.functional.linear(x, w)) / 1e9)
     packed, xb = mats[0], x.bfloat16()
     rates["bf16_gemm_gflop_s"] = 2 * 512 * 2048 * 8192 / best_time(lambda: packed(xb)) / 1e9
     del mats
-    rates.update(quantized_kernel_rates())
+    rates.update(quantized_kernel_rates(copies))
     return rates
 
 
-def quantized_kernel_rates():
-    """The same for quantize.py's layers, in weights per second: the one-row kernel over 512M
-    weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what each
+def quantized_kernel_rates(copies=32):
+    """The same for quantize.py's layers, in weights per second: the one-row kernel over copies x
+    16M weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what each
     product of many rows does before its bf16 product). They bound the quantized rows: decoding at
     most this matrix-vector rate over bf16's (bf16_matvec_gb_s / 2 weights/s); prefill of n tokens
     at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's. w8a8 converts no weight:
@@ -124,8 +123,8 @@ def quantized_kernel_rates():
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
     int8 = quantize.Int8Linear.from_float(w)
     for mode, layer in (("int8", int8), ("int4", quantize.Int4Linear.from_float(w, 32))):
-        layers = [copy.deepcopy(layer) for _ in range(32)]
-        rates[f"{mode}_matvec_gweights_s"] = 32 * w.numel() / best_time(
+        layers = [copy.deepcopy(layer) for _ in range(copies)]
+        rates[f"{mode}_matvec_gweights_s"] = copies * w.numel() / best_time(
             lambda: [m.kernel(v) for m in layers], 3) / 1e9
         slices = quantize.row_slices(*w.shape)
         rates[f"{mode}_dequantize_gweights_s"] = w.numel() / best_time(
@@ -133,8 +132,8 @@ def quantized_kernel_rates():
         rates[f"{mode}_kernel_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(
             lambda: layer.kernel(x)) / 1e9  # the one-row kernel given 512 rows: slower still
     # the same int8 weights; each layer packs its own copy
-    layers = [quantize.W8A8Linear(int8.qweight, int8.scales) for _ in range(32)]
-    rates["w8a8_matvec_gweights_s"] = 32 * w.numel() / best_time(
+    layers = [quantize.W8A8Linear(int8.qweight, int8.scales) for _ in range(copies)]
+    rates["w8a8_matvec_gweights_s"] = copies * w.numel() / best_time(
         lambda: [m(v) for m in layers], 3) / 1e9
     rates["w8a8_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(lambda: layers[0](x)) / 1e9
     return rates
@@ -600,6 +599,9 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=1,
                    help="runs of each implementation, taken in turn; each figure is the best of "
                         "them (other tenants of a shared machine only ever slow a run)")
+    p.add_argument("--machine_gib", type=float, default=2.0,
+                   help="GiB read to measure the machine's bandwidth and kernels (less: quicker, "
+                        "rougher; more than the caches hold)")
     p.add_argument("--skip_batch8", action="store_true")
     p.add_argument("--skip_prefill", action="store_true")
     p.add_argument("--lora_steps", type=int, default=3,
@@ -655,7 +657,8 @@ def measure_machine(a):
     """The machine's ceilings, measured once before the runs -> (its figures for the report,
     read bandwidth, kernel rates)."""
     llama.log("measuring the machine: read bandwidth, then the fastest kernels ...")
-    bandwidth, rates = read_bandwidth(), kernel_rates()
+    bandwidth = read_bandwidth(a.machine_gib)
+    rates = kernel_rates(copies=max(1, round(a.machine_gib * 16)))  # 1 GiB of bf16 at 2
     machine = {**machine_info(a), "read_bandwidth_gb_s": round(bandwidth, 1),
                **{k: round(v, 1) for k, v in rates.items()}}
     return machine, bandwidth, rates

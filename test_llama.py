@@ -1725,7 +1725,7 @@ def test_bench_runs_and_reports(tmp_path):
     # reports is there and positive
     r = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--dtypes", "float32",
                         "--prompt_len", "8", "--new_tokens", "4", "--prefill_len", "16",
-                        "--lora_steps", "1", "--skip_batch8", "--json",
+                        "--lora_steps", "1", "--skip_batch8", "--json", "--machine_gib", "0.25",
                         "--ckpt_root", str(tmp_path)],
                        cwd=HERE, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
