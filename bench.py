@@ -114,11 +114,12 @@ def kernel_rates(copies=32):
 
 def quantized_kernel_rates(copies=32):
     """The same for quantize.py's layers, in weights per second: the one-row kernel over copies x
-    16M weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what each
-    product of many rows does before its bf16 product). They bound the quantized rows: decoding at
-    most this matrix-vector rate over bf16's (bf16_matvec_gb_s / 2 weights/s); prefill of n tokens
-    at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's. w8a8 converts no weight:
-    its 512 x 2048 x 8192 product (activations rounded to int8 included) is its prefill rate."""
+    16M weights (decoding reads each weight once), and dequantizing slices of rows into bf16 (what
+    each product of many rows does before its bf16 product). They bound the quantized rows:
+    decoding at most this matrix-vector rate over bf16's (bf16_matvec_gb_s / 2 weights/s); prefill
+    of n tokens at most 1 / (1 + bf16 GEMM rate / (2 n dequantize rate)) of bf16's. w8a8 converts
+    no weight: its 512 x 2048 x 8192 product (activations rounded to int8 included) is its prefill
+    rate."""
     w, v, rates = torch.randn(8192, 2048) / 45, torch.ones(1, 2048, dtype=torch.bfloat16), {}
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
     int8 = quantize.Int8Linear.from_float(w)
