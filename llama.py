@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import state_dict as dcp
 
 class InputError(ValueError):
     """Bad user input (files, shapes, settings); the message names the problem and the fix."""
@@ -805,9 +804,11 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos))
 
 # torch.distributed.checkpoint's state dicts: whole tensors, in one process or gathered from FSDP's
-# shards (on rank 0, a layer at a time, into CPU memory); frozen weights left out. And back.
-WHOLE = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-INTO = dcp.StateDictOptions(full_state_dict=True, strict=False)
+# shards (on rank 0, a layer at a time, into CPU memory); frozen weights left out. And back. Its
+# import takes half a second that generation does not need: it is imported where used.
+def state_dicts():
+    from torch.distributed.checkpoint import state_dict as dcp
+    return dcp, dcp.StateDictOptions(full_state_dict=True, strict=False)
 
 def processes():  # (this process's rank, how many) in torch.distributed's group, else (0, 1)
     d = torch.distributed
@@ -818,9 +819,11 @@ def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     directory written atomically; log.jsonl beside it is replaced only then: never ahead of it.
     Every process calls it (FSDP gathers the shards); the first one writes."""
     out_dir, names = Path(out_dir), {n for n, p in model.named_parameters() if p.requires_grad}
-    trained = {n: t.contiguous() for n, t in dcp.get_model_state_dict(model, options=WHOLE)
+    dcp, _ = state_dicts()
+    whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = {n: t.contiguous() for n, t in dcp.get_model_state_dict(model, options=whole)
                .items() if n in names}  # (buffers are left out too)
-    optimizer_state = dcp.get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    optimizer_state = dcp.get_optimizer_state_dict(model, optimizer, options=whole)
     if processes()[0] != 0:
         return
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -838,7 +841,8 @@ def load_training_state(out_dir, model, optimizer):
     the saved step. -> (step, log lines up to it)"""
     state = torch.load(Path(out_dir) / "checkpoint" / "state.pt", weights_only=True)
     load_trained(model, out_dir)
-    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=INTO)
+    dcp, into = state_dicts()
+    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=into)
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -853,7 +857,8 @@ def load_trained(model, out_dir):
         if name not in params or params[name].shape != t.shape:
             raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
     # (into FSDP's shards too: each process keeps its part)
-    dcp.set_model_state_dict(model, saved, options=INTO)
+    dcp, into = state_dicts()
+    dcp.set_model_state_dict(model, saved, options=into)
     return model
 
 @contextmanager

@@ -8,10 +8,12 @@ stdout. test_llama.py compares llama.py against this, token for token.
         --max_gen_len 32 --temperature 0
     python reference.py --ckpt_dir DIR --prompt_tokens '[[128000, 791]]' --dtype bfloat16 --logprobs
     torchrun --nproc_per_node 2 reference.py --ckpt_dir DIR --prompt "Hi"   # model parallel 2
+    python reference.py --ckpt_dir DIR --runs '[{"prompt": ["Hi"]}, {"temperature": 0.7}]'
 
 Output: {"tokens": [[ids of prompt 1], ...], "stops": [stop token id or null, ...],
 "logprobs": [[...], ...]}: generated tokens only, the stop token excluded (it is in "stops"), at
-most --max_gen_len per prompt (as Meta's original llama3 generation.py truncates).
+most --max_gen_len per prompt (as Meta's original llama3 generation.py truncates). With --runs, a
+list of those, one per run: the model is built once, and each run starts from its own seed.
 
 What this script has to work around, and why each is harmless to the comparison:
 - Meta's generation module imports torchvision through its multimodal (vision) model, and there is
@@ -70,6 +72,8 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--runs", help="JSON list of runs on one model, each an object of the flags "
+                   "above that change, e.g. [{\"prompt_tokens\": [[128000]], \"seed\": 3}]")
     a = p.parse_args()
     if not os.path.exists(os.path.join(a.ckpt_dir, "params.json")):
         sys.exit(f"error: {a.ckpt_dir} has no params.json; "
@@ -82,7 +86,6 @@ def main():
     install_torchvision_stand_in()
     import torch
     from llama_models.llama3 import generation
-    from llama_models.llama3.chat_format import LLMInput
 
     meta_reshard = generation.maybe_reshard_state_dict
 
@@ -95,40 +98,52 @@ def main():
     generation.maybe_reshard_state_dict = reshard_with_tied_output
 
     # Meta prints progress to stdout; keep stdout for the JSON
+    first = {**vars(a), "prompt_tokens": json.loads(a.prompt_tokens or "[]")}
+    runs = [{**first, **run} for run in json.loads(a.runs or "[{}]")]
+    batch = max([1] + [len(r["prompt_tokens"]) + len(r["prompt"]) for r in runs])
     with contextlib.redirect_stdout(sys.stderr):
-        prompts = json.loads(a.prompt_tokens) if a.prompt_tokens else []
-        n_prompts = len(prompts) + len(a.prompt)
-        llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len,
-                                        max_batch_size=max(n_prompts, 1),
+        llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=batch,
                                         world_size=int(os.environ["WORLD_SIZE"]), seed=a.seed,
                                         device="cpu")
         if a.dtype == "float32":
             llama.model.float()
-        prompts += [llama.formatter.encode_content(text).tokens for text in a.prompt]
-        tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
-        finished, stops = [False] * len(prompts), [None] * len(prompts)
-        for results in llama.generate([LLMInput(tokens=t) for t in prompts],
-                                      temperature=a.temperature, top_p=a.top_p,
-                                      max_gen_len=a.max_gen_len, logprobs=a.logprobs):
-            for r in results:
-                i = r.batch_idx
-                if r.source != "output" or r.ignore_token or finished[i]:
-                    continue
-                if r.finished:  # this token is the stop token
-                    finished[i], stops[i] = True, r.token
-                    continue
-                tokens[i].append(r.token)
-                if a.logprobs:
-                    logprobs[i].append(r.logprobs[0])
-                finished[i] = len(tokens[i]) >= a.max_gen_len
-            if all(finished):
-                break
-    out = {"tokens": tokens, "stops": stops}
-    if a.logprobs:
-        out["logprobs"] = logprobs
+        outs = []
+        for run in runs:
+            torch.manual_seed(run["seed"])  # (as Llama3.build seeds, for every run)
+            outs.append(generate(llama, run))
     if os.environ["RANK"] == "0":
-        print(json.dumps(out))
+        print(json.dumps(outs if a.runs else outs[0]))
     torch.distributed.destroy_process_group()
+
+
+def generate(llama, run):
+    """One run through Meta's generation loop -> its tokens and stops (and logprobs)."""
+    from llama_models.llama3.chat_format import LLMInput
+
+    prompts = run["prompt_tokens"] + [llama.formatter.encode_content(text).tokens
+                                      for text in run["prompt"]]
+    tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
+    finished, stops = [False] * len(prompts), [None] * len(prompts)
+    for results in llama.generate([LLMInput(tokens=t) for t in prompts],
+                                  temperature=run["temperature"], top_p=run["top_p"],
+                                  max_gen_len=run["max_gen_len"], logprobs=run["logprobs"]):
+        for r in results:
+            i = r.batch_idx
+            if r.source != "output" or r.ignore_token or finished[i]:
+                continue
+            if r.finished:  # this token is the stop token
+                finished[i], stops[i] = True, r.token
+                continue
+            tokens[i].append(r.token)
+            if run["logprobs"]:
+                logprobs[i].append(r.logprobs[0])
+            finished[i] = len(tokens[i]) >= run["max_gen_len"]
+        if all(finished):
+            break
+    out = {"tokens": tokens, "stops": stops}
+    if run["logprobs"]:
+        out["logprobs"] = logprobs
+    return out
 
 
 if __name__ == "__main__":

@@ -65,9 +65,10 @@ def torchrun(n):  # the command that starts n processes, on a free port
             "--master_port", reference.free_port()]
 
 
-def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24,
-             temperature=0.0, top_p=0.9, seed=1, dtype="float32", logprobs=False, nproc=1):
-    """Meta's reference in a process of its own, or model parallel over nproc processes."""
+def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperature=0.0,
+             top_p=0.9, seed=1, dtype="float32", logprobs=False, nproc=1, runs=None):
+    """Meta's reference in a process of its own, or model parallel over nproc processes. With runs
+    (dicts of the arguments above that change), all of them on one model -> a list of results."""
     cmd = [*(torchrun(nproc) if nproc > 1 else [sys.executable]), str(HERE / "reference.py"),
            "--ckpt_dir", str(ckpt_dir),
            "--max_gen_len", str(max_gen_len), "--temperature", str(temperature),
@@ -78,6 +79,9 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24,
         cmd += ["--prompt_tokens", json.dumps(prompt_tokens)]
     if logprobs:
         cmd.append("--logprobs")
+    if runs is not None:  # (reference.py's flag is --prompt)
+        cmd += ["--runs", json.dumps([{("prompt" if k == "prompts" else k): v
+                                       for k, v in run.items()} for run in runs])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
@@ -129,9 +133,10 @@ def test_greedy_batch_matches_meta(ckpt):
 
 
 def test_greedy_single_prompts_match_meta(ckpt_gqa):
-    for prompt in (PROMPTS[0], PROMPTS[3]):
-        assert ours(ckpt_gqa, [prompt], max_gen_len=30) == \
-            run_meta(ckpt_gqa, [prompt], max_gen_len=30)["tokens"]
+    prompts = (PROMPTS[0], PROMPTS[3])
+    meta = run_meta(ckpt_gqa, max_gen_len=30, runs=[dict(prompts=[p]) for p in prompts])
+    for prompt, expected in zip(prompts, meta):
+        assert ours(ckpt_gqa, [prompt], max_gen_len=30) == expected["tokens"]
 
 
 def test_long_prompt_is_200_tokens():
@@ -144,10 +149,9 @@ def test_sampled_matches_meta(ckpt):
     # so any difference in the last bit of a probability would move a draw sooner or later:
     # this needs bit-exactness.
     kw = dict(max_gen_len=48, temperature=1.0, top_p=0.95, seed=1234)
-    expected = run_meta(ckpt, PROMPTS[:3], **kw)["tokens"]
-    assert ours(ckpt, PROMPTS[:3], **kw) == expected
-    # the seed matters
-    assert expected != run_meta(ckpt, PROMPTS[:3], **{**kw, "seed": 99})["tokens"]
+    expected, other = run_meta(ckpt, PROMPTS[:3], **kw, runs=[{}, dict(seed=99)])
+    assert ours(ckpt, PROMPTS[:3], **kw) == expected["tokens"]
+    assert expected["tokens"] != other["tokens"]  # the seed matters
 
 
 def test_logprobs_match_meta(ckpt_gqa):
@@ -166,13 +170,15 @@ def test_logprobs_match_meta(ckpt_gqa):
 def test_bf16_matches_meta(ckpt_gqa):
     # In bf16 every rounding shows: Meta rounds attention scores and probabilities to bf16. The
     # default path repeats Meta's arithmetic op for op and is token-exact, greedy and sampled.
-    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=5)):
-        expected = run_meta(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", **kw)["tokens"]
-        assert ours(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", **kw) == expected
     # the logits of a multi-token prefill and of each step after it, through their
     # log-probabilities: bit for bit
     ids = [TOKENIZER.encode(PROMPTS[3], bos=True), TOKENIZER.encode(PROMPTS[0], bos=True)]
-    meta = run_meta(ckpt_gqa, prompt_tokens=ids, max_gen_len=8, dtype="bfloat16", logprobs=True)
+    runs = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=5)]
+    *expected, meta = run_meta(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", runs=[
+        *runs, dict(prompts=[], prompt_tokens=ids, max_gen_len=8, logprobs=True)])
+    for kw, meta_run in zip(runs, expected):
+        assert ours(ckpt_gqa, PROMPTS[:3], max_gen_len=32, dtype="bfloat16", **kw) == \
+            meta_run["tokens"]
     g = generate.load(ckpt_gqa, max_seq_len=512, max_batch_size=2, device="cpu", dtype="bfloat16")
     tokens, logprobs, _ = g.generate(ids, 8, temperature=0, logprobs=True)
     assert tokens == meta["tokens"] and logprobs == meta["logprobs"]
@@ -182,11 +188,11 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt):
     # fast=True (fused SDPA attention, last-position logits) is not bit-identical to Meta, so it is
     # checked against the exact path within a stated tolerance (1e-4 on float32 logits), and
     # greedy must still be exact.
-    assert ours(ckpt, PROMPTS, max_gen_len=24, fast=True) == \
-        run_meta(ckpt, PROMPTS, max_gen_len=24)["tokens"]
-    for prompt in PROMPTS[::3]:  # single prompts too (no padding: another path through the cache)
-        assert ours(ckpt, [prompt], max_gen_len=24, fast=True) == \
-            run_meta(ckpt, [prompt], max_gen_len=24)["tokens"]
+    # single prompts too (no padding: another path through the cache)
+    batches = [PROMPTS, *([p] for p in PROMPTS[::3])]
+    meta = run_meta(ckpt, max_gen_len=24, runs=[dict(prompts=b) for b in batches])
+    for prompts, expected in zip(batches, meta):
+        assert ours(ckpt, prompts, max_gen_len=24, fast=True) == expected["tokens"]
     exact = generate.load(ckpt, max_seq_len=256, device="cpu")
     fused = generate.load(ckpt, max_seq_len=256, device="cpu", fast=True)
     tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
@@ -237,7 +243,13 @@ def ckpt_stops(tmp_path_factory, ckpt_gqa):
 def test_stop_tokens_match_meta(ckpt_stops):
     g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu")
     ids = [g.tokenizer.encode(p, bos=True) for p in PROMPTS]
-    meta = run_meta(ckpt_stops, prompt_tokens=ids, max_gen_len=24)
+    # greedy; sampled on the three short prompts (the long one makes ~340 steps, each sorting
+    # 128k probabilities, in both implementations); a chat
+    sampled = dict(temperature=0.7, top_p=0.9, seed=3)
+    dialog = [{"role": "user", "content": PROMPTS[0]}]
+    meta, meta_sampled, meta_chat = run_meta(ckpt_stops, max_gen_len=24, runs=[
+        dict(prompt_tokens=ids), dict(prompt_tokens=ids[:3], **sampled),
+        dict(prompt_tokens=[g.tokenizer.encode_dialog_prompt(dialog)], max_gen_len=30)])
     # a ragged batch whose rows end at different steps
     tokens, _, stops = g.generate(ids, 24, temperature=0)
     assert tokens == meta["tokens"] and stops == meta["stops"]
@@ -247,17 +259,10 @@ def test_stop_tokens_match_meta(ckpt_stops):
         assert g.generate([ids[i]], 24, temperature=0)[0][0] == meta["tokens"][i]
         assert [t for t, _ in g.stream(ids[i], 24, temperature=0) if t is not None] == \
             meta["tokens"][i]
-    # sampled: the three short prompts (the long one makes ~340 steps, each sorting 128k
-    # probabilities, in both implementations)
-    sampled = dict(temperature=0.7, top_p=0.9, seed=3)
-    meta_sampled = run_meta(ckpt_stops, prompt_tokens=ids[:3], max_gen_len=24, **sampled)
     g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu", seed=3)
     assert g.generate(ids[:3], 24, temperature=0.7, top_p=0.9)[::2] == (meta_sampled["tokens"],
                                                                         meta_sampled["stops"])
     # chat_completion's stop_reason: from the token that ended the reply in Meta's run
-    dialog = [{"role": "user", "content": PROMPTS[0]}]
-    meta_chat = run_meta(ckpt_stops,
-                         prompt_tokens=[g.tokenizer.encode_dialog_prompt(dialog)], max_gen_len=30)
     reply = g.chat_completion([dialog], temperature=0, max_gen_len=30)[0]
     reason = {g.tokenizer.eot_id: "end_of_turn", g.tokenizer.eom_id: "end_of_message",
               g.tokenizer.eos_id: "end_of_turn", None: "out_of_tokens"}[meta_chat["stops"][0]]
@@ -270,10 +275,10 @@ def test_stop_tokens_match_meta(ckpt_stops):
 def test_real_checkpoint_matches_meta():
     ckpt = os.environ["LLAMA_CKPT_DIR"]
     prompts = ["The capital of France is", "def fibonacci(n):"]
-    assert ours(ckpt, prompts, max_gen_len=16) == run_meta(ckpt, prompts, max_gen_len=16)["tokens"]
     kw = dict(temperature=0.6, top_p=0.9, seed=7)
-    assert ours(ckpt, prompts, max_gen_len=16, **kw) == \
-        run_meta(ckpt, prompts, max_gen_len=16, **kw)["tokens"]
+    greedy, sampled = run_meta(ckpt, prompts, max_gen_len=16, runs=[{}, kw])
+    assert ours(ckpt, prompts, max_gen_len=16) == greedy["tokens"]
+    assert ours(ckpt, prompts, max_gen_len=16, **kw) == sampled["tokens"]
 
 
 # ----------------------------------------------------------------------------- model
@@ -1255,25 +1260,6 @@ def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint(ckpt_gqa, corpu
     model = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
     llama.load_trained(checkpoints.apply_run_lora(model, checkpoints.read_run(tmp_path / "run")),
                        tmp_path / "run")
-
-
-def test_ddp_two_processes_match_one(ckpt_gqa, corpus, tmp_path):
-    common = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--seq_len", 64, "--grad_accum", 2,
-              "--max_steps", 4, "--mode", "lora+norm", "--lr", 3e-3, "--eval_every", 2,
-              "--eval_batches", 2, "--sample_every", 0, "--device", "cpu"]
-    one = subprocess.run([sys.executable, str(HERE / "finetune.py"), *map(str, common),
-                          "--batch_size", "4", "--out_dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*torchrun(2), str(HERE / "finetune.py"), *map(str, common),
-                          "--batch_size", "2",
-                          "--out_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
-        assert a["step"] == b["step"]
-        key = "loss" if "loss" in a else "val_loss"
-        assert math.isclose(a[key], b[key], rel_tol=1e-5), (a, b)
 
 
 def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
