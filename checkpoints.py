@@ -14,8 +14,10 @@ A directory with tokenizer.json alone (no tokenizer.model) works everywhere a ch
 
 import base64
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -208,7 +210,34 @@ def load_checkpoint(ckpt_dir):
     if layout == "hf":
         return load_hf_checkpoint(d)
     check_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
-    return llama.load_meta_checkpoint(d)
+    args, state_dict = llama.load_meta_checkpoint(d)
+    return drop_kv_copies(args, state_dict, len(list(d.glob("consolidated.*.pth"))))
+
+
+def kv_copies(wk, args):
+    """How many consecutive files hold the same K/V head (1: none), from layer 0's wk in each file.
+    Meta's 405B for 16 ranks says n_kv_heads 16 in params.json: each of its 8 K/V heads is stored
+    twice, one per file."""
+    copies = 1
+    while copies < len(wk) and wk[0].shape[0] == args.head_dim and torch.equal(wk[0], wk[copies]):
+        copies += 1
+    return copies if len(wk) % copies == 0 else 1
+
+
+def drop_kv_copies(args, state_dict, n_files):
+    """Merged from n_files with each K/V head in `copies` consecutive files -> one of each, checked
+    equal (copies that differ mean damaged files): the model it was before it was copied."""
+    copies = kv_copies(state_dict["layers.0.attention.wk.weight"].chunk(n_files), args)
+    out = dict(state_dict)
+    for key, t in state_dict.items():
+        if copies > 1 and key.endswith(("wk.weight", "wv.weight")):
+            parts = t.chunk(n_files)
+            for i in range(0, n_files, copies):
+                if not all(torch.equal(parts[i], p) for p in parts[i + 1:i + copies]):
+                    raise InputError(f"'{key}': files {i}..{i + copies - 1} should hold copies of "
+                                     f"one K/V head but differ; the files are damaged")
+            out[key] = torch.cat(parts[::copies])
+    return replace(args, n_kv_heads=args.n_kv_heads // copies), out
 
 
 def find_tokenizer(ckpt_dir):

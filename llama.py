@@ -414,36 +414,16 @@ def meta_shard_dim(key):
         return 1  # row-parallel: split along the input features
     return 0  # column-parallel (wq, wk, wv, w1, w3, output) and the vocab-parallel embedding
 
-def merge_meta_shards(shards, args):
-    merged, kv_rows = {}, args.n_kv_heads * args.head_dim
+def merge_meta_shards(shards):
+    """Meta's model-parallel shards (dicts of the same names) -> whole tensors."""
+    merged = {}
     for key in shards[0]:
         if any(key not in s for s in shards):
             raise InputError(f"'{key}' is in consolidated.00.pth but not in every shard; "
                              f"the shards do not belong together")
         dim, parts = meta_shard_dim(key), [s[key] for s in shards]
-        if dim is None or len(shards) == 1:
-            merged[key] = parts[0]
-            continue
-        if key.endswith(("wk.weight", "wv.weight")) and sum(p.shape[0] for p in parts) > kv_rows:
-            # more shards than K/V heads (405B on 16 ranks): consecutive shards hold copies of one
-            copies = sum(p.shape[0] for p in parts) // kv_rows
-            for i in range(0, len(parts), copies):
-                if not all(torch.equal(parts[i], p) for p in parts[i + 1:i + copies]):
-                    raise InputError(f"'{key}': shards {i}..{i + copies - 1} should hold copies of "
-                                     f"one K/V head but differ; the shards are damaged")
-            parts = parts[::copies]
-        merged[key] = torch.cat(parts, dim=dim)
+        merged[key] = parts[0] if dim is None or len(shards) == 1 else torch.cat(parts, dim=dim)
     return merged
-
-def kv_copies(shards, args):
-    """How many consecutive shards hold the same K/V head (1: none). Meta's 405B for 16 ranks says
-    n_kv_heads 16 in params.json: each of its 8 K/V heads is stored twice, one per file."""
-    wk = [s["layers.0.attention.wk.weight"] for s in shards]
-    copies = 1
-    while (copies < len(wk) and wk[0].shape[0] == args.head_dim
-           and torch.equal(wk[0], wk[copies])):
-        copies += 1
-    return copies if len(wk) % copies == 0 else 1
 
 def tie_output(args, state_dict):
     """Tied when there is no output matrix, or when it copies the embedding (Meta's 3.2 1B/3B)."""
@@ -469,9 +449,7 @@ def load_meta_checkpoint(ckpt_dir):
         except Exception as e:
             raise InputError(f"cannot read {p}: {str(e).splitlines()[0]}; is it whole?") from None
         log(f"  mapped {p.name} ({i + 1}/{len(paths)})")
-    # duplicated K/V heads are merged to one each (merge_meta_shards checks that they are equal)
-    args = replace(args, n_kv_heads=args.n_kv_heads // kv_copies(shards, args))
-    return tie_output(args, merge_meta_shards(shards, args))
+    return tie_output(args, merge_meta_shards(shards))
 
 def build_model(args, state_dict, device, dtype, shard=None):
     """Weights (Meta's names) assigned into a Transformer built on the meta device: no copy made.

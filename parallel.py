@@ -182,7 +182,8 @@ def read_meta_shard(d, args, rank, n):
     files = {}
     for i in mine:  # memory-mapped: only the slices used are read
         files[i] = torch.load(paths[i], map_location="cpu", weights_only=True, mmap=True)
-    copies = llama.kv_copies(list(files.values()), args)  # duplicated K/V heads (405B on 16)
+    copies = checkpoints.kv_copies(  # duplicated K/V heads (405B on 16)
+        [f["layers.0.attention.wk.weight"] for f in files.values()], args)
     args = replace(args, n_kv_heads=args.n_kv_heads // copies)
     out = {}
     for key, t in files[mine[0]].items():

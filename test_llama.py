@@ -1481,6 +1481,7 @@ def test_405b_shard_layout_merges_and_checks_the_copies(tmp_path):
     # head's rows sit in two shards
     args = tiny_args(n_kv_heads=2, n_heads=4)
     sd = convert.random_state_dict(args, seed=3, dtype=torch.float32)
+    as_listed = replace(args, n_kv_heads=4)  # as params.json lists it: one K/V head per file
     n = 4
     shards = [{} for _ in range(n)]
     for key, t in sd.items():
@@ -1491,11 +1492,12 @@ def test_405b_shard_layout_merges_and_checks_the_copies(tmp_path):
             parts = [t] * n if dim is None else list(t.chunk(n, dim))
         for shard, part in zip(shards, parts):
             shard[key] = part.clone()
-    merged = llama.merge_meta_shards(shards, args)
+    got_args, merged = checkpoints.drop_kv_copies(as_listed, llama.merge_meta_shards(shards), n)
+    assert got_args == args
     assert sorted(merged) == sorted(sd) and all(torch.equal(merged[k], sd[k]) for k in sd)
     shards[3]["layers.1.attention.wv.weight"][0, 0] += 1  # one copy differs from its twin: damaged
     with pytest.raises(InputError, match="should hold copies"):
-        llama.merge_meta_shards(shards, args)
+        checkpoints.drop_kv_copies(as_listed, llama.merge_meta_shards(shards), n)
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(ckpt_gqa):
