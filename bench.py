@@ -528,7 +528,7 @@ def scale_child(kind, ckpt, a):
     every = [None] * parallel.world()[1]
     torch.distributed.all_gather_object(every, out)
     print(json.dumps(every))  # (other ranks print to /dev/null)
-    torch.distributed.destroy_process_group()
+    parallel.end_processes()
 
 
 def scale(ckpt, a):

@@ -168,15 +168,14 @@ def main(argv=None):
 
     stopped = llama.train(model, tokenizer, train_data, val_data, run, cfg.out_dir,
                           resume=cfg.resume, sample_text=sample_text)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return model, stopped
 
 
 if __name__ == "__main__":
     try:
-        _, stopped = main()
+        stopped = main()[1]  # (the model is let go here, so that the process group can end)
     except llama.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    parallel.end_processes()
     sys.exit({2: 130, 15: 143}.get(stopped, 0))  # SIGINT, SIGTERM: as a shell reports them

@@ -247,13 +247,12 @@ def main(argv=None):
     llama.log(f"{n} tokens in {seconds:.2f}s: {n / seconds:.1f} tokens/s{first}")
     if max(len(p) + len(o) for p, o in zip(ids, outputs)) >= a.max_seq_len:
         llama.log(f"note: stopped at --max_seq_len {a.max_seq_len}; raise it for longer output")
-    if dist.is_initialized():  # tensor parallel: gloo may abort at exit without it
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main()
+        parallel.end_processes()  # tensor parallel: its model let go first (see end_processes)
     except llama.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,7 @@ bf16) and 3.1 405B (810 GB) run where no single device holds them.
   parameters, gradients and AdamW's state are each 1/N per process.
 """
 
+import gc
 import os
 import sys
 from dataclasses import replace
@@ -56,6 +57,16 @@ def init_processes(device):
     if world()[0] > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 prints the text (llama.log: rank 0 only)
     return device
+
+
+def end_processes():
+    """Leave the process group, with gloo's worker threads joined while Python still runs: a thread
+    still releasing a finished collective's tensors as the interpreter exits aborts the process
+    (SIGABRT). The group is destroyed only when nothing holds it: FSDP's modules do, in cycles."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ What this script has to work around, and why each is harmless to the comparison:
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -113,6 +114,8 @@ def main():
             outs.append(generate(llama, run))
     if os.environ["RANK"] == "0":
         print(json.dumps(outs if a.runs else outs[0]))
+    del llama, outs
+    gc.collect()  # gloo's threads joined while Python runs (else one can abort the exit)
     torch.distributed.destroy_process_group()
 
 
