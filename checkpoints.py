@@ -398,6 +398,32 @@ def apply_run_lora(model, run):
     return model
 
 
+def load_trained(model, out_dir):
+    """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model like it."""
+    path = Path(out_dir) / "checkpoint" / "trainable.safetensors"
+    saved, params = load_file(path), dict(model.named_parameters())
+    for name, t in saved.items():
+        if name not in params or params[name].shape != t.shape:
+            raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
+    dcp, into = llama.state_dicts()
+    dcp.set_model_state_dict(model, saved, options=into)  # (into FSDP's shards too: each its part)
+    return model
+
+
+def load_training_state(out_dir, model, optimizer):
+    """llama.save_training_state's mirror: weights, optimizer and random state exactly as they were
+    at the saved step. -> (step, log lines up to it), where llama.train goes on from."""
+    state = torch.load(Path(out_dir) / "checkpoint" / "state.pt", weights_only=True)
+    load_trained(model, out_dir)
+    dcp, into = llama.state_dicts()
+    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=into)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log(f"resumed {out_dir} at step {state['step']}")
+    return state["step"], (Path(out_dir) / "checkpoint" / "log.jsonl").read_text().splitlines()
+
+
 def load_finetuned(model, run_dir):
     """A base model with a finetune run's weights merged in (in float32, then back to the model's
     dtype). run_dir: the --out_dir of a finetune run, or a PEFT LoRA adapter directory
@@ -407,7 +433,7 @@ def load_finetuned(model, run_dir):
         model, what = load_peft_adapter(model, run_dir), "PEFT LoRA adapter"
     else:
         run = read_run(run_dir)
-        model = llama.load_trained(apply_run_lora(model, run), run_dir)
+        model = load_trained(apply_run_lora(model, run), run_dir)
         what = f"{run['mode']} weights (step {run['step']})"
     model = llama.merge_lora(model)
     for p in model.parameters():

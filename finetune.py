@@ -166,8 +166,11 @@ def main(argv=None):
         model.train()
         return text["generation"]
 
-    stopped = llama.train(model, tokenizer, train_data, val_data, run, cfg.out_dir,
-                          resume=cfg.resume, sample_text=sample_text)
+    optimizer = llama.adamw(model, run)
+    start = checkpoints.load_training_state(cfg.out_dir, model, optimizer) if cfg.resume \
+        else (0, [])
+    stopped = llama.train(model, optimizer, tokenizer, train_data, val_data, run, cfg.out_dir,
+                          start, sample_text)
     return model, stopped
 
 

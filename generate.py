@@ -154,6 +154,22 @@ def check(a):
 # The chat (--chat): Meta's chat format, the history re-encoded each turn and cut from the oldest
 # turn when it outgrows max_seq_len (never the system prompt); Ctrl-C stops a reply, not the chat.
 
+def stream(g, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
+    """One prompt through a llama.Llama -> (token_id, new text) per token, then (None, text) for
+    bytes left at the end (a character cut between tokens); the stop token is not yielded."""
+    decoder, n = g.tokenizer.stream_decoder(), len(prompt_tokens)
+    for tokens, _, cur_pos, _ in g.generate_steps([prompt_tokens], max_gen_len, temperature, top_p,
+                                                  top_k):
+        token = tokens[0, cur_pos].item()
+        if cur_pos < n:
+            continue
+        if token in g.tokenizer.stop_tokens:
+            break
+        yield token, decoder.decode(g.tokenizer.model.decode_single_token_bytes(token))
+    if rest := decoder.decode(b"", final=True):
+        yield None, rest
+
+
 def chat(g, a):
     """A terminal chat (or an answer per --prompt). When the history no longer fits max_seq_len with
     room for a reply, the oldest turns go, never the system prompt."""
@@ -180,7 +196,7 @@ def chat(g, a):
             continue
         text = ""
         try:
-            for _, piece in g.stream(tokens, min(a.max_new_tokens, max_len - len(tokens)),
+            for _, piece in stream(g, tokens, min(a.max_new_tokens, max_len - len(tokens)),
                                      a.temperature, a.top_p, a.top_k):
                 text += piece
                 print(piece, end="", flush=True)
@@ -233,7 +249,8 @@ def main(argv=None):
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         outputs = [[]]
-        for token, text in g.stream(ids[0], a.max_new_tokens, a.temperature, a.top_p, a.top_k):
+        for token, text in stream(g, ids[0], a.max_new_tokens, a.temperature, a.top_p,
+                                  a.top_k):
             t_first = t_first if outputs[0] else time.time()
             outputs[0] += [token] if token is not None else []
             print(text, end="", flush=True)

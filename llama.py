@@ -34,7 +34,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 class InputError(ValueError):
     """Bad user input (files, shapes, settings); the message names the problem and the fix."""
@@ -626,21 +626,6 @@ class Llama:
             stops.append(new[cut] if cut < len(new) else None)
         return out, (lps if logprobs else None), stops
 
-    def stream(self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, top_k=0):
-        """One prompt -> (token_id, new text) per token, then (None, text) for bytes left at the
-        end; the stop token is not yielded."""
-        decoder, n = self.tokenizer.stream_decoder(), len(prompt_tokens)
-        for tokens, _, cur_pos, done in self.generate_steps([prompt_tokens], max_gen_len,
-                                                            temperature, top_p, top_k):
-            token = tokens[0, cur_pos].item()
-            if cur_pos < n:
-                continue
-            if token in self.tokenizer.stop_tokens:
-                break
-            yield token, decoder.decode(self.tokenizer.model.decode_single_token_bytes(token))
-        if rest := decoder.decode(b"", final=True):
-            yield None, rest
-
     def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, top_k=0, max_gen_len=None,
                         logprobs=False):
         """-> [{"generation": {"role": "assistant", "content", "stop_reason"}, "tokens"}]"""
@@ -814,31 +799,6 @@ def save_training_state(out_dir, model, optimizer, step, run, log_lines):
     with atomic_file(out_dir / "log.jsonl") as tmp:
         shutil.copyfile(out_dir / "checkpoint" / "log.jsonl", tmp)
 
-def load_training_state(out_dir, model, optimizer):
-    """save_training_state's mirror: weights, optimizer and random state exactly as they were at
-    the saved step. -> (step, log lines up to it)"""
-    state = torch.load(Path(out_dir) / "checkpoint" / "state.pt", weights_only=True)
-    load_trained(model, out_dir)
-    dcp, into = state_dicts()
-    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=into)
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    log(f"resumed {out_dir} at step {state['step']}")
-    return state["step"], (Path(out_dir) / "checkpoint" / "log.jsonl").read_text().splitlines()
-
-def load_trained(model, out_dir):
-    """Load the weights a finetune run saved (LoRA adapters, norms or all) into a model like it."""
-    path = Path(out_dir) / "checkpoint" / "trainable.safetensors"
-    saved, params = load_file(path), dict(model.named_parameters())
-    for name, t in saved.items():
-        if name not in params or params[name].shape != t.shape:
-            raise InputError(f"{path}: '{name}' does not fit this model: a run of another one")
-    # (into FSDP's shards too: each process keeps its part)
-    dcp, into = state_dicts()
-    dcp.set_model_state_dict(model, saved, options=into)
-    return model
-
 @contextmanager
 def stop_on_signals():
     """Ctrl-C (SIGINT) and SIGTERM (what schedulers send) only set stop["signal"]: the loop stops
@@ -852,19 +812,24 @@ def stop_on_signals():
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-def train(model, tokenizer, train_data, val_data, run, out_dir, resume=False, sample_text=None):
+def adamw(model, run):
+    """AdamW over the trainable parameters, with weight decay on matrices only, never on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": run["weight_decay"]},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=run["lr"], betas=(0.9, 0.95), fused=params[0].device.type == "cuda")
+
+def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start=(0, []),
+          sample_text=None):
     """Train on (tokens, loss mask) data with run's settings (lr, batch_size, ...: saved with each
-    checkpoint in out_dir; resume goes on from the last). -> the signal that stopped it, "stop_at"
-    or None. In several processes the model is whole in each (DDP wraps it here) or, with
-    run["fsdp"], already sharded by fully_shard."""
+    checkpoint in out_dir), from start: (step, log lines), as a saved checkpoint left them.
+    -> the signal that stopped it, "stop_at" or None. In several processes the model is whole in
+    each (DDP wraps it here) or, with run["fsdp"], already sharded by fully_shard."""
     cfg, (rank, world) = SimpleNamespace(**run), processes()
     device, out_dir = model.tok_embeddings.weight.device, Path(out_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(  # weight decay on matrices only, never on norms
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    step, log_lines = load_training_state(out_dir, model, optimizer) if resume else (0, [])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    step, log_lines = start[0], list(start[1])
     # buffers (RoPE, quantized weights) are frozen and alike in every process: never sent
     ddp = world > 1 and not cfg.fsdp
     train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp \

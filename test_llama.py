@@ -257,7 +257,7 @@ def test_stop_tokens_match_meta(ckpt_stops):
         len({s for s in stops if s is not None}) >= 2, (tokens, stops)
     for i in (0, 2):  # single prompts, and the stream of one, end where Meta ends
         assert g.generate([ids[i]], 24, temperature=0)[0][0] == meta["tokens"][i]
-        assert [t for t, _ in g.stream(ids[i], 24, temperature=0) if t is not None] == \
+        assert [t for t, _ in generate.stream(g, ids[i], 24, temperature=0) if t is not None] == \
             meta["tokens"][i]
     g = generate.load(ckpt_stops, max_seq_len=512, max_batch_size=4, device="cpu", seed=3)
     assert g.generate(ids[:3], 24, temperature=0.7, top_p=0.9)[::2] == (meta_sampled["tokens"],
@@ -450,7 +450,7 @@ def test_stream_decoder_handles_split_characters():
 def test_stream_matches_generate(ckpt_gqa):
     model = generate.load(ckpt_gqa, max_seq_len=128, device="cpu", seed=3)
     prompt = model.tokenizer.encode("Streaming test", bos=True)
-    streamed = list(model.stream(prompt, 20, temperature=0))
+    streamed = list(generate.stream(model, prompt, 20, temperature=0))
     batch = model.generate([prompt], 20, temperature=0)[0]
     assert [t for t, _ in streamed if t is not None] == batch[0]
     assert "".join(s for _, s in streamed) == model.tokenizer.decode(batch[0])
@@ -1258,7 +1258,7 @@ def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint(ckpt_gqa, corpu
     step = checkpoints.read_run(tmp_path / "run")["step"]
     assert step >= 3 and [r["step"] for r in read_log(tmp_path / "run")] == list(range(1, step + 1))
     model = llama.build_model(*checkpoints.load_checkpoint(ckpt_gqa), "cpu", torch.float32)
-    llama.load_trained(checkpoints.apply_run_lora(model, checkpoints.read_run(tmp_path / "run")),
+    checkpoints.load_trained(checkpoints.apply_run_lora(model, checkpoints.read_run(tmp_path / "run")),
                        tmp_path / "run")
 
 
