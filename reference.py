@@ -73,13 +73,17 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--logprobs", action="store_true")
-    p.add_argument("--runs", help="JSON list of runs on one model, each an object of the flags "
-                   "above that change, e.g. [{\"prompt_tokens\": [[128000]], \"seed\": 3}]")
+    p.add_argument("--runs", help="JSON list of runs, each an object of the flags above that "
+                   "change, e.g. [{\"prompt_tokens\": [[128000]], \"seed\": 3}]; a model is "
+                   "built once for the runs of each ckpt_dir")
     a = p.parse_args()
-    if not os.path.exists(os.path.join(a.ckpt_dir, "params.json")):
-        sys.exit(f"error: {a.ckpt_dir} has no params.json; "
-                 "Meta's reference reads Meta's layout only "
-                 f"(convert with: python convert.py convert {a.ckpt_dir} DIR --to meta)")
+    first = {**vars(a), "prompt_tokens": json.loads(a.prompt_tokens or "[]")}
+    runs = [{**first, **run} for run in json.loads(a.runs or "[{}]")]
+    for ckpt_dir in {run["ckpt_dir"] for run in runs}:
+        if not os.path.exists(os.path.join(ckpt_dir, "params.json")):
+            sys.exit(f"error: {ckpt_dir} has no params.json; "
+                     "Meta's reference reads Meta's layout only "
+                     f"(convert with: python convert.py convert {ckpt_dir} DIR --to meta)")
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", free_port()), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -99,17 +103,18 @@ def main():
     generation.maybe_reshard_state_dict = reshard_with_tied_output
 
     # Meta prints progress to stdout; keep stdout for the JSON
-    first = {**vars(a), "prompt_tokens": json.loads(a.prompt_tokens or "[]")}
-    runs = [{**first, **run} for run in json.loads(a.runs or "[{}]")]
     batch = max([1] + [len(r["prompt_tokens"]) + len(r["prompt"]) for r in runs])
+    llama, built, outs = None, None, []
     with contextlib.redirect_stdout(sys.stderr):
-        llama = generation.Llama3.build(a.ckpt_dir, max_seq_len=a.max_seq_len, max_batch_size=batch,
-                                        world_size=int(os.environ["WORLD_SIZE"]), seed=a.seed,
-                                        device="cpu")
-        if a.dtype == "float32":
-            llama.model.float()
-        outs = []
         for run in runs:
+            if run["ckpt_dir"] != built:
+                del llama  # one model at a time
+                llama = generation.Llama3.build(run["ckpt_dir"], max_seq_len=a.max_seq_len,
+                                                max_batch_size=batch, seed=a.seed, device="cpu",
+                                                world_size=int(os.environ["WORLD_SIZE"]))
+                built = run["ckpt_dir"]
+                if a.dtype == "float32":
+                    llama.model.float()
             torch.manual_seed(run["seed"])  # (as Llama3.build seeds, for every run)
             outs.append(generate(llama, run))
     if os.environ["RANK"] == "0":

@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,12 +66,48 @@ def torchrun(n):  # the command that starts n processes, on a free port
             "--master_port", reference.free_port()]
 
 
+def run_processes(n, args, timeout=300):
+    """`torchrun --nproc_per_node n python ARGS`, its processes started here with the variables
+    torchrun gives them, without its agent (a torch import and a rendezvous fewer: a second or
+    two of 2 cores, over a dozen runs). One process failing stops the others, as torchrun does.
+    -> subprocess.CompletedProcess with every rank's output, rank 0's first. The test of a size
+    that does not divide, and bench.py --scale, go through torchrun itself."""
+    import reference
+
+    port, procs, outs = reference.free_port(), [], []
+    for rank in range(n):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
+                   LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        outs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], env=env,
+                                      stdout=outs[-1][0], stderr=outs[-1][1], text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs) or time.monotonic() > deadline:
+                break  # a failed rank: the others would wait for it in a collective
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = []
+    for f in (f for pair in zip(*outs) for f in pair):
+        f.seek(0)
+        text.append(f.read())
+        f.close()
+    codes = [p.returncode for p in procs]
+    return subprocess.CompletedProcess(args, next((c for c in codes if c), 0),
+                                       "".join(text[:n]), "".join(text[n:]))
+
+
 def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperature=0.0,
              top_p=0.9, seed=1, dtype="float32", logprobs=False, nproc=1, runs=None):
     """Meta's reference in a process of its own, or model parallel over nproc processes. With runs
     (dicts of the arguments above that change), all of them on one model -> a list of results."""
-    cmd = [*(torchrun(nproc) if nproc > 1 else [sys.executable]), str(HERE / "reference.py"),
-           "--ckpt_dir", str(ckpt_dir),
+    cmd = [str(HERE / "reference.py"), "--ckpt_dir", str(ckpt_dir),
            "--max_gen_len", str(max_gen_len), "--temperature", str(temperature),
            "--top_p", str(top_p), "--seed", str(seed), "--dtype", dtype]
     for p in prompts:
@@ -82,7 +119,8 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperatu
     if runs is not None:  # (reference.py's flag is --prompt)
         cmd += ["--runs", json.dumps([{("prompt" if k == "prompts" else k): v
                                        for k, v in run.items()} for run in runs])]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = (run_processes(nproc, cmd) if nproc > 1 else
+         subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300))
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 

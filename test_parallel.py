@@ -22,7 +22,7 @@ import generate
 import llama
 import parallel
 from test_llama import (META_TOKENIZER, PROMPTS, TOKENIZER, ckpt_gqa, ckpt_stops,  # noqa: F401
-                        corpus, read_log, run_meta, tiny_args, torchrun)
+                        corpus, read_log, run_meta, run_processes, tiny_args, torchrun)
 
 HERE = Path(__file__).parent
 
@@ -61,9 +61,8 @@ def run_ours(tmp_path, n, jobs):
     """-> per job, the results of rank 0, after checking that every rank had the same tokens."""
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    r = subprocess.run([*torchrun(n), str(tmp_path / "worker.py"), str(HERE),
-                        str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
-                       capture_output=True, text=True, timeout=300)
+    r = run_processes(n, [tmp_path / "worker.py", HERE, tmp_path / "jobs.json",
+                          tmp_path / "out.json"])
     assert r.returncode == 0, r.stderr[-3000:]
     every = json.loads((tmp_path / "out.json").read_text())
     for job in range(len(jobs)):  # the ranks never diverge: each sampled the same tokens
@@ -117,16 +116,16 @@ def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckp
         dict(ckpt=str(ckpt_wide / "meta"), ids=SHORT), dict(ckpt=str(ckpt_wide / "hf"), ids=SHORT),
         dict(ckpt=str(ckpt_405b_style), ids=IDS[3:])])
     assert "weights per process: " in log
-    meta, meta_long, meta_sampled = run_meta(ckpt_stops, nproc=2, runs=[
-        dict(prompt_tokens=IDS), dict(prompt_tokens=IDS[3:]), dict(prompt_tokens=SHORT, **sampled)])
+    meta, meta_long, meta_sampled, meta_wide = run_meta(ckpt_stops, nproc=2, runs=[
+        dict(prompt_tokens=IDS), dict(prompt_tokens=IDS[3:]), dict(prompt_tokens=SHORT, **sampled),
+        dict(prompt_tokens=SHORT, ckpt_dir=str(ckpt_wide / "meta"))])
     assert (two[0]["tokens"], two[0]["stops"]) == (meta["tokens"], meta["stops"])
     assert len({s for s in meta["stops"] if s is not None}) >= 2  # rows end on stop tokens
     meta_long = meta_long["tokens"]
     assert two[1]["tokens"] == meta_long
     assert two[2]["tokens"] == meta_sampled["tokens"]
     # 4 files on 2 processes (joined two by two), and the same weights in HF's layout
-    meta_wide = run_meta(ckpt_wide / "meta", prompt_tokens=SHORT, nproc=2)["tokens"]
-    assert two[3]["tokens"] == meta_wide == two[4]["tokens"]
+    assert two[3]["tokens"] == meta_wide["tokens"] == two[4]["tokens"]
     # 405B's duplicated K/V heads are dropped on 2 processes: one K/V head each, the same model
     assert two[5]["n_kv_heads"] == 1
     assert two[5]["tokens"] == meta_long
@@ -217,10 +216,10 @@ def finetune(tmp_path, name, n, *flags):
     common = ["--seq_len", 64, "--grad_accum", 2, "--max_steps", 4, "--lr", 3e-3, "--eval_every",
               2, "--eval_batches", 2, "--sample_every", 0, "--device", "cpu", "--batch_size", 2,
               "--save_every", 2]
-    r = subprocess.run([*(torchrun(n) if n > 1 else [sys.executable]), str(HERE / "finetune.py"),
-                        *map(str, common + list(flags)),
-                        "--out_dir", str(tmp_path / name)],
-                       capture_output=True, text=True, timeout=300)
+    cmd = [HERE / "finetune.py", *common, *flags, "--out_dir", tmp_path / name]
+    r = (run_processes(n, cmd) if n > 1 else
+         subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True,
+                        timeout=300))
     assert r.returncode == 0, r.stderr[-3000:]
     return read_log(tmp_path / name), r.stderr
 

@@ -420,6 +420,7 @@ from pathlib import Path
 import checkpoints
 import convert
 import generate
+from test_llama import run_processes
 
 HERE = Path(__file__).parent
 META_TOKENIZER = Path(__import__("llama_models").__file__).parent / "llama3" / "tokenizer.model"
@@ -602,19 +603,16 @@ def test_finetune_over_an_int4_base_resumes_and_exports_into_the_float_base(tiny
 
 def test_ddp_over_an_int4_base_matches_one_process(tiny_ckpt, tmp_path):
     # QLoRA in two processes of batch 2 against one of batch 4: the same losses
-    import reference
-
     common = ["--ckpt_dir", str(tiny_ckpt), "--data", str(stories(tmp_path)), "--seq_len", "32",
               "--grad_accum", "1", "--max_steps", "3", "--lr", "1e-2", "--eval_every", "0",
               "--sample_every", "0", "--device", "cpu", "--quantize", "int4"]
     script = str(HERE / "finetune.py")
-    runs = {"one": [sys.executable, script, "--batch_size", "4"],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", reference.free_port(), script, "--batch_size", "2"]}
     logs = []
-    for name, command in runs.items():
-        r = subprocess.run(command + common + ["--out_dir", str(tmp_path / name)],
-                           capture_output=True, text=True, timeout=300)
+    for name, n, batch in (("one", 1, "4"), ("two", 2, "2")):
+        command = [script, "--batch_size", batch, *common, "--out_dir", str(tmp_path / name)]
+        r = (run_processes(n, command) if n > 1 else
+             subprocess.run([sys.executable, *command], capture_output=True, text=True,
+                            timeout=300))
         assert r.returncode == 0, r.stderr[-2000:]
         logs.append(read_log(tmp_path / name))
     assert len(logs[0]) == 3
