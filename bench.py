@@ -212,7 +212,8 @@ def lora_step_child(impl, ckpt, dtype, a):
 
 
 # generate.py --fast --quantize MODE
-QUANTIZED = {"ours_int8": "int8", "ours_w8a8": "w8a8", "ours_int4": "int4"}
+QUANTIZED = {"ours_int8": "int8", "ours_w8a8": "w8a8", "ours_int4": "int4",
+             "ours_w4a8": "w4a8"}
 
 
 def accuracy_child(ckpt, a):
@@ -226,8 +227,12 @@ def accuracy_child(ckpt, a):
         ref = g.model(tokens)[0]  # (T, vocab) float32
         out = {}
         for impl, mode in QUANTIZED.items():
-            q = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", fast=True,
-                              quantize=mode).model(tokens)[0]
+            model = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", fast=True,
+                                  quantize=mode).model
+            for m in model.modules():  # w4a8: its kernel on every row, as in decoding
+                if isinstance(m, quantize.W4A8Linear):
+                    m.kernel_max_rows = tokens.shape[1]
+            q = model(tokens)[0]
             kl = torch.nn.functional.kl_div(q.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                             reduction="none").sum(-1)
             out[impl] = {"logits_rel_error": ((q - ref).norm() / ref.norm()).item(),
@@ -588,9 +593,9 @@ def parse_args():
     p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_w8a8,ours_int4",
-                   help="comma-separated implementations; ours_int8/w8a8/int4 (bf16 runs only) "
-                        "are generate.py --fast --quantize")
+    p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_w8a8,ours_int4,"
+                   "ours_w4a8", help="comma-separated implementations; ours_int8/w8a8/int4/w4a8 "
+                   "(bf16 runs only) are generate.py --fast --quantize")
     p.add_argument("--accuracy_tokens", type=int, default=400,
                    help="teacher-forced tokens of text for the quantized models' accuracy")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

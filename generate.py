@@ -7,6 +7,7 @@ Generate text with a Llama 3.x checkpoint (Meta's layout or Hugging Face's).
     python generate.py --ckpt_dir DIR --dtype bfloat16 --fast --prompt "Hi"   # the fast CPU path
     python generate.py --ckpt_dir DIR --quantize int4 --prompt "Hi"      # int4 weights
     python generate.py --ckpt_dir DIR --quantize w8a8 --prompt "Hi"      # int8 activations too
+    python generate.py --ckpt_dir DIR --quantize w4a8 --prompt "Hi"      # int4 x int8 (C kernel)
     python generate.py --ckpt_dir Llama-3.2-1B-Instruct --chat --system "You are a pirate."
     python generate.py --ckpt_dir DIR --lora out --prompt "Once upon a time"   # with a finetune run
     torchrun --nproc_per_node 8 generate.py --ckpt_dir Llama-3.1-70B/original --prompt "Hi"
@@ -37,6 +38,8 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     in, weights quantized (or read as quantize.py saved them) and this device's speed paths."""
     device, t0 = speed.resolve_device(device), time.time()
     quant.check_device(quantize, device, compile)
+    if quantize:
+        quant.check_settings(quantize, group_size)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
     if parallel.under_torchrun():  # tensor parallel: this process's shard, quantized here
@@ -111,8 +114,9 @@ def parse_args(argv=None):
     add("--chat", action="store_true", help="chat with an instruct model (default off)")
     add("--system", default=None, help="system prompt for --chat (default none)")
     add("--lora", default=None, help="a finetune --out_dir or PEFT adapter to merge (default none)")
-    add("--quantize", default=None, choices=quant.MODES, help="int8 or int4 weights; w8a8: int8 "
-        "weights and activations, faster on CPUs, a little less precise (default off)")
+    add("--quantize", default=None, choices=quant.MODES, help="int8 or int4 weights; w8a8 / w4a8: "
+        "int8 / int4 weights times int8 activations, faster on CPUs, a little less precise "
+        "(default off)")
     add("--group_size", type=int, default=32, choices=quant.GROUP_SIZES,
         help="inputs per int4 scale (default 32)")
     add("--compile", action="store_true", help="torch.compile decoding, for GPUs (default off)")

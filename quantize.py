@@ -39,12 +39,13 @@ from safetensors.torch import save_file
 import checkpoints
 import llama
 import speed
+import w4a8
 
 aten = torch.ops.aten
 
 FORMATS = ("int8", "int4")  # what the files hold and what trains
 # w8a8: the int8 weights (the int8 file), multiplied with int8 activations; CPU inference only
-MODES = FORMATS + ("w8a8",)
+MODES = FORMATS + ("w8a8", "w4a8")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
 # SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
@@ -389,6 +390,43 @@ class W8A8Linear(nn.Module):
         return y.mul_(amax).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
+class W4A8Linear(Int4Linear):
+    """An int4 weight (Int4Linear's groups of 32, scale and zero) times int8 activations, rounded
+    per group of 32 inputs, by w4a8.py's C kernel: integer dot products (AVX-512 VNNI) where
+    torch's int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows (prefill) and
+    backward passes dequantize slices as every QuantizedLinear does, from the same bytes."""
+    mode, kernel_max_rows = "w4a8", 16
+
+    def __init__(self, q, scales, zeros):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.group_size = 32
+        self.register_buffer("qweight", w4a8.kernel_layout(q))  # (out, in / 2)
+        self.register_buffer("scales", scales.contiguous())  # (out, groups) bfloat16
+        self.register_buffer("zeros", zeros.contiguous())
+
+    @classmethod
+    def from_int4(cls, layer):
+        s, z = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
+        return cls(layer.unpack(0, layer.out_features), s, z)
+
+    def kernel(self, x):
+        return w4a8.matmul(x, self.qweight, self.scales, self.zeros)
+
+    def unpack(self, start, end):  # (rows, in): each pair of groups from the low and high nibbles
+        p = self.qweight[start:end].view(-1, self.in_features // 64, 1, 32)
+        return torch.cat([p & 15, p >> 4], 2).view(len(p), self.in_features)
+
+    def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
+        end = self.out_features if end is None else min(end, self.out_features)
+        return dequantize_int4(self.unpack(start, end), self.scales[start:end],
+                               self.zeros[start:end], dtype, out)
+
+    def portable(self):  # the int4 file's form
+        q = pack_nibbles(self.unpack(0, self.out_features))
+        return {"qweight": q, "scales": self.scales, "zeros": self.zeros}
+
+
 class QuantizedLoRAProduct(torch.autograd.Function):
     """A LoRALinear over a quantized base, y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x),
     its backward written out as speed.LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
@@ -444,17 +482,22 @@ def for_training(model):
 def check_settings(mode, group_size):
     if mode not in MODES:
         raise llama.InputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "w4a8" and group_size != 32:
+        raise llama.InputError("w4a8 multiplies int4 groups of 32; use --group_size 32")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise llama.InputError(f"int4 group size {group_size!r} is not supported; "
                                f"use one of {', '.join(map(str, GROUP_SIZES))}")
 
 
 def weights_format(mode):
-    """The weights a mode multiplies: w8a8 those of int8."""
-    return "int8" if mode == "w8a8" else mode
+    """The weights a mode multiplies: w8a8 those of int8, w4a8 those of int4."""
+    return {"w8a8": "int8", "w4a8": "int4"}.get(mode, mode)
 
 
 def check_shape(name, out_features, in_features, mode, group_size):
+    if mode == "w4a8" and in_features % 64:
+        raise llama.InputError(f"{name}: w4a8 needs a multiple of 64 inputs, got {in_features}; "
+                               "use int4")
     mode = weights_format(mode)
     if mode == "int8" and in_features % 16:
         raise llama.InputError(f"{name}: int8 needs a multiple of 16 inputs, got {in_features}")
@@ -494,31 +537,36 @@ def quantize_model(model, mode, group_size=32, release=None, output=True, absmax
         check_slot(model, name, parent, attr, mode, group_size)
     for name, parent, attr in slots:
         weight = slot_weight(parent, attr)
-        setattr(parent, attr, Int4Linear.from_float(weight, group_size) if mode == "int4"
+        setattr(parent, attr, Int4Linear.from_float(weight, group_size)
+                if weights_format(mode) == "int4"
                 else Int8Linear.from_float(weight, absmax and absmax(name, weight)))
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear
-    return int8_activations(model) if mode == "w8a8" else model
+    return int8_activations(model, mode)
 
 
-def int8_activations(model):
-    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes)."""
-    for _, parent, attr in weight_slots(model):
-        layer = getattr(parent, attr)
-        if isinstance(layer, Int8Linear):
-            setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
+def int8_activations(model, mode):
+    """w8a8, w4a8: swap each Int8Linear for a W8A8Linear, each Int4Linear for a W4A8Linear,
+    over the same weights (the old layer's copy goes). Other modes: the model as it is."""
+    swap = {"w8a8": (Int8Linear, lambda layer: W8A8Linear(layer.qweight, layer.scales)),
+            "w4a8": (Int4Linear, W4A8Linear.from_int4)}.get(mode)
+    for _, parent, attr in weight_slots(model) if swap else []:
+        if type(getattr(parent, attr)) is swap[0]:
+            setattr(parent, attr, swap[1](getattr(parent, attr)))
     return model
 
 
 def check_device(mode, device, compile=False):
-    """w8a8 runs eagerly on CPUs: its weights are packed for oneDNN."""
-    if mode == "w8a8" and torch.device(device).type != "cpu":
-        raise llama.InputError("w8a8 runs on CPUs (oneDNN's int8 products); on a GPU use "
+    """w8a8 and w4a8 run eagerly on CPUs: oneDNN's packed weights, and a C kernel."""
+    if mode in ("w8a8", "w4a8") and torch.device(device).type != "cpu":
+        raise llama.InputError(f"{mode} runs on CPUs (integer dot products); on a GPU use "
                                "--quantize int8 or int4")
-    if mode == "w8a8" and compile:
-        raise llama.InputError("torch.compile cannot trace w8a8's packed oneDNN weights; drop "
+    if mode in ("w8a8", "w4a8") and compile:
+        raise llama.InputError(f"torch.compile cannot trace {mode}'s CPU kernels; drop "
                                "--compile (it is for GPUs)")
+    if mode == "w4a8":
+        w4a8.library()  # built once (a second), or a one-line error now
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
@@ -590,6 +638,8 @@ def load_quantized(model, path, device="cpu", mode=None):
                                f"{weights_format(mode)} for a file of those")
     group_size = meta.get("group_size", "None")
     group_size = None if group_size == "None" else int(group_size)
+    if mode == "w4a8":
+        check_settings(mode, group_size)
     quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
     slots = weight_slots(model)
     for name, parent, attr in slots:
@@ -601,7 +651,7 @@ def load_quantized(model, path, device="cpu", mode=None):
         if weight is not None and tuple(weight.shape) != shape:
             raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
                                    f"{path}; the config does not match")
-        check_shape(name, *shape, meta["quantize"], group_size)  # what the kernels can take
+        check_shape(name, *shape, mode or meta["quantize"], group_size)  # what kernels take
     for name, parent, attr in slots:
         part = {k: f.get_tensor(f"{name}.{k}").to(device) for k in ("qweight", "scales", "zeros")
                 if f"{name}.{k}" in keys}
@@ -620,7 +670,7 @@ def load_quantized(model, path, device="cpu", mode=None):
     model.load_state_dict({k: f.get_tensor(k).to(device) for k in keys}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
-    return (int8_activations(model) if mode == "w8a8" else model).eval()
+    return int8_activations(model, mode).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -628,7 +678,7 @@ def load_quantized(model, path, device="cpu", mode=None):
 
 def saved_path(ckpt_dir, mode, group_size=32):
     """Where the command line saves a checkpoint's quantized weights, and generate.py looks."""
-    suffix = f"-g{group_size}" if mode == "int4" else ""
+    suffix = f"-g{group_size}" if weights_format(mode) == "int4" else ""
     return Path(ckpt_dir) / f"model-{weights_format(mode)}{suffix}.safetensors"
 
 

@@ -217,6 +217,59 @@ def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
     assert relative_error(torch.cat(steps, 1), logits[:, 8:]) < 1e-5
 
 
+def w4a8_reference(x, q, scales, zeros):
+    """w4a8's arithmetic written out in float64: x rounded per group of 32 inputs to int8 on its
+    own scale (largest |x| -> 127), times (q - 8) s, plus z times the group's exact sum of x."""
+    tokens, n = x.shape
+    xg = x.double().view(tokens, -1, 32)  # (tokens, groups, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    xr = torch.round(xg * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
+    w = (q.double().view(len(q), -1, 32) - 8) * scales.double()[..., None]  # (out, groups, 32)
+    return (torch.einsum("ogi,tgi->to", w, xr) +
+            torch.einsum("og,tg->to", zeros.double(), xg.sum(-1)))
+
+
+# in: 2 groups (no 16-group step of the AVX-512 loop), 18 (one and a tail), 64
+@pytest.mark.parametrize("out,n_in", [(48, 64), (96, 576), (256, 2048)])
+@pytest.mark.parametrize("portable", [False, True])
+def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, portable):
+    # both builds of the C kernel: plain C (any CPU), and AVX-512 VNNI where this CPU has it
+    import w4a8
+
+    g = torch.Generator().manual_seed(out)
+    w, x = torch.randn(out, n_in, generator=g), torch.randn(3, n_in, generator=g) * 4
+    x[1] = 0  # a row of zeros: scale 0, no division by it
+    q, s, z = quantize.quantize_int4(w, 32)
+    y = w4a8.matmul(x, w4a8.kernel_layout(q), s, z, portable)
+    assert y.dtype == torch.float32 and y.shape == (3, out)
+    ref = w4a8_reference(x, q, s, z)
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
+    int4 = quantize.quantize_model(tiny_model(), "int4")
+    model = quantize.quantize_model(tiny_model(), "w4a8")
+    layers = [m for m in model.modules() if isinstance(m, quantize.W4A8Linear)]
+    assert len(layers) == 7 * model.args.n_layers + 1
+    # the same int4 weights, and the int4 file's form when saved
+    for a, b in zip(layers, [m for m in int4.modules() if type(m) is quantize.Int4Linear]):
+        assert all(torch.equal(a.portable()[k], b.portable()[k]) for k in b.portable())
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    layer = model.layers[0].attention.wq
+    assert torch.allclose(layer(x).double(), w4a8_reference(x.float(), layer.unpack(0, 64),
+                                                            layer.scales, layer.zeros),
+                          atol=1e-2, rtol=1e-2)  # (the kernel's float32, rounded to bf16)
+    twin = dequantized_twin(int4)  # float layers holding the int4 model's weights
+    # 48 rows a layer, more than the kernel's: dequantized products
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert relative_error(model(tokens), twin(tokens)) < 1e-5
+        with model.kv_cache(2, 12):  # two rows a step: the kernel, int8 activations
+            model(tokens[:, :8])
+            steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
+    assert relative_error(torch.cat(steps, 1), twin(tokens)[:, 8:12]) < 0.05
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_cached_decoding_matches_the_dequantized_twin(mode):
     model = quantize.quantize_model(tiny_model(), mode)
@@ -439,7 +492,7 @@ def tiny_ckpt(tmp_path_factory):
 def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny_ckpt):
     prompt = [128000, 791, 6864, 315]
     # w8a8 multiplies the int8 file's weights: quantized at load, then read from that file
-    for mode, also in (("int8", "w8a8"), ("int4", None)):
+    for mode, also in (("int8", "w8a8"), ("int4", "w4a8")):
         at_load = {m: generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
                    for m in (mode, also) if m}
         assert isinstance(at_load[mode].model.layers[0].attention.wq, quantize.QuantizedLinear)
@@ -449,7 +502,8 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
         assert r.returncode == 0 and quantize.saved_path(tiny_ckpt, mode).exists(), r.stderr
         for m in at_load:
             saved = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
-            layer = quantize.W8A8Linear if m == "w8a8" else quantize.QuantizedLinear
+            layer = {"w8a8": quantize.W8A8Linear, "w4a8": quantize.W4A8Linear}.get(
+                m, quantize.QuantizedLinear)
             assert isinstance(saved.model.layers[0].attention.wq, layer)
             assert saved.generate([prompt], 12, temperature=0)[0] == expected[m]
             if m == "int8":  # the command line: once for each file
@@ -496,9 +550,12 @@ def test_bench_profile_parts_are_disjoint_and_timers_come_off(tiny_ckpt):
 def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(checkpoints, "load_checkpoint", None)  # reading weights would fail
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    for kw, message in ((dict(compile=True), "cannot trace"), (dict(device="cuda"), "on CPUs")):
-        with pytest.raises(InputError, match=message):
-            generate.load(tiny_ckpt, quantize="w8a8", **{"device": "cpu", **kw})
+    for mode in ("w8a8", "w4a8"):
+        for kw, message in ((dict(compile=True), "cannot trace"), (dict(device="cuda"), "on CPUs")):
+            with pytest.raises(InputError, match=message):
+                generate.load(tiny_ckpt, quantize=mode, **{"device": "cpu", **kw})
+    with pytest.raises(InputError, match="use --group_size 32"):
+        generate.load(tiny_ckpt, quantize="w4a8", group_size=64, device="cpu")
 
 
 def test_w8a8_takes_7_bits_where_int8_products_would_saturate():

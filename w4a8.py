@@ -1,0 +1,218 @@
+"""int4 weights times int8 activations on x86 CPUs: a small C kernel, compiled at first use.
+
+torch's int4 CPU product converts each weight to float and multiplies in float. llama.cpp's Q4_0 is
+faster because it multiplies 4-bit weights by 8-bit activations with the CPU's integer dot
+products (AVX-512 VNNI's vpdpbusd: 64 u8 x s8 products summed into 16 int32 per instruction),
+reading half a byte a weight and converting nothing but one sum per block. This file does the same
+for quantize.py's int4 weights (groups of 32, a bf16 scale and zero each), so --quantize w4a8
+reads the int4 file as w8a8 reads the int8 one.
+
+Each token's x is rounded per block of 32 inputs (the weight's groups) to int8 on its own scale d.
+With w = (q - 8) s + z in a group, and x ~ d qx there:
+    sum w x = s d (sum q qx - 8 sum qx) + z sum x
+where q qx is the integer dot product, and sum x is the block's exact float sum. The C below has
+that loop twice: with AVX-512 VNNI intrinsics, and as plain C (any CPU; the tests run both against
+the arithmetic written out in float64). It is built with the system's C compiler (cc, -O3
+-march=native -fopenmp: OpenMP is torch's own runtime, already loaded, so it shares torch's
+threads) into ~/.cache/nano-llama3, keyed by the source and the CPU, and called through ctypes.
+Without a compiler, quantize.check_device says so in one line, before anything is loaded.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+import llama
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(PORTABLE)
+#include <immintrin.h>
+#define VNNI 1
+#endif
+
+int w4a8_vnni(void) {
+#ifdef VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static float bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* x (tokens, n) float32 -> per block of 32: qx int8, d (the scale), sq = d * sum qx * -8,
+   sx = sum x (exact). */
+void w4a8_quantize(const float *x, int64_t tokens, int64_t n, int8_t *qx, float *d, float *sq,
+                   float *sx) {
+    int64_t blocks = n / 32;
+    #pragma omp parallel for schedule(static) if (tokens * n > 65536)
+    for (int64_t b = 0; b < tokens * blocks; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f, sum = 0.f;
+        for (int i = 0; i < 32; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+            sum += xb[i];
+        }
+        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int s = 0;
+        for (int i = 0; i < 32; i++) {
+            int v = (int)nearbyintf(xb[i] * inv);
+            qx[b * 32 + i] = (int8_t)v;
+            s += v;
+        }
+        d[b] = scale; sq[b] = -8.f * scale * (float)s; sx[b] = sum;
+    }
+}
+
+/* y (tokens, out) = x W^T. w (out, n / 2) uint8: for the blocks 2p and 2p + 1 of a row, 32 bytes,
+   byte j = q[2p][j] | q[2p + 1][j] << 4. s, z (out, n / 32) bf16. */
+void w4a8_matmul(const int8_t *qx, const float *d, const float *sq, const float *sx,
+                 int64_t tokens, const uint8_t *w, const uint16_t *s, const uint16_t *z,
+                 int64_t out, int64_t n, float *y) {
+    int64_t blocks = n / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < out; r++) {
+        const uint8_t *wr = w + r * (n / 2);
+        const uint16_t *sr = s + r * blocks, *zr = z + r * blocks;
+        for (int64_t t = 0; t < tokens; t++) {
+            const int8_t *xt = qx + t * n;
+            const float *dt = d + t * blocks, *sqt = sq + t * blocks, *sxt = sx + t * blocks;
+            float acc = 0.f;
+            int64_t b = 0;
+#ifdef VNNI
+            /* 16 groups (512 weights) a step: their 16 scales times the token's 16 d in one
+               vector, each pair's half taken out by a permute; the -8 sum qx and zero terms
+               for all 16 at once */
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            __m512 accz = _mm512_setzero_ps();
+            const __m256i low = _mm256_set1_epi8(15);
+            const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            for (; b + 16 <= blocks; b += 16) {
+                __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256((const __m256i *)(sr + b))), 16));
+                __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256((const __m256i *)(zr + b))), 16));
+                accz = _mm512_fmadd_ps(sv, _mm512_loadu_ps(sqt + b), accz);
+                accz = _mm512_fmadd_ps(zv, _mm512_loadu_ps(sxt + b), accz);
+                __m512 m = _mm512_mul_ps(sv, _mm512_loadu_ps(dt + b));
+                for (int k = 0; k < 8; k++) {
+                    __m256i p = _mm256_loadu_si256((const __m256i *)(wr + (b + 2 * k) * 16));
+                    if (t == 0 && (k & 1) == 0)  /* the row after next: more reads in flight */
+                        _mm_prefetch((const char *)(wr + n + (b + 2 * k) * 16), _MM_HINT_T0);
+                    __m512i q = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_and_si256(p, low)),
+                        _mm256_and_si256(_mm256_srli_epi16(p, 4), low), 1);
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
+                                                      _mm512_loadu_si512(xt + (b + 2 * k) * 32));
+                    /* lanes 0-7 take group 2k's factor, lanes 8-15 group 2k + 1's */
+                    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(2 * k), half);
+                    __m512 mk = _mm512_permutexvar_ps(idx, m);
+                    if (k & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), mk, acc1);
+                    else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), mk, acc0);
+                }
+            }
+            acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), accz));
+            int64_t done = b;
+#else
+            int64_t done = 0;
+#endif
+            for (; b < blocks; b += 2) {  /* plain C: the same sums, a pair of blocks at a time */
+                const uint8_t *p = wr + b * 16;
+                int32_t d0 = 0, d1 = 0;
+                for (int j = 0; j < 32; j++) {
+                    d0 += (int32_t)(p[j] & 15) * xt[b * 32 + j];
+                    d1 += (int32_t)(p[j] >> 4) * xt[(b + 1) * 32 + j];
+                }
+                acc += bf16(sr[b]) * dt[b] * (float)d0 + bf16(sr[b + 1]) * dt[b + 1] * (float)d1;
+            }
+            /* the blocks' -8 sum qx and zero terms: s (d * -8 sum qx) + z sum x */
+            for (int64_t c = done; c < blocks; c++)
+                acc += bf16(sr[c]) * sqt[c] + bf16(zr[c]) * sxt[c];
+            y[t * out + r] = acc;
+        }
+    }
+}
+"""
+
+
+def cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nano-llama3"
+
+
+@cache
+def library(portable=False):
+    """The compiled kernel (portable=True: the plain C loop only, for tests on any CPU)."""
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"] + (
+        ["-DPORTABLE"] if portable else [])
+    key = hashlib.sha256((SOURCE + " ".join(flags) + platform.processor() +
+                          cpu_flags()).encode()).hexdigest()[:16]
+    path = cache_dir() / f"w4a8-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src, tmp = path.with_suffix(".c"), path.with_suffix(f".{os.getpid()}.tmp")
+        src.write_text(SOURCE)
+        try:
+            r = subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(tmp)],
+                               capture_output=True, text=True)
+        except FileNotFoundError:
+            raise llama.InputError("w4a8 compiles a C kernel at first use and found no C "
+                                   "compiler: install gcc, or use --quantize int4") from None
+        if r.returncode:
+            last = r.stderr.strip().splitlines()[-1:] or ["?"]
+            raise llama.InputError(f"w4a8's C kernel did not compile ({last[0]}); use --quantize "
+                                   "int4")
+        os.replace(tmp, path)  # whole or absent: another process may be building it too
+    lib = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.w4a8_quantize.argtypes = [p, i64, i64, p, p, p, p]
+    lib.w4a8_matmul.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, p]
+    return lib
+
+
+def cpu_flags():
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def has_vnni():
+    return bool(library().w4a8_vnni())
+
+
+def kernel_layout(q):
+    """q (out, in) uint8 in [0, 15] -> (out, in / 2): for each pair of groups of 32, 32 bytes,
+    the first group's q in the low nibbles and the second's in the high."""
+    out, n = q.shape
+    pairs = q.view(out, n // 64, 2, 32)
+    return (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(out, n // 2).contiguous()
+
+
+def matmul(x, w, scales, zeros, portable=False):
+    """x (tokens, in) -> float32 (tokens, out), with w from kernel_layout and scales, zeros
+    (out, in / 32) bf16."""
+    lib, ptr = library(portable), lambda t: t.data_ptr()  # noqa: E731
+    x = x.float().contiguous()
+    tokens, n = x.shape
+    qx = torch.empty(tokens, n, dtype=torch.int8)
+    d, sq, sx = (torch.empty(tokens, n // 32) for _ in range(3))
+    lib.w4a8_quantize(ptr(x), tokens, n, ptr(qx), ptr(d), ptr(sq), ptr(sx))
+    y = torch.empty(tokens, len(w))
+    lib.w4a8_matmul(ptr(qx), ptr(d), ptr(sq), ptr(sx), tokens, ptr(w), ptr(scales), ptr(zeros),
+                    len(w), n, ptr(y))
+    return y
