@@ -163,7 +163,8 @@ def library(portable=False):
     path = cache_dir() / f"w4a8-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        src, tmp = path.with_suffix(".c"), path.with_suffix(f".{os.getpid()}.tmp")
+        # per process: another may be building it at the same time
+        src, tmp = (path.with_suffix(f".{os.getpid()}{ext}") for ext in (".c", ".tmp"))
         src.write_text(SOURCE)
         try:
             r = subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(tmp)],
@@ -175,7 +176,8 @@ def library(portable=False):
             last = r.stderr.strip().splitlines()[-1:] or ["?"]
             raise llama.InputError(f"w4a8's C kernel did not compile ({last[0]}); use --quantize "
                                    "int4")
-        os.replace(tmp, path)  # whole or absent: another process may be building it too
+        os.replace(tmp, path)  # whole or absent
+        src.unlink()
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.w4a8_quantize.argtypes = [p, i64, i64, p, p, p, p]
