@@ -35,6 +35,7 @@ import llama
 import parallel
 import quantize
 import speed
+import w4a8
 
 HERE = Path(__file__).parent
 
@@ -718,6 +719,7 @@ def machine_info(a):
             "bf16_products_fast": speed.bf16_products_fast(),
             "bf16_training_products": str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
             "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16),
+            "w4a8_kernel": "AVX-512 VNNI" if w4a8.has_vnni() else "plain C",
             "torch": torch.__version__, "python": platform.python_version(),
             "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
 
@@ -796,7 +798,8 @@ def print_machine(m):
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
           f"{m['date']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
-          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}")
+          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}; w4a8's kernel: "
+          f"{m['w4a8_kernel']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
           f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
 

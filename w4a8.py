@@ -208,9 +208,20 @@ def kernel_layout(q):
 def matmul(x, w, scales, zeros, portable=False):
     """x (tokens, in) -> float32 (tokens, out), with w from kernel_layout and scales, zeros
     (out, in / 32) bf16."""
-    lib, ptr = library(portable), lambda t: t.data_ptr()  # noqa: E731
     x = x.float().contiguous()
     tokens, n = x.shape
+    # the C reads raw memory: the layouts it assumes, checked
+    if not (w.dtype == torch.uint8 and w.shape[1] * 2 == n and n % 64 == 0 and
+            scales.dtype == zeros.dtype == torch.bfloat16 and
+            scales.shape == zeros.shape == (len(w), n // 32) and
+            all(t.is_contiguous() and t.device.type == "cpu" for t in (w, scales, zeros))):
+        raise ValueError("w4a8.matmul takes kernel_layout's uint8 (out, in / 2) and contiguous "
+                         "bfloat16 (out, in / 32) scales and zeros on the CPU, in a multiple of 64")
+    lib = library(portable)
+
+    def ptr(t):
+        return t.data_ptr()
+
     qx = torch.empty(tokens, n, dtype=torch.int8)
     d, sq, sx = (torch.empty(tokens, n // 32) for _ in range(3))
     lib.w4a8_quantize(ptr(x), tokens, n, ptr(qx), ptr(d), ptr(sq), ptr(sx))
