@@ -192,7 +192,7 @@ def lora_step_child(impl, ckpt, dtype, a):
                                     output=False)  # as finetune.py does
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
-        speed.for_training(quantize.for_training(model))
+        speed.for_training(model)
         model.activation_checkpointing = a.activation_checkpointing
 
         def loss_fn():

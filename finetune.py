@@ -149,7 +149,7 @@ def main(argv=None):
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp:
         parallel.shard_for_training(model, device)
-    speed.for_training(quantize.for_training(model))  # lean training modules
+    speed.for_training(model)  # lean training modules
     if device.type == "cuda":
         speed.use_flex_attention(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

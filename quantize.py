@@ -16,7 +16,8 @@ LoRA adapters can be trained on a quantized base (QLoRA).
 Products of a few rows (decoding) run torch's CPU int8 and int4 kernels; they take bfloat16
 activations, so float32 ones are rounded to bfloat16 there. Longer products (prefill, training)
 dequantize a slice of rows at a time into a reused buffer. For QLoRA,
-for_training(model) swaps in a LoRA layer whose backward keeps no float32 copies of its input.
+speed.for_training swaps in a LoRA layer over these bases whose backward keeps no float32 copies
+of its input (it calls their product and input_grad).
 --quantize w8a8 rounds the activations to int8 too, per token, and multiplies int8 by int8 in
 oneDNN: faster in decoding and prefill than int8, at some precision (W8A8Linear).
 On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
@@ -425,51 +426,6 @@ class W4A8Linear(Int4Linear):
     def portable(self):  # the int4 file's form
         q = pack_nibbles(self.unpack(0, self.out_features))
         return {"qweight": q, "scales": self.scales, "zeros": self.zeros}
-
-
-class QuantizedLoRAProduct(torch.autograd.Function):
-    """A LoRALinear over a quantized base, y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x),
-    its backward written out as speed.LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
-    product, where autograd would keep a float32 copy of x for each adapter."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, x_a, lora_a, lora_b, base, scale):
-        c = speed.matmul_dtype(x)
-        u = speed.flat(x_a).to(c) @ lora_a.to(c).t()  # (tokens, rank)
-        y = speed.flat(base.product(x))  # (tokens, out)
-        y.add_(u @ lora_b.to(c).t(), alpha=scale)
-        ctx.save_for_backward(x_a, lora_a, lora_b, u)
-        ctx.base, ctx.scale, ctx.dropout = base, scale, x_a is not x
-        return y.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x_a, lora_a, lora_b, u = ctx.saved_tensors
-        grads = speed.adapter_grads(speed.flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
-        du, d_lora_a, d_lora_b = grads
-        if not any(ctx.needs_input_grad[:2]):  # e.g. layer 0's wq: frozen embedding and norm
-            return None, None, d_lora_a, d_lora_b, None, None
-        dx, dx_a = ctx.base.input_grad(dy), (du @ lora_a.to(du.dtype)).view(x_a.shape)
-        if not ctx.dropout:  # x_a is x: one gradient
-            return dx.add_(dx_a), None, d_lora_a, d_lora_b, None, None
-        return dx, dx_a.to(x_a.dtype), d_lora_a, d_lora_b, None, None
-
-
-class QuantizedLoRALinear(llama.LoRALinear):
-    def forward(self, x):
-        x_a = self.dropout(x) if self.dropout.p and self.training else x
-        return QuantizedLoRAProduct.apply(x, x_a, self.lora_a, self.lora_b, self.base, self.scale)
-
-
-def for_training(model):
-    """Swap in the lean LoRA layer over each quantized base (speed.for_training swaps the others).
-    Call after apply_lora."""
-    for module in model.modules():
-        if type(module) is llama.LoRALinear and isinstance(module.base, QuantizedLinear):
-            module.__class__ = QuantizedLoRALinear
-    return model
 
 
 # -----------------------------------------------------------------------------

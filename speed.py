@@ -449,6 +449,43 @@ class LeanLoRALinear(llama.LoRALinear):
         return LoRAProduct.apply(x, x_a, self.base.weight, self.lora_a, self.lora_b, self.scale)
 
 
+class QuantizedLoRAProduct(torch.autograd.Function):
+    """A LoRALinear over a quantized base (quantize.py's layers: base.product(x) and
+    base.input_grad(dy)), y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x), its backward
+    written out as LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
+    product, where autograd would keep a float32 copy of x for each adapter."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, x_a, lora_a, lora_b, base, scale):
+        c = matmul_dtype(x)
+        u = flat(x_a).to(c) @ lora_a.to(c).t()  # (tokens, rank)
+        y = flat(base.product(x))  # (tokens, out)
+        y.add_(u @ lora_b.to(c).t(), alpha=scale)
+        ctx.save_for_backward(x_a, lora_a, lora_b, u)
+        ctx.base, ctx.scale, ctx.dropout = base, scale, x_a is not x
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x_a, lora_a, lora_b, u = ctx.saved_tensors
+        grads = adapter_grads(flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
+        du, d_lora_a, d_lora_b = grads
+        if not any(ctx.needs_input_grad[:2]):  # e.g. layer 0's wq: frozen embedding and norm
+            return None, None, d_lora_a, d_lora_b, None, None
+        dx, dx_a = ctx.base.input_grad(dy), (du @ lora_a.to(du.dtype)).view(x_a.shape)
+        if not ctx.dropout:  # x_a is x: one gradient
+            return dx.add_(dx_a), None, d_lora_a, d_lora_b, None, None
+        return dx, dx_a.to(x_a.dtype), d_lora_a, d_lora_b, None, None
+
+
+class QuantizedLoRALinear(llama.LoRALinear):
+    def forward(self, x):
+        x_a = self.dropout(x) if self.dropout.p and self.training else x
+        return QuantizedLoRAProduct.apply(x, x_a, self.lora_a, self.lora_b, self.base, self.scale)
+
+
 class HeadCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of a frozen output layer's logits (LoRA, norm tuning). Token t's
     loss depends on its own hidden state alone, so the forward pass computes d loss_t / d h_t right
@@ -508,8 +545,10 @@ def for_training(model):
     lean = {llama.RMSNorm: LeanRMSNorm, llama.FeedForward: LeanFeedForward,
             llama.LoRALinear: LeanLoRALinear, llama.CrossEntropy: ChunkedCrossEntropy}
     for module in model.modules():
-        if type(module) in lean and (type(module) is not llama.LoRALinear
-                                     or type(module.base) is nn.Linear):
+        if type(module) is llama.LoRALinear and hasattr(module.base, "input_grad"):
+            module.__class__ = QuantizedLoRALinear  # over quantize.py's layers
+        elif type(module) in lean and (type(module) is not llama.LoRALinear
+                                       or type(module.base) is nn.Linear):
             module.__class__ = lean[type(module)]
     if next(model.parameters()).device.type == "cpu":
         # hand back what the last backward pass freed, before each step

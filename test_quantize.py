@@ -348,7 +348,7 @@ class FloatLinear(nn.Linear):  # a float32 weight, multiplied in the input's dty
 @pytest.mark.parametrize("fast_bf16", [True, False])  # bf16 products, or float32 ones
 def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
         mode, group_size, dropout, fast_bf16, monkeypatch):
-    # quantize.QuantizedLoRALinear (its backward written out) against llama.LoRALinear over an
+    # speed.QuantizedLoRALinear (its backward written out) against llama.LoRALinear over an
     # nn.Linear holding the dequantized weight (autograd); the same dropout mask from one seed
     monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
     monkeypatch.setattr(speed, "bf16_products_fast", lambda: fast_bf16)
@@ -356,8 +356,8 @@ def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
     ref = FloatLinear(256, 208, bias=False)
     ref.weight = nn.Parameter(w, requires_grad=False)
     lean, plain = (llama.LoRALinear(base, 8, 16, dropout) for base in (layer, ref))
-    quantize.for_training(nn.Sequential(lean))
-    assert type(lean) is quantize.QuantizedLoRALinear and type(plain) is llama.LoRALinear
+    speed.for_training(nn.Sequential(lean))
+    assert type(lean) is speed.QuantizedLoRALinear and type(plain) is llama.LoRALinear
     gen = torch.Generator().manual_seed(5)
     lean.lora_b.data = torch.randn(208, 8, generator=gen) / 10
     plain.lora_a.data, plain.lora_b.data = lean.lora_a.data.clone(), lean.lora_b.data.clone()
@@ -600,8 +600,8 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
             if isinstance(m, llama.LoRALinear):
                 m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         if lean:
-            speed.for_training(quantize.for_training(model))
-            assert type(model.layers[0].attention.wq) is quantize.QuantizedLoRALinear
+            speed.for_training(model)
+            assert type(model.layers[0].attention.wq) is speed.QuantizedLoRALinear
         losses, weights = llama.token_losses(model.train(), x[:, :-1], x[:, 1:], 128000)
         (losses * weights).sum().backward()
         results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()
