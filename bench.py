@@ -17,6 +17,7 @@ never committed). Every measurement runs in a fresh process so that its peak res
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -629,12 +630,22 @@ def parse_args():
                         "under torchrun (default off)")
     p.add_argument("--scale_mode", default="lora", choices=llama.MODES,
                    help="what the --scale training step trains (default lora)")
+    p.add_argument("--llama_cpp", default=None,
+                   help="a llama.cpp build (bash ../shared/llamacpp/build.sh DIR gives one): its "
+                        "BF16, Q8_0 and Q4_0 of the same weights (our GGUF export, then "
+                        "llama-quantize) run by llama-bench in the bf16 rounds, in turn with ours "
+                        "(default none)")
     p.add_argument("--_scale", help=argparse.SUPPRESS)
     p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.llama_cpp and not all((Path(a.llama_cpp) / "build" / "bin" / tool).exists()
+                               for tool in ("llama-bench", "llama-quantize")):
+        p.error(f"--llama_cpp {a.llama_cpp} has no build/bin/llama-bench and llama-quantize; "
+                f"build them with: bash ../shared/llamacpp/build.sh {a.llama_cpp}")
+    return a
 
 
 def main():
@@ -692,9 +703,13 @@ def run_implementations(ckpt, dtype, impls, bandwidth, rates, a):
     if dtype == "bfloat16" and not a.skip_decode:
         save_quantized_once(ckpt, impls)
     runs = {impl: {} for impl in impls if impl not in QUANTIZED or dtype == "bfloat16"}
+    peer = llama_cpp_models(ckpt, a) if a.llama_cpp and dtype == "bfloat16" else {}
     for _ in range(0 if a.skip_decode else a.rounds):  # in turn: a slow spell hits one run
         for impl in runs:
             runs[impl] = best(runs[impl], run_child(impl, ckpt, dtype, a))
+        for kind, path in peer.items():
+            runs[f"llama.cpp {kind}"] = best(runs.get(f"llama.cpp {kind}", {}),
+                                             llama_bench(path, a))
     for impl in ("ours", "transformers", "ours_int4"):
         if impl in runs and not a.skip_lora and (impl != "transformers" or installed("peft")):
             runs[impl] = {**(runs[impl] or {}),
@@ -704,6 +719,41 @@ def run_implementations(ckpt, dtype, impls, bandwidth, rates, a):
     return {"weights_gb": weight_bytes(args, nbytes) / 1e9,
             "roofline_tok_s": bandwidth * 1e9 / decode_bytes_per_token(args, nbytes),
             "ceilings": ceilings(args, dtype, bandwidth, rates), **runs}
+
+
+# llama.cpp on the same weights: each of ours beside the llama.cpp type of the same width
+LLAMA_CPP_PEERS = {"ours_fast": "BF16", "ours_w8a8": "Q8_0", "ours_int8": "Q8_0",
+                   "ours_int4": "Q4_0", "ours_w4a8": "Q4_0"}
+
+
+def llama_cpp_models(ckpt, a):
+    """Our GGUF export of the checkpoint in bf16, and llama-quantize's Q8_0 and Q4_0 of it, made
+    once beside the checkpoint -> {type: path}."""
+    out, tools = Path(ckpt) / "gguf", Path(a.llama_cpp) / "build" / "bin"
+    models = {kind: out / f"{kind.lower()}.gguf" for kind in ("BF16", "Q8_0", "Q4_0")}
+    if not models["BF16"].exists():
+        out.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, str(HERE / "convert.py"), "convert", str(ckpt),
+                        str(models["BF16"]), "--to", "gguf", "--gguf_dtype", "bf16"], check=True)
+    for kind in ("Q8_0", "Q4_0"):
+        if not models[kind].exists():
+            tmp = models[kind].with_suffix(".tmp")
+            subprocess.run([str(tools / "llama-quantize"), str(models["BF16"]), str(tmp), kind],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.replace(tmp, models[kind])
+    return models
+
+
+def llama_bench(model, a):
+    """llama-bench on one GGUF file, on our thread count: decoding --new_tokens at batch 1 (from
+    an empty context, where ours starts after a --prompt_len prompt) and a --prefill_len prefill."""
+    r = subprocess.run([str(Path(a.llama_cpp) / "build" / "bin" / "llama-bench"), "-m",
+                        str(model), "-t", str(a.threads), "-p", str(a.prefill_len), "-n",
+                        str(a.new_tokens), "-r", "1", "-o", "json"],
+                       capture_output=True, text=True, check=True)
+    rows = json.loads(r.stdout)
+    return {"decode_b1_tok_s": next(x["avg_ts"] for x in rows if x["n_gen"]),
+            "prefill_tok_s": next(x["avg_ts"] for x in rows if x["n_prompt"])}
 
 
 def save_quantized_once(ckpt, impls):
@@ -829,7 +879,8 @@ def print_runs(dtype, r):  # the figures of each implementation beside the ceili
           f"{c['decode_kernel_tok_s']:.1f}); at the fastest matrix product: "
           f"prefill {c['prefill_tok_s']:.0f} tok/s, LoRA step {c['lora_step_tok_s']:.0f} tok/s")
     print(f"  {'':14}" + "".join(f"{name:>16}" for _, name in COLUMNS))
-    for impl in ("ours", "ours_fast", "transformers", *QUANTIZED):
+    peers = sorted(k for k in r if k.startswith("llama.cpp"))
+    for impl in ("ours", "ours_fast", "transformers", *QUANTIZED, *peers):
         if r.get(impl):
             print(f"  {impl:14}" + "".join(f"{r[impl].get(k, float('nan')):>16.2f}"
                                            for k, _ in COLUMNS))
@@ -852,6 +903,11 @@ def print_ratios(r):  # ours against the roofline, transformers, and the quantiz
         print("  ours_fast / transformers: "
               + ", ".join(f"{name} {r['ours_fast'][k] / hf[k]:.2f}x"
                           for k, name in COLUMNS[3:6] if k in r["ours_fast"] and k in hf))
+    for impl, kind in LLAMA_CPP_PEERS.items():  # against llama.cpp's type of the same width
+        ours, peer = r.get(impl), r.get(f"llama.cpp {kind}")
+        if ours and peer and "decode_b1_tok_s" in ours:
+            print(f"  {impl} / llama.cpp {kind}: " + ", ".join(
+                f"{name} {ours[k] / peer[k]:.2f}x" for k, name in COLUMNS[3:6:2] if k in peer))
     for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
         q, fast = r.get(impl), r.get("ours_fast")
         if q and fast and "decode_b1_tok_s" in q:

@@ -1764,3 +1764,28 @@ def test_bench_runs_and_reports(tmp_path):
         assert run[impl]["decode_b1_tok_s"] > 0 and run[impl]["prefill_tok_s"] > 0 and \
             run[impl]["peak_rss_gb"] > 0
     assert run["ours"]["lora_step_tok_s"] > 0 and run["ours"]["lora_peak_rss_gb"] > 0
+
+
+def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
+    # llama-bench's JSON (-o json: a row per test, n_prompt / n_gen / avg_ts) read as bench.py's
+    # figures, with our thread count and sizes passed; a build without the tools: one line, exit 2
+    import types
+
+    import bench
+
+    tools = tmp_path / "build" / "bin"
+    tools.mkdir(parents=True)
+    (tools / "llama-bench").write_text(
+        "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
+        "echo '[{\"n_prompt\": 16, \"n_gen\": 0, \"avg_ts\": 300.5},"
+        " {\"n_prompt\": 0, \"n_gen\": 4, \"avg_ts\": 41.25}]'\n")
+    (tools / "llama-bench").chmod(0o755)
+    a = types.SimpleNamespace(llama_cpp=str(tmp_path), threads=3, prefill_len=16, new_tokens=4)
+    assert bench.llama_bench(tmp_path / "m.gguf", a) == {"decode_b1_tok_s": 41.25,
+                                                        "prefill_tok_s": 300.5}
+    args = (tools / "args").read_text().split()
+    assert args[args.index("-t") + 1] == "3" and args[args.index("-m") + 1].endswith("m.gguf")
+    assert (args[args.index("-p") + 1], args[args.index("-n") + 1]) == ("16", "4")
+    r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--llama_cpp", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "has no build/bin/llama-bench and llama-quantize" in r.stderr
