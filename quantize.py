@@ -394,22 +394,18 @@ class W8A8Linear(nn.Module):
 class W4A8Linear(Int4Linear):
     """An int4 weight (Int4Linear's groups of 32, scale and zero) times int8 activations, rounded
     per group of 32 inputs, by w4a8.py's C kernel: integer dot products (AVX-512 VNNI) where
-    torch's int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows (prefill) and
-    backward passes dequantize slices as every QuantizedLinear does, from the same bytes."""
+    torch's int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows
+    (prefill) and backward passes dequantize slices as every QuantizedLinear does, from the same
+    bytes. Built from int4 weights as Int4Linear is (from_float, from_portable)."""
     mode, kernel_max_rows = "w4a8", 16
 
-    def __init__(self, q, scales, zeros):
+    def __init__(self, q, scales, zeros, group_size=32):  # (check_settings allows 32 only)
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
-        self.group_size = 32
+        self.group_size = group_size
         self.register_buffer("qweight", w4a8.kernel_layout(q))  # (out, in / 2)
         self.register_buffer("scales", scales.contiguous())  # (out, groups) bfloat16
         self.register_buffer("zeros", zeros.contiguous())
-
-    @classmethod
-    def from_int4(cls, layer):
-        s, z = layer.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
-        return cls(layer.unpack(0, layer.out_features), s, z)
 
     def kernel(self, x):
         return w4a8.matmul(x, self.qweight, self.scales, self.zeros)
@@ -493,23 +489,25 @@ def quantize_model(model, mode, group_size=32, release=None, output=True, absmax
         check_slot(model, name, parent, attr, mode, group_size)
     for name, parent, attr in slots:
         weight = slot_weight(parent, attr)
-        setattr(parent, attr, Int4Linear.from_float(weight, group_size)
-                if weights_format(mode) == "int4"
-                else Int8Linear.from_float(weight, absmax and absmax(name, weight)))
+        layer = (INT4_LAYERS[mode].from_float(weight, group_size) if mode in INT4_LAYERS
+                 else Int8Linear.from_float(weight, absmax and absmax(name, weight)))
+        setattr(parent, attr, layer)
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear
     return int8_activations(model, mode)
 
 
+INT4_LAYERS = {"int4": Int4Linear, "w4a8": W4A8Linear}  # the layers holding int4 weights
+
+
 def int8_activations(model, mode):
-    """w8a8, w4a8: swap each Int8Linear for a W8A8Linear, each Int4Linear for a W4A8Linear,
-    over the same weights (the old layer's copy goes). Other modes: the model as it is."""
-    swap = {"w8a8": (Int8Linear, lambda layer: W8A8Linear(layer.qweight, layer.scales)),
-            "w4a8": (Int4Linear, W4A8Linear.from_int4)}.get(mode)
-    for _, parent, attr in weight_slots(model) if swap else []:
-        if type(getattr(parent, attr)) is swap[0]:
-            setattr(parent, attr, swap[1](getattr(parent, attr)))
+    """w8a8: swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes).
+    Other modes: the model as it is (w4a8's layers are built as such, from int4 weights)."""
+    for _, parent, attr in weight_slots(model) if mode == "w8a8" else []:
+        layer = getattr(parent, attr)
+        if isinstance(layer, Int8Linear):
+            setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
     return model
 
 
@@ -596,14 +594,14 @@ def load_quantized(model, path, device="cpu", mode=None):
     group_size = None if group_size == "None" else int(group_size)
     if mode == "w4a8":
         check_settings(mode, group_size)
-    quantized = Int8Linear if meta["quantize"] == "int8" else Int4Linear
+    quantized = Int8Linear if meta["quantize"] == "int8" else INT4_LAYERS.get(mode, Int4Linear)
     slots = weight_slots(model)
     for name, parent, attr in slots:
         if f"{name}.qweight" not in keys:
             raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
         weight = slot_weight(parent, attr)
         rows, cols = f.get_slice(f"{name}.qweight").get_shape()
-        shape = (rows, cols * (2 if quantized is Int4Linear else 1))  # int4: 2 nibbles a byte
+        shape = (rows, cols * (1 if quantized is Int8Linear else 2))  # int4: 2 nibbles a byte
         if weight is not None and tuple(weight.shape) != shape:
             raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
                                    f"{path}; the config does not match")
