@@ -31,6 +31,7 @@ import llama
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(PORTABLE)
@@ -53,14 +54,17 @@ static float bf16(uint16_t v) {
     return f;
 }
 
-/* x (tokens, n) float32 -> per block of 32: qx int8, d (the scale), sq = d * sum qx * -8,
-   sx = sum x (exact). */
-void w4a8_quantize(const float *x, int64_t tokens, int64_t n, int8_t *qx, float *d, float *sq,
-                   float *sx) {
+/* x (tokens, n) float32, or bfloat16 if bf16 -> per block of 32: qx int8, d (the scale),
+   sq = d * sum qx * -8, sx = sum x (exact). */
+static void w4a8_quantize(const void *x, int bf16_input, int64_t tokens, int64_t n, int8_t *qx,
+                          float *d, float *sq, float *sx) {
     int64_t blocks = n / 32;
     #pragma omp parallel for schedule(static) if (tokens * n > 65536)
     for (int64_t b = 0; b < tokens * blocks; b++) {
-        const float *xb = x + b * 32;
+        float xb[32];
+        for (int i = 0; i < 32; i++)
+            xb[i] = bf16_input ? bf16(((const uint16_t *)x)[b * 32 + i])
+                               : ((const float *)x)[b * 32 + i];
         float amax = 0.f, sum = 0.f;
         for (int i = 0; i < 32; i++) {
             float a = fabsf(xb[i]);
@@ -80,9 +84,9 @@ void w4a8_quantize(const float *x, int64_t tokens, int64_t n, int8_t *qx, float 
 
 /* y (tokens, out) = x W^T. w (out, n / 2) uint8: for the blocks 2p and 2p + 1 of a row, 32 bytes,
    byte j = q[2p][j] | q[2p + 1][j] << 4. s, z (out, n / 32) bf16. */
-void w4a8_matmul(const int8_t *qx, const float *d, const float *sq, const float *sx,
-                 int64_t tokens, const uint8_t *w, const uint16_t *s, const uint16_t *z,
-                 int64_t out, int64_t n, float *y) {
+static void w4a8_matmul(const int8_t *qx, const float *d, const float *sq, const float *sx,
+                        int64_t tokens, const uint8_t *w, const uint16_t *s,
+                        const uint16_t *z, int64_t out, int64_t n, float *y) {
     int64_t blocks = n / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < out; r++) {
@@ -146,6 +150,20 @@ void w4a8_matmul(const int8_t *qx, const float *d, const float *sq, const float 
         }
     }
 }
+
+/* y (tokens, out) float32 = x W^T: x rounded per block, then the products; one call from Python */
+int w4a8_linear(const void *x, int bf16_input, int64_t tokens, int64_t n, const uint8_t *w,
+                const uint16_t *s, const uint16_t *z, int64_t out, float *y) {
+    int64_t tb = tokens * (n / 32);
+    int8_t *qx = malloc(tokens * n);
+    float *f = malloc(3 * tb * sizeof(float));  /* d, sq, sx */
+    if (!qx || !f) { free(qx); free(f); return 1; }
+    w4a8_quantize(x, bf16_input, tokens, n, qx, f, f + tb, f + 2 * tb);
+    w4a8_matmul(qx, f, f + tb, f + 2 * tb, tokens, w, s, z, out, n, y);
+    free(qx);
+    free(f);
+    return 0;
+}
 """
 
 
@@ -180,8 +198,7 @@ def library(portable=False):
         src.unlink()
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.w4a8_quantize.argtypes = [p, i64, i64, p, p, p, p]
-    lib.w4a8_matmul.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, p]
+    lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, i64, p]
     return lib
 
 
@@ -206,9 +223,8 @@ def kernel_layout(q):
 
 
 def matmul(x, w, scales, zeros, portable=False):
-    """x (tokens, in) -> float32 (tokens, out), with w from kernel_layout and scales, zeros
-    (out, in / 32) bf16."""
-    x = x.float().contiguous()
+    """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out), with w from kernel_layout and
+    scales, zeros (out, in / 32) bf16."""
     tokens, n = x.shape
     # the C reads raw memory: the layouts it assumes, checked
     if not (w.dtype == torch.uint8 and w.shape[1] * 2 == n and n % 64 == 0 and
@@ -217,15 +233,10 @@ def matmul(x, w, scales, zeros, portable=False):
             all(t.is_contiguous() and t.device.type == "cpu" for t in (w, scales, zeros))):
         raise ValueError("w4a8.matmul takes kernel_layout's uint8 (out, in / 2) and contiguous "
                          "bfloat16 (out, in / 32) scales and zeros on the CPU, in a multiple of 64")
-    lib = library(portable)
-
-    def ptr(t):
-        return t.data_ptr()
-
-    qx = torch.empty(tokens, n, dtype=torch.int8)
-    d, sq, sx = (torch.empty(tokens, n // 32) for _ in range(3))
-    lib.w4a8_quantize(ptr(x), tokens, n, ptr(qx), ptr(d), ptr(sq), ptr(sx))
+    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
     y = torch.empty(tokens, len(w))
-    lib.w4a8_matmul(ptr(qx), ptr(d), ptr(sq), ptr(sx), tokens, ptr(w), ptr(scales), ptr(zeros),
-                    len(w), n, ptr(y))
+    if library(portable).w4a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n,
+                                     w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), len(w),
+                                     y.data_ptr()):
+        raise MemoryError("w4a8: no memory for the rounded activations")
     return y
