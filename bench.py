@@ -907,7 +907,8 @@ def print_ratios(r):  # ours against the roofline, transformers, and the quantiz
         ours, peer = r.get(impl), r.get(f"llama.cpp {kind}")
         if ours and peer and "decode_b1_tok_s" in ours:
             print(f"  {impl} / llama.cpp {kind}: " + ", ".join(
-                f"{name} {ours[k] / peer[k]:.2f}x" for k, name in COLUMNS[3:6:2] if k in peer))
+                f"{name} {ours[k] / peer[k]:.2f}x" for k, name in COLUMNS[3:6:2]
+                if k in peer and k in ours))
     for impl in QUANTIZED:  # quantized against bf16 on the same weights (--fast both)
         q, fast = r.get(impl), r.get("ours_fast")
         if q and fast and "decode_b1_tok_s" in q:

@@ -1769,6 +1769,8 @@ def test_bench_runs_and_reports(tmp_path):
 def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
     # llama-bench's JSON (-o json: a row per test, n_prompt / n_gen / avg_ts) read as bench.py's
     # figures, with our thread count and sizes passed; a build without the tools: one line, exit 2
+    import contextlib
+    import io
     import types
 
     import bench
@@ -1786,6 +1788,11 @@ def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
     args = (tools / "args").read_text().split()
     assert args[args.index("-t") + 1] == "3" and args[args.index("-m") + 1].endswith("m.gguf")
     assert (args[args.index("-p") + 1], args[args.index("-n") + 1]) == ("16", "4")
+    # the ratio line, also for a run without prefill figures (--skip_prefill)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        bench.print_ratios({"ours_w4a8": {"decode_b1_tok_s": 20.0},
+                            "llama.cpp Q4_0": {"decode_b1_tok_s": 25.0, "prefill_tok_s": 300.5}})
+    assert out.getvalue() == "  ours_w4a8 / llama.cpp Q4_0: decode b1 tok/s 0.80x\n"
     r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--llama_cpp", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "has no build/bin/llama-bench and llama-quantize" in r.stderr
