@@ -17,7 +17,6 @@ never committed). Every measurement runs in a fresh process so that its peak res
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
@@ -737,10 +736,9 @@ def llama_cpp_models(ckpt, a):
                         str(models["BF16"]), "--to", "gguf", "--gguf_dtype", "bf16"], check=True)
     for kind in ("Q8_0", "Q4_0"):
         if not models[kind].exists():
-            tmp = models[kind].with_suffix(".tmp")
-            subprocess.run([str(tools / "llama-quantize"), str(models["BF16"]), str(tmp), kind],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            os.replace(tmp, models[kind])
+            with llama.atomic_file(models[kind]) as tmp:
+                subprocess.run([str(tools / "llama-quantize"), str(models["BF16"]), str(tmp), kind],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return models
 
 

@@ -495,16 +495,15 @@ def quantize_model(model, mode, group_size=32, release=None, output=True, absmax
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear
-    return int8_activations(model, mode)
+    return int8_activations(model) if mode == "w8a8" else model
 
 
 INT4_LAYERS = {"int4": Int4Linear, "w4a8": W4A8Linear}  # the layers holding int4 weights
 
 
-def int8_activations(model, mode):
-    """w8a8: swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes).
-    Other modes: the model as it is (w4a8's layers are built as such, from int4 weights)."""
-    for _, parent, attr in weight_slots(model) if mode == "w8a8" else []:
+def int8_activations(model):
+    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes)."""
+    for _, parent, attr in weight_slots(model):
         layer = getattr(parent, attr)
         if isinstance(layer, Int8Linear):
             setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
@@ -624,7 +623,7 @@ def load_quantized(model, path, device="cpu", mode=None):
     model.load_state_dict({k: f.get_tensor(k).to(device) for k in keys}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
-    return int8_activations(model, mode).eval()
+    return (int8_activations(model) if mode == "w8a8" else model).eval()
 
 
 # -----------------------------------------------------------------------------

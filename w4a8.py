@@ -190,12 +190,14 @@ def library(portable=False):
         except FileNotFoundError:
             raise llama.InputError("w4a8 compiles a C kernel at first use and found no C "
                                    "compiler: install gcc, or use --quantize int4") from None
+        finally:
+            src.unlink()
         if r.returncode:
             last = r.stderr.strip().splitlines()[-1:] or ["?"]
             raise llama.InputError(f"w4a8's C kernel did not compile ({last[0]}); use --quantize "
                                    "int4")
-        os.replace(tmp, path)  # whole or absent
-        src.unlink()
+        os.replace(tmp, path)  # whole or absent (not llama.atomic_file: its temporary name is
+        # shared, and two processes may be building at once)
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, i64, p]
