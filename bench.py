@@ -318,8 +318,7 @@ def layer_bytes(layer):
     """Bytes of weights one product of this layer reads (its format's, scales included; a fused
     wq|wk|wv or w1|w3 counted at its first part)."""
     if isinstance(layer, speed.FusedPart):
-        packed = layer.fused[0].linear.packed
-        return packed.numel() * packed.element_size() if layer.i == 0 else 0
+        return layer_bytes(layer.fused[0].linear) if layer.i == 0 else 0
     if isinstance(layer, speed.PackedLinear):
         return layer.packed.numel() * layer.packed.element_size()
     if isinstance(layer, quantize.W8A8Linear):  # oneDNN's packed int8 weight, and the scales

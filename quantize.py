@@ -220,6 +220,14 @@ class QuantizedLinear(nn.Module):
             torch.mm(xc, self.dequantized(a, b, c).t(), out=y[:, a:b])
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    @classmethod
+    def concat(cls, layers):
+        """One layer of the layers' rows stacked, the same products (for speed.fuse_products:
+        wq|wk|wv as one call). Built from their portable forms, which stack row by row."""
+        parts = [m.portable() for m in layers]
+        return cls.from_portable({k: torch.cat([p[k] for p in parts]) for k in parts[0]},
+                                 layers[0].group_size)
+
     def input_grad(self, dy):
         """dx = dy W, summed in float32 (or dy's wider dtype) over slices of dequantized rows, each
         slice's product in speed.matmul_dtype: no float copy of the whole weight is made."""
@@ -502,11 +510,14 @@ INT4_LAYERS = {"int4": Int4Linear, "w4a8": W4A8Linear}  # the layers holding int
 
 
 def int8_activations(model):
-    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes)."""
-    for _, parent, attr in weight_slots(model):
-        layer = getattr(parent, attr)
-        if isinstance(layer, Int8Linear):
-            setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
+    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes), wq|wk|wv
+    and w1|w3 stacked first (as speed.for_inference stacks the others: W8A8Linear's packed
+    weight cannot be stacked later)."""
+    speed.fuse_products(model, speed.quantized_stack)
+    for parent in list(model.modules()):
+        for attr, layer in list(parent.named_children()):
+            if isinstance(layer, Int8Linear):
+                setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
     return model
 
 

@@ -163,13 +163,14 @@ class PackedLinear(nn.Module):
 
 
 class FusedProducts(nn.Module):
-    """Several Linears that read the same input (wq, wk, wv; w1, w3) as one packed product: one
-    pass over the input, each output the same dot product as before. part(i) stands in for the
-    i-th Linear."""
+    """Several Linears that read the same input (wq, wk, wv; w1, w3) as one product of their
+    weights stacked (linear: a PackedLinear, or a quantized layer's concat): one pass over the
+    input and one call, each output row the same dot product as before. part(i) stands in for
+    the i-th Linear."""
 
-    def __init__(self, weights):
+    def __init__(self, linear, sizes):
         super().__init__()
-        self.linear, self.sizes = PackedLinear(torch.cat(weights)), [w.shape[0] for w in weights]
+        self.linear, self.sizes = linear, sizes
         self.input, self.outputs, self.unread = None, None, set()
 
     def part(self, i):
@@ -207,21 +208,47 @@ def packs_like_linear(weight):
     return weight.shape[0] * weight.shape[1] > ONEDNN_MIN_PRODUCT
 
 
-def pack_for_cpu_inference(model):
-    """Every projection (and the output, a packed copy when tied to the embedding) as packed
-    products, one weight at a time: peak memory stays near one copy of the weights."""
+def fuse_products(model, fuse):
+    """wq, wk, wv and w1, w3 of every layer as FusedProducts of fuse(linears) (None: left
+    apart), one group at a time: peak memory stays near one copy of the weights."""
     for module, names in [(m, n) for layer in model.layers
                           for m, n in ((layer.attention, ("wq", "wk", "wv")),
                                        (layer.feed_forward, ("w1", "w3")))]:
-        if not all(type(getattr(module, n)) is nn.Linear for n in names):
-            continue  # quantized: those modules have kernels of their own
-        if not all(packs_like_linear(getattr(module, n).weight) for n in names):
-            continue  # fused, a small one would be multiplied by oneDNN where F.linear is not
-        fused = FusedProducts([getattr(module, n).weight for n in names])
-        for i, n in enumerate(names):
-            release_pages(getattr(module, n).weight)
+        linears = [getattr(module, n) for n in names]
+        stacked = fuse(linears)
+        if stacked is None:
+            continue
+        fused = FusedProducts(stacked, [m.out_features for m in linears])
+        for i, (n, m) in enumerate(zip(names, linears)):
+            if isinstance(m, nn.Linear):
+                release_pages(m.weight)
             setattr(module, n, fused.part(i))
-        module.fused_products = fused  # owns the packed weight
+        module.fused_products = fused  # owns the stacked weight
+    return model
+
+
+def packed_stack(linears):
+    """fuse_products' fuse for bf16 Linears: their weights stacked and packed. Not for quantized
+    layers (they stack with their own concat), nor for small weights: fused, one would be
+    multiplied by oneDNN where F.linear is not."""
+    if all(type(m) is nn.Linear and packs_like_linear(m.weight) for m in linears):
+        return PackedLinear(torch.cat([m.weight for m in linears]))
+    return None
+
+
+def quantized_stack(linears):
+    """fuse_products' fuse for quantized layers of one kind: their concat (quantize.py's
+    Int8Linear, Int4Linear, W4A8Linear), rows stacked as they are."""
+    kind = type(linears[0])
+    if all(type(m) is kind for m in linears) and hasattr(kind, "concat"):
+        return kind.concat(linears)
+    return None
+
+
+def pack_for_cpu_inference(model):
+    """Every projection (and the output, a packed copy when tied to the embedding) as packed
+    products, wq|wk|wv and w1|w3 each as one."""
+    fuse_products(model, packed_stack)
     for module, name in llama.projections(model):
         child = getattr(module, name)
         if isinstance(child, nn.Linear) and packs_like_linear(child.weight):
@@ -292,13 +319,17 @@ class DecodeAttention(llama.Attention):
 
 def for_inference(model, device, dtype, compile=False):
     """The inference speed paths that apply on this device: on CPUs, packed weights for bf16 (not
-    with compile: torch.compile cannot trace oneDNN's packed layout), and one-token attention
-    without the fused kernel where the model uses it (--fast)."""
+    with compile: torch.compile cannot trace oneDNN's packed layout), wq|wk|wv and w1|w3 of
+    quantized layers each as one product, and one-token attention without the fused kernel where
+    the model uses it (--fast)."""
+    cpu = torch.device(device).type == "cpu" and not compile
     if can_pack(torch.device(device), dtype) and not compile:
         pack_for_cpu_inference(model)
-    for layer in model.layers if torch.device(device).type == "cpu" and not compile else []:
-        if type(layer.attention) is llama.Attention and layer.attention.fused:
-            layer.attention.__class__ = DecodeAttention
+    if cpu:
+        fuse_products(model, quantized_stack)
+        for layer in model.layers:
+            if type(layer.attention) is llama.Attention and layer.attention.fused:
+                layer.attention.__class__ = DecodeAttention
     return model
 
 

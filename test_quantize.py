@@ -205,7 +205,8 @@ def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
     int8 = quantize.quantize_model(tiny_model(), "int8")
     model = quantize.quantize_model(tiny_model(), "w8a8")
     layers = [m for m in model.modules() if isinstance(m, quantize.W8A8Linear)]
-    assert len(layers) == 7 * model.args.n_layers + 1 and not quantized_modules(model)
+    # wq|wk|wv, wo, w1|w3 and w2 of each layer (stacked: see the next test), and the output
+    assert len(layers) == 4 * model.args.n_layers + 1 and not quantized_modules(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -215,6 +216,37 @@ def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
             model(tokens[:, :8])
             steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
     assert relative_error(torch.cat(steps, 1), logits[:, 8:]) < 1e-5
+
+
+def separate_w8a8(int8_model):  # each Int8Linear as its own W8A8Linear, nothing stacked
+    for name, m in quantized_modules(int8_model).items():
+        parent, _, attr = name.rpartition(".")
+        setattr(int8_model.get_submodule(parent), attr, quantize.W8A8Linear(m.qweight, m.scales))
+    return int8_model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8", "w8a8"])
+def test_stacked_products_give_the_separate_products_bit_for_bit(mode):
+    """wq|wk|wv and w1|w3 as one layer each (speed.for_inference on CPUs; w8a8's when its layers
+    are made): one call instead of three or two, and every output row still its own dot product,
+    so the logits are exactly the separate layers', in prefill (dequantized slices) and in
+    decoding (the kernels)."""
+    base = quantize.quantize_model(tiny_model(), mode if mode != "w8a8" else "int8")
+    if mode == "w8a8":
+        separate, stacked = separate_w8a8(copy.deepcopy(base)), quantize.int8_activations(base)
+    else:
+        separate, stacked = base, speed.for_inference(copy.deepcopy(base), "cpu", torch.float32)
+    parts = [m for m in stacked.modules() if isinstance(m, speed.FusedPart)]
+    assert len(parts) == 5 * stacked.args.n_layers
+    assert all(type(p.fused[0].linear) is type(separate.layers[0].attention.wo) for p in parts)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(7))
+    outputs = []
+    for model in (separate, stacked):
+        with torch.no_grad(), model.kv_cache(2, 12):
+            outputs.append([model(tokens[:, :8])] +
+                           [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)])
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
 
 
 def w4a8_reference(x, q, scales, zeros):
@@ -495,7 +527,7 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
     for mode, also in (("int8", "w8a8"), ("int4", "w4a8")):
         at_load = {m: generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
                    for m in (mode, also) if m}
-        assert isinstance(at_load[mode].model.layers[0].attention.wq, quantize.QuantizedLinear)
+        assert isinstance(at_load[mode].model.layers[0].attention.wo, quantize.QuantizedLinear)
         expected = {m: g.generate([prompt], 12, temperature=0)[0] for m, g in at_load.items()}
         r = subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(tiny_ckpt),
                             "--mode", mode], capture_output=True, text=True, timeout=300)
@@ -504,7 +536,9 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
             saved = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", quantize=m)
             layer = {"w8a8": quantize.W8A8Linear, "w4a8": quantize.W4A8Linear}.get(
                 m, quantize.QuantizedLinear)
-            assert isinstance(saved.model.layers[0].attention.wq, layer)
+            attention = saved.model.layers[0].attention  # wq|wk|wv stacked, wo alone
+            assert isinstance(attention.wo, layer)
+            assert isinstance(attention.fused_products.linear, layer)
             assert saved.generate([prompt], 12, temperature=0)[0] == expected[m]
             if m in ("int8", "int4"):  # the command line: once for each file (w8a8, w4a8)
                 continue
