@@ -6,8 +6,8 @@ roofline it implies.
     python bench.py                                  # Llama 3.2 1B shape, float32 and bf16
     python bench.py --shape 8B --dtypes bfloat16 --new_tokens 16 --skip_batch8 --skip_prefill
     python bench.py --json                           # the same figures as JSON
-    python bench.py --profile --new_tokens 16        # one decoded token split into its parts
-    python bench.py --scale --new_tokens 32          # tensor parallel and FSDP2, per process
+    python bench_profile.py --new_tokens 16          # one decoded token split into its parts
+    python bench_scale.py --new_tokens 32            # tensor parallel and FSDP2, per process
 
 Checkpoints are made on first use under bench_ckpt/ (random weights of the real shape, HF layout;
 never committed). Every measurement runs in a fresh process so that its peak resident memory
@@ -19,7 +19,6 @@ import copy
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +31,6 @@ import checkpoints
 import convert
 import generate
 import llama
-import parallel
 import quantize
 import speed
 import w4a8
@@ -252,9 +250,6 @@ def child(impl, ckpt, dtype_name, a):
     if a._lora:
         print(json.dumps(lora_step_child(impl, ckpt, dtype, a)))
         return
-    if a._profile:
-        print(json.dumps(profile_child(impl, ckpt, a)))
-        return
     out = {}
     t0 = time.perf_counter()
     if impl == "transformers":
@@ -304,126 +299,6 @@ def child(impl, ckpt, dtype_name, a):
     print(json.dumps(out))
 
 
-# --------------------------------------------------- profile: one decoded token split into parts
-
-PROFILED = ("ours_fast", *QUANTIZED)  # bf16 --fast and each quantized width
-PARTS = {"projections": "wq wk wv wo w1 w2 w3 (packed or quantized)",
-         "attention": "scores, softmax, values, KV cache write",
-         "rope": "RoPE on q and k", "norms": "RMSNorm", "swiglu": "silu(w1 x) * w3 x",
-         "output": "the output layer", "sampling": "llama.sample",
-         "rest": "the total less the parts: embedding, residual adds, the loop, dispatch"}
-
-
-def layer_bytes(layer):
-    """Bytes of weights one product of this layer reads (its format's, scales included; a fused
-    wq|wk|wv or w1|w3 counted at its first part)."""
-    if isinstance(layer, speed.FusedPart):
-        return layer_bytes(layer.fused[0].linear) if layer.i == 0 else 0
-    if isinstance(layer, speed.PackedLinear):
-        return layer.packed.numel() * layer.packed.element_size()
-    if isinstance(layer, quantize.W8A8Linear):  # oneDNN's packed int8 weight, and the scales
-        return layer.out_features * layer.in_features + layer.scales.nbytes
-    return sum(t.nbytes for t in [*layer.parameters(), *layer.buffers()])
-
-
-TIMED = ("attn_proj", "ffn_proj", "attn_all", "ffn_all", "rope", "norms", "output", "sampling")
-
-
-def part_timers(model, spent):
-    """Adds each part's seconds into spent (TIMED keys): forward hooks on the modules
-    (perf_counter; CPU ops are synchronous) and wrappers of llama.apply_rope and llama.sample.
-    -> a function that removes them all."""
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            spent[key] += time.perf_counter() - t
-            return out
-        return wrapper
-
-    def hook(module, key):
-        starts = []
-        return [module.register_forward_pre_hook(lambda m, a: starts.append(time.perf_counter())),
-                module.register_forward_hook(lambda m, a, out: spent.__setitem__(
-                    key, spent[key] + time.perf_counter() - starts.pop()))]
-
-    handles = hook(model.output, "output")
-    for module, name in llama.projections(model):
-        if module is not model:  # attention's and the MLP's projections, apart
-            key = "attn_proj" if isinstance(module, llama.Attention) else "ffn_proj"
-            handles += hook(getattr(module, name), key)
-    for m in model.modules():
-        for cls, key in ((llama.RMSNorm, "norms"), (llama.Attention, "attn_all"),
-                         (llama.FeedForward, "ffn_all")):
-            handles += hook(m, key) if isinstance(m, cls) else []
-    rope, sample = llama.apply_rope, llama.sample
-    llama.apply_rope, llama.sample = timed(rope, "rope"), timed(sample, "sampling")
-
-    def remove():
-        llama.apply_rope, llama.sample = rope, sample
-        for h in handles:
-            h.remove()
-    return remove
-
-
-def parts(spent):
-    """part_timers' figures (nested: attention's include its projections and RoPE) -> PARTS but
-    the rest."""
-    return {"projections": spent["attn_proj"] + spent["ffn_proj"],
-            "attention": spent["attn_all"] - spent["attn_proj"] - spent["rope"],
-            "rope": spent["rope"], "norms": spent["norms"],
-            "swiglu": spent["ffn_all"] - spent["ffn_proj"], "output": spent["output"],
-            "sampling": spent["sampling"]}
-
-
-def profile_decode(g, prompt_len, new_tokens):
-    """One decoded token (batch 1, greedy, as bench's decode) split into PARTS. Steps alternate
-    between plain ones and ones with timers on every part (put on and taken off between steps,
-    outside the clock), so a slow spell of a shared machine hits both alike: each part is its
-    median over the timed steps, the total the median of the plain ones, and 'rest' the total less
-    the parts (the timers' own cost is in no part). -> ms and bytes read per part, and totals."""
-    spent, steps, remove, t = dict.fromkeys(TIMED, 0.0), {False: [], True: []}, None, None
-    for _, _, pos, _ in g.generate_steps(prompt_ids(prompt_len).tolist(), 5 + 2 * new_tokens,
-                                         temperature=0):
-        now = time.perf_counter()
-        if t is not None and pos > prompt_len + 4:  # the prompt and 4 warm-up steps uncounted
-            steps[remove is not None].append({"total": now - t, "pos": pos, **spent})
-        remove = remove() if remove else part_timers(g.model, spent)  # on every other step
-        spent.update(dict.fromkeys(TIMED, 0.0))
-        t = time.perf_counter()
-    if remove:
-        remove()
-    timed = {k: 1e3 * statistics.median(s[k] for s in steps[True]) for k in TIMED}
-    total = 1e3 * statistics.median(s["total"] for s in steps[False])
-    ms = parts(timed)
-    ms["rest"] = total - sum(ms.values())
-    model, a = g.model, g.model.args
-    kv = model.tok_embeddings.weight.element_size()  # the KV cache's dtype
-    positions = [s["pos"] for s in steps[False] + steps[True]]
-    nbytes = {"projections": sum(layer_bytes(getattr(m, n)) for m, n in llama.projections(model)
-                                 if m is not model),
-              "output": layer_bytes(model.output),
-              # K and V of every cached position (at the median step), every layer
-              "attention": 2 * statistics.median(positions) * a.n_kv_heads * a.head_dim * kv
-                           * a.n_layers,
-              "sampling": a.vocab_size * 4}  # argmax over float32 logits
-    logits = torch.randn(1, a.vocab_size)  # generate.py's default sampling, for comparison
-    top_p = 1e3 * best_time(lambda: llama.sample(logits, 0.6, 0.9, 0, g.generator))
-    timed_total = 1e3 * statistics.median(s["total"] for s in steps[True])
-    return {"total_ms": total, "timed_total_ms": timed_total, "parts_ms": ms, "bytes": nbytes,
-            "tokens": len(steps[False]), "timed_tokens": len(steps[True]),
-            "positions": [min(positions), max(positions)],
-            "top_p_sampling_ms": top_p}
-
-
-def profile_child(impl, ckpt, a):
-    g = generate.load(ckpt, max_seq_len=a.prompt_len + 2 * a.new_tokens + 8, max_batch_size=1,
-                      device="cpu", dtype="bfloat16", fast=True, quantize=QUANTIZED.get(impl))
-    bandwidth = read_bandwidth(1)  # here and now: a shared machine's changes from run to run
-    with torch.inference_mode():
-        return {**profile_decode(g, a.prompt_len, a.new_tokens), "read_bandwidth_gb_s": bandwidth}
-
-
 def best(old, new):
     """The better of two runs' figures: the higher rate, the lower time and memory."""
     if old is None or new is None:
@@ -431,166 +306,55 @@ def best(old, new):
     return {k: (max if k.endswith("tok_s") else min)(v, old.get(k, v)) for k, v in new.items()}
 
 
-def run_child(impl, ckpt, dtype, a, lora=False, profile=False):
+def run_child(impl, ckpt, dtype, a, lora=False):
     cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
            "--threads", str(a.threads), "--prompt_len", str(a.prompt_len),
            "--new_tokens", str(a.new_tokens), "--prefill_len", str(a.prefill_len),
            "--lora_steps", str(a.lora_steps), "--accuracy_tokens", str(a.accuracy_tokens)] \
         + ["--skip_batch8"] * a.skip_batch8 \
         + ["--skip_prefill"] * a.skip_prefill \
-        + ["--activation_checkpointing"] * a.activation_checkpointing + ["--_lora"] * lora \
-        + ["--_profile"] * profile
-    what = " LoRA step" if lora else " profile of a decoded token" if profile else ""
-    llama.log(f"measuring {impl} {dtype}{what} ...")
+        + ["--activation_checkpointing"] * a.activation_checkpointing + ["--_lora"] * lora
+    return run_json(cmd, f"{impl} {dtype}{' LoRA step' if lora else ''}")
+
+
+def run_json(cmd, what):
+    """A measurement in a process of its own -> the JSON of its last line of output, or None (and
+    why, logged) when it failed."""
+    llama.log(f"measuring {what} ...")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        llama.log(f"  {impl} {dtype} failed: "
+        llama.log(f"  {what} failed: "
                   f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# --------------------------------------------------- scale: tensor parallel and FSDP2, per process
-# The processes of one machine stand in for GPUs. They share its cores and memory bandwidth, and
-# gloo sends each all-reduce through shared memory and the kernel: these runs show what each
-# process holds, and only an upper bound on what communication costs; NCCL between GPUs is another
-# world. Each run is its own torchrun; rank 0 prints every rank's figures.
-
-SCALE_RUNS = (("decode", 1), ("decode", 2), ("ddp", 2), ("fsdp", 2))
-
-
-def resident_gb(field="VmRSS"):
-    return next(int(l.split()[1]) for l in open("/proc/self/status")
-                if l.startswith(field)) * 1024 / 1e9
-
-
-def reset_peak_rss():  # VmHWM starts again from VmRSS (Linux: clear_refs 5)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def tp_decode_child(ckpt, a):
-    """Tensor-parallel bf16 --fast decoding, batch 1: this process's weights and tokens/s."""
-    g = generate.load(ckpt, max_seq_len=a.prompt_len + a.new_tokens, device="cpu",
-                      dtype="bfloat16", fast=True)
-    planned = parallel.bytes_per_process(g.model.args, parallel.world()[1], "bf16")
-    with torch.inference_mode():
-        g.generate(prompt_ids(8).tolist(), 4, temperature=0)  # warm-up
-        t, steps = None, 0
-        for _ in g.generate_steps(prompt_ids(a.prompt_len).tolist(), a.new_tokens, temperature=0):
-            t, steps = t or time.perf_counter(), steps + 1  # timed from the first new token
-        tok_s = (steps - 1) / (time.perf_counter() - t)
-    return {"planned_weights_gb": planned / 1e9, "rss_after_load_gb": resident_gb(),
-            "peak_rss_gb": peak_rss_gb(), "decode_b1_tok_s": tok_s}
-
-
-def train_step_child(kind, ckpt, a):
-    """--scale_mode training steps (bf16 frozen weights, activation checkpointing, AdamW) under
-    DDP (a whole copy in each process) or FSDP2 (fully_shard, as finetune.py --fsdp): this
-    process's bytes of parameters, gradients and AdamW state, and its peak memory in the steps."""
-    device = parallel.init_processes(torch.device("cpu"))
-    args, sd = checkpoints.load_checkpoint(ckpt)
-    args = replace(args, max_seq_len=a.prefill_len, fused_attention=True)
-    # copies of the weights, not the checkpoint's mapped pages (which every process would count):
-    # each process's own memory is what a GPU would hold
-    sd = {k: t.to(torch.bfloat16, copy=True) for k, t in sd.items()}
-    model = llama.build_model(args, sd, device, torch.bfloat16)
-    del sd
-    if "lora" in a.scale_mode:
-        llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
-    params = llama.set_trainable(model, a.scale_mode)
-    model.activation_checkpointing = True
-    step_model = model
-    if kind == "fsdp":
-        parallel.shard_for_training(model, device)
-        params = [p for p in model.parameters() if p.requires_grad]  # the shards
-    else:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    speed.for_training(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    x = prompt_ids(a.prefill_len + 1)
-    speed.release_freed_memory()
-    before = resident_gb()
-    reset_peak_rss()
-    times = []
-    for _ in range(a.lora_steps + 1):  # the first one is a warm-up (AdamW's state appears)
-        t = time.perf_counter()
-        losses, weights = llama.token_losses(step_model, x[:, :-1], x[:, 1:], 128000)
-        ((losses * weights).sum() / weights.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # the gradients stay, to be counted
-        times.append(time.perf_counter() - t)
-    states = [t for s in optimizer.state.values() for t in s.values() if t.dim()]
-    gb = lambda ts: sum(parallel.local_bytes_of(t) for t in ts) / 1e9  # noqa: E731
-    return {"params_gb": gb(model.parameters()), "grads_gb": gb(p.grad for p in params),
-            "adamw_gb": gb(states), "rss_before_gb": before, "step_peak_rss_gb": peak_rss_gb(),
-            "step_s": statistics.median(times[1:])}
-
-
-def scale_child(kind, ckpt, a):
-    torch.set_num_threads(a.threads)
-    out = tp_decode_child(ckpt, a) if kind == "decode" else train_step_child(kind, ckpt, a)
-    every = [None] * parallel.world()[1]
-    torch.distributed.all_gather_object(every, out)
-    print(json.dumps(every))  # (other ranks print to /dev/null)
-    parallel.end_processes()
-
-
-def scale(ckpt, a):
-    """bench.py --scale: each of SCALE_RUNS under torchrun, the cores split among its processes."""
-    results = {"machine": machine_info(a), "mode": a.scale_mode, "scale": []}
-    for kind, n in SCALE_RUNS:
-        threads = max(1, a.threads // n)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(n), __file__, "--_scale", kind, "--_ckpt", str(ckpt), "--threads",
-               str(threads), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
-               "--prefill_len", str(a.prefill_len), "--lora_steps", str(a.lora_steps),
-               "--scale_mode", a.scale_mode]
-        llama.log(f"measuring {kind} over {n} process(es), {threads} thread(s) each ...")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        ranks = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-        if ranks is None:
-            llama.log(f"  failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}")
-        results["scale"].append({"kind": kind, "processes": n, "threads": threads,
-                                 "ranks": ranks})
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_scale(results)
-
-
-def print_scale(results):
-    m = results["machine"]
-    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads in all, torch "
-          f"{m['torch']}, {m['date']}; gloo between processes of one machine: communication-"
-          f"bound and sharing the cores, not a forecast for GPUs")
-    print("tensor-parallel decoding, bf16 --fast, batch 1 (per process):")
-    print(f"  {'N':>3}{'threads':>9}{'planned GB':>12}{'RSS GB':>9}{'peak GB':>9}{'tok/s':>8}")
-    runs = {(r["kind"], r["processes"]): r for r in results["scale"] if r["ranks"]}
-    for (kind, n), r in runs.items():
-        if kind == "decode":
-            for x in r["ranks"][:1]:  # (every rank holds the same bytes; rank 0's are shown)
-                print(f"  {n:>3}{r['threads']:>9}{x['planned_weights_gb']:>12.2f}"
-                      f"{x['rss_after_load_gb']:>9.2f}{x['peak_rss_gb']:>9.2f}"
-                      f"{x['decode_b1_tok_s']:>8.2f}")
-    print(f"training step, {results['mode']}, bf16 frozen weights, activation checkpointing "
-          f"(per process, the largest rank):")
-    print(f"  {'':6}{'params GB':>11}{'grads GB':>10}{'AdamW GB':>10}{'RSS GB':>9}{'peak GB':>9}"
-          f"{'step s':>8}")
-    for kind in ("ddp", "fsdp"):
-        if (kind, 2) in runs:
-            x = {k: max(rank[k] for rank in runs[kind, 2]["ranks"])
-                 for k in runs[kind, 2]["ranks"][0]}
-            print(f"  {kind:6}{x['params_gb']:>11.3f}{x['grads_gb']:>10.3f}{x['adamw_gb']:>10.3f}"
-                  f"{x['rss_before_gb']:>9.2f}{x['step_peak_rss_gb']:>9.2f}{x['step_s']:>8.2f}")
-
-
 # ----------------------------------------------------------------------------- report
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__,
+def parser(doc):
+    """The flags of every benchmark command (bench.py, bench_scale.py): the shape, the threads, the
+    lengths of a run, and where its checkpoint and its results go."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B")
+    p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B",
+                   help="the random checkpoint's shape (default 1B)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="threads in all (default: torch's, the cores)")
+    p.add_argument("--prompt_len", type=int, default=64, help="tokens before decoding (default 64)")
+    p.add_argument("--new_tokens", type=int, default=128, help="decoded tokens (default 128)")
+    p.add_argument("--prefill_len", type=int, default=512,
+                   help="tokens of the prefill and of a training step's row (default 512)")
+    p.add_argument("--lora_steps", type=int, default=3,
+                   help="timed training steps, after one warm-up (default 3)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (default off)")
+    p.add_argument("--ckpt_root", default=str(HERE / "bench_ckpt"),
+                   help="where the random checkpoints are made, once per shape "
+                        "(default bench_ckpt/)")
+    return p
+
+
+def parse_args():
+    p = parser(__doc__)
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated (default float32,bfloat16)")
     p.add_argument("--impls", default="ours,ours_fast,transformers,ours_int8,ours_w8a8,ours_int4,"
@@ -598,10 +362,6 @@ def parse_args():
                    "(bf16 runs only) are generate.py --fast --quantize")
     p.add_argument("--accuracy_tokens", type=int, default=400,
                    help="teacher-forced tokens of text for the quantized models' accuracy")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=1,
                    help="runs of each implementation, taken in turn; each figure is the best of "
                         "them (other tenants of a shared machine only ever slow a run)")
@@ -610,32 +370,15 @@ def parse_args():
                         "rougher; more than the caches hold)")
     p.add_argument("--skip_batch8", action="store_true")
     p.add_argument("--skip_prefill", action="store_true")
-    p.add_argument("--lora_steps", type=int, default=3,
-                   help="timed LoRA training steps (after one warm-up)")
     p.add_argument("--skip_lora", action="store_true")
     p.add_argument("--skip_decode", action="store_true", help="only the LoRA step")
     p.add_argument("--activation_checkpointing", action="store_true", help="for our LoRA step")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--ckpt_root", default=str(HERE / "bench_ckpt"),
-                   help="where the random checkpoints are made, once per shape "
-                        "(default bench_ckpt/)")
-    p.add_argument("--profile", action="store_true",
-                   help="only profile a decoded token: ms, bytes, GB/s of its parts, bf16 --fast "
-                        "and the quantized --impls (default off)")
-    p.add_argument("--scale", action="store_true",
-                   help="only the scale view: tensor-parallel decoding over 1 and 2 processes, "
-                        "and a training step's memory per process under DDP and FSDP2, each "
-                        "under torchrun (default off)")
-    p.add_argument("--scale_mode", default="lora", choices=llama.MODES,
-                   help="what the --scale training step trains (default lora)")
     p.add_argument("--llama_cpp", default=None,
                    help="a llama.cpp build (bash ../shared/llamacpp/build.sh DIR gives one): its "
                         "BF16, Q8_0 and Q4_0 of the same weights (our GGUF export, then "
                         "llama-quantize) run by llama-bench in the bf16 rounds, in turn with ours "
                         "(default none)")
-    p.add_argument("--_scale", help=argparse.SUPPRESS)
     p.add_argument("--_lora", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -650,15 +393,9 @@ def main():
     a = parse_args()
     if a._child:
         return child(a._child, a._ckpt, a.dtypes, a)
-    if a._scale:
-        return scale_child(a._scale, a._ckpt, a)
 
     ckpt = make_checkpoint(a.shape, Path(a.ckpt_root) / a.shape)
     impls = [i for i in a.impls.split(",") if i != "transformers" or installed("transformers")]
-    if a.profile:
-        return profile(ckpt, [i for i in impls if i in PROFILED], a)
-    if a.scale:
-        return scale(ckpt, a)
     machine, bandwidth, rates = measure_machine(a)
     results = {"machine": machine, "runs": {
         dtype: run_implementations(ckpt, dtype, impls, bandwidth, rates, a)
@@ -769,47 +506,6 @@ def machine_info(a):
             "w4a8_kernel": "AVX-512 VNNI" if w4a8.has_vnni() else "plain C",
             "torch": torch.__version__, "python": platform.python_version(),
             "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
-
-
-def profile(ckpt, impls, a):
-    """bench.py --profile: each implementation's decoded token split into parts (the faster of
-    --rounds runs, in turn), beside the read bandwidth measured in the same process."""
-    save_quantized_once(ckpt, impls)
-    results = {"machine": machine_info(a), "profile": {}}
-    for _ in range(a.rounds):
-        for impl in impls:
-            runs = (results["profile"].get(impl),
-                    run_child(impl, ckpt, "bfloat16", a, profile=True))
-            results["profile"][impl] = min((r for r in runs if r), default=None,
-                                           key=lambda r: r["total_ms"])
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_profile(results)
-
-
-def print_profile(results):
-    m = results["machine"]
-    print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-          f"{m['date']}")
-    for impl, r in results["profile"].items():
-        if not r:
-            continue
-        total, (first, last), bandwidth = r["total_ms"], r["positions"], r["read_bandwidth_gb_s"]
-        print(f"\n{impl} ({QUANTIZED.get(impl, 'bf16')}): {total:.1f} ms a token "
-              f"({1e3 / total:.1f} tok/s), the median of {r['tokens']} steps without timers "
-              f"between {r['timed_tokens']} with them ({r['timed_total_ms']:.1f} ms), positions "
-              f"{first}-{last}, batch 1, greedy; read bandwidth {bandwidth:.1f} GB/s (measured "
-              f"before it)")
-        print(f"  {'part':12}{'ms':>8}{'share':>8}{'MB read':>10}{'GB/s':>8}{'of bw':>7}  what")
-        for part, what in PARTS.items():
-            ms, nbytes = r["parts_ms"][part], r["bytes"].get(part)
-            rate = f"{nbytes / ms / 1e6:>8.1f}{nbytes / ms / 1e6 / bandwidth:>7.0%}" \
-                if nbytes and ms > 0 else f"{'':>15}"
-            mb = f"{nbytes / 1e6:>10.1f}" if nbytes else f"{'':>10}"
-            print(f"  {part:12}{ms:>8.2f}{ms / total:>8.0%}{mb}{rate}  {what}")
-        print(f"  (top-p sampling, generate.py's default 0.6 / 0.9, takes "
-              f"{r['top_p_sampling_ms']:.1f} ms instead of greedy's)")
 
 
 def installed(module):

@@ -71,7 +71,7 @@ def run_processes(n, args, timeout=300):
     torchrun gives them, without its agent (a torch import and a rendezvous fewer: a second or
     two of 2 cores, over a dozen runs). One process failing stops the others, as torchrun does.
     -> subprocess.CompletedProcess with every rank's output, rank 0's first. The test of a size
-    that does not divide, and bench.py --scale, go through torchrun itself."""
+    that does not divide, and bench_scale.py, go through torchrun itself."""
     import reference
 
     port, procs, outs = reference.free_port(), [], []

@@ -256,9 +256,9 @@ def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(tmp_path, ckpt_gqa, 
 
 
 def test_bench_scale_view_and_fsdp_holds_half_of_everything(tmp_path):
-    # bench.py --scale end to end on the tiny shape: tensor-parallel decoding at N=1 and 2, and a
+    # bench_scale.py end to end on the tiny shape: tensor-parallel decoding at N=1 and 2, and a
     # full-finetuning step under DDP and FSDP2 on 2 processes
-    r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--scale", "--shape", "tiny",
+    r = subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--shape", "tiny",
                         "--scale_mode", "full", "--prompt_len", "8", "--new_tokens", "4",
                         "--prefill_len", "16", "--lora_steps", "1", "--json", "--ckpt_root",
                         str(tmp_path)], capture_output=True, text=True, timeout=600)

@@ -553,32 +553,47 @@ def test_generate_py_quantized_from_the_saved_file_equals_quantized_at_load(tiny
 
 
 def test_bench_profile_parts_are_disjoint_and_timers_come_off(tiny_ckpt):
-    # bench.py --profile's timers on one decoding step: every part is timed, the nested ones
+    # bench_profile.py's timers on one decoding step: every part is timed, the nested ones
     # (attention holds its projections and RoPE) are taken apart without counting anything twice,
     # so the parts fit inside the step; afterwards no hook or wrapper is left
     import bench
+    import bench_profile
 
     rope, sample = llama.apply_rope, llama.sample
     for mode, weight_bytes in ((None, 2), ("int4", 0.5)):  # bf16 --fast and int4
         g = generate.load(tiny_ckpt, max_seq_len=64, device="cpu", dtype="bfloat16", fast=True,
                           quantize=mode)
-        spent, tokens = dict.fromkeys(bench.TIMED, 0.0), torch.tensor([[128000, 791, 6864]])
+        spent = dict.fromkeys(bench_profile.TIMED, 0.0)
+        tokens = torch.tensor([[128000, 791, 6864]])
         with torch.inference_mode(), g.model.kv_cache(1, 8):
             g.model(tokens, 0, last_only=True)
-            remove = bench.part_timers(g.model, spent)
+            remove = bench_profile.part_timers(g.model, spent)
             t = time.perf_counter()
             llama.sample(g.model(tokens[:, :1], 3, last_only=True)[:, -1], 0, 1.0)
             step = time.perf_counter() - t
             remove()
-        parts = bench.parts(spent)
+        parts = bench_profile.parts(spent)
         assert all(v > 0 for v in parts.values()) and sum(parts.values()) <= step, parts
         assert llama.apply_rope is rope and llama.sample is sample
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in g.model.modules())
-        profile = bench.profile_decode(g, 4, 1)  # the whole profile, a few steps
-        assert set(profile["parts_ms"]) == set(bench.PARTS) and profile["total_ms"] > 0
+        profile = bench_profile.profile_decode(g, 4, 1)  # the whole profile, a few steps
+        assert set(profile["parts_ms"]) == set(bench_profile.PARTS) and profile["total_ms"] > 0
         a = g.model.args  # the layers' matrices: all of them less the output layer
         params = bench.matmul_params(a) - a.vocab_size * a.dim
         assert weight_bytes <= profile["bytes"]["projections"] / params < weight_bytes + 0.2
+
+
+def test_bench_profile_py_runs_and_refuses_what_it_cannot_profile(tmp_path):
+    cmd = [sys.executable, str(HERE / "bench_profile.py"), "--shape", "tiny", "--prompt_len", "4",
+           "--new_tokens", "2", "--ckpt_root", str(tmp_path)]
+    r = subprocess.run([*cmd, "--impls", "ours_fast", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads(r.stdout)["profile"]["ours_fast"]
+    assert set(run["parts_ms"]) == {"projections", "attention", "rope", "norms", "swiglu",
+                                    "output", "sampling", "rest"} and run["total_ms"] > 0
+    r = subprocess.run([*cmd, "--impls", "ours"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "error: --impls ours cannot be profiled" in r.stderr
 
 
 def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
