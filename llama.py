@@ -11,11 +11,9 @@ Read it top to bottom:
   7. finetuning   - packed documents with BOS-aware masking; the loop, with exact resume and DDP
 
 By default the arithmetic is Meta's, op for op, so the output is token-exact with Meta's reference
-implementation (reference.py runs it; test_llama.py compares). Everything optional lives beside
-this file and is applied by swapping modules in: checkpoints.py (reading Hugging Face's layout,
-tokenizer files, runs), convert.py (writing them), speed.py (CPU and GPU fast paths), quantize.py
-(int8/int4 weights), parallel.py (over processes), prepare.py (data); generate.load puts them
-together, for any checkpoint layout; finetune.py trains."""
+implementation (reference.py runs it; test_llama.py compares). Everything optional (other
+checkpoint layouts, fast paths, quantization, several processes) lives in the files beside this
+one, applied by swapping modules in where a model is assembled."""
 
 import codecs
 import json
@@ -820,6 +818,51 @@ def adamw(model, run):
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=run["lr"], betas=(0.9, 0.95), fused=params[0].device.type == "cuda")
 
+def all_sum(values, device):  # summed over every process (float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if processes()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(model, batches, bos_id, autocast):
+    """The mean loss a token over the batches of every process."""
+    model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad(), autocast:
+        for x, y, loss_mask in batches:
+            losses, weights = token_losses(model, x, y, bos_id, loss_mask)
+            total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
+    model.train()
+    total, count = all_sum([total, count], x.device)
+    return total / max(count, 1)
+
+
+def train_step(train_model, optimizer, batches, bos_id, autocast, grad_clip):
+    """One optimizer step over the micro-batches of every process -> (the mean loss a token, the
+    gradient norm). A DDP model syncs its gradients after the last micro-batch only."""
+    world, device = processes()[1], batches[0][0].device
+    # normalise by the tokens of the whole step on all ranks, so that N processes x M micro-batches
+    # give exactly the gradient of one big batch (DDP averages over ranks: multiply back by world)
+    n_tokens = all_sum([sum(token_weights(y, bos_id, m).sum().item() for _, y, m in batches)],
+                       device)[0]
+    loss_sum = 0.0
+    for i, (x, y, loss_mask) in enumerate(batches):
+        ddp = isinstance(train_model, nn.parallel.DistributedDataParallel)
+        sync = train_model.no_sync() if ddp and i < len(batches) - 1 else torch.enable_grad()
+        with autocast, sync:
+            losses, w = token_losses(train_model, x, y, bos_id, loss_mask)
+            loss = (losses * w).sum()
+            (loss * world / n_tokens).backward()
+        loss_sum += loss.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)  # FSDP's: a DTensor
+    grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return all_sum([loss_sum], device)[0] / n_tokens, grad_norm
+
+
 def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start=(0, []),
           sample_text=None):
     """Train on (tokens, loss mask) data with run's settings (lr, batch_size, ...: saved with each
@@ -828,34 +871,14 @@ def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start
     each (DDP wraps it here) or, with run["fsdp"], already sharded by fully_shard."""
     cfg, (rank, world) = SimpleNamespace(**run), processes()
     device, out_dir = model.tok_embeddings.weight.device, Path(out_dir)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     step, log_lines = start[0], list(start[1])
     # buffers (RoPE, quantized weights) are frozen and alike in every process: never sent
-    ddp = world > 1 and not cfg.fsdp
-    train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp \
-        else model
+    train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) \
+        if world > 1 and not cfg.fsdp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def all_sum(*values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if world > 1:
-            torch.distributed.all_reduce(t)
-        return t.tolist()
 
     def batch(data, i, seed):
         return get_batch(data, i, cfg.batch_size, cfg.seq_len, seed, rank, world, device)
-
-    def evaluate():
-        model.eval()
-        total, count = 0.0, 0.0
-        with torch.no_grad(), autocast:
-            for i in range(cfg.eval_batches):
-                x, y, m = batch(val_data, i, cfg.seed + 1)
-                losses, weights = token_losses(model, x, y, tokenizer.bos_id, m)
-                total, count = total + (losses * weights).sum().item(), count + weights.sum().item()
-        model.train()
-        total, count = all_sum(total, count)
-        return total / max(count, 1)
 
     model.train()
     with stop_on_signals() as stop:
@@ -865,37 +888,25 @@ def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start
                 group["lr"] = lr
             batches = [batch(train_data, step * cfg.grad_accum + i, cfg.seed)
                        for i in range(cfg.grad_accum)]
-            # normalise by the tokens of the whole step on all ranks, so that N processes x M
-            # micro-batches give exactly the gradient of one big batch (DDP averages over ranks:
-            # multiply back by world)
-            n_tokens = all_sum(sum(token_weights(y, tokenizer.bos_id, m).sum().item()
-                                   for _, y, m in batches))[0]
-            loss_sum = 0.0
-            for i, (x, y, loss_mask) in enumerate(batches):
-                last = i == cfg.grad_accum - 1
-                sync = train_model.no_sync() if ddp and not last else torch.enable_grad()
-                with autocast, sync:
-                    losses, w = token_losses(train_model, x, y, tokenizer.bos_id, loss_mask)
-                    loss = (losses * w).sum()
-                    (loss * world / n_tokens).backward()
-                loss_sum += loss.item()
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP's: a DTensor
-            grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, loss = step + 1, all_sum(loss_sum)[0] / n_tokens
-            tokens_per_s = len(batches) * x.numel() * world / (time.time() - t0)
+            loss, grad_norm = train_step(train_model, optimizer, batches, tokenizer.bos_id,
+                                         autocast, cfg.grad_clip)
+            step, n = step + 1, len(batches) * batches[0][0].numel() * world
+            tokens_per_s = n / (time.time() - t0)
             log_lines.append(json.dumps({"step": step, "loss": loss, "lr": lr,
                                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}))
             log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                log_lines.append(json.dumps({"step": step, "val_loss": (val_loss := evaluate())}))
+                val_loss = evaluate(model, (batch(val_data, i, cfg.seed + 1)
+                                            for i in range(cfg.eval_batches)),
+                                    tokenizer.bos_id, autocast)
+                log_lines.append(json.dumps({"step": step, "val_loss": val_loss}))
                 log(f"step {step} | val loss {val_loss:.4f}")
             if sample_text and cfg.sample_every and step % cfg.sample_every == 0:
                 log(f"sample: {sample_text(model)!r}")
             # every rank learns of a signal that reached any of them, and all stop at the same step
-            stopping = all_sum(float(stop["signal"] is not None))[0] > 0 or step == cfg.stop_at
+            stopping = all_sum([float(stop["signal"] is not None)], device)[0] > 0 or \
+                step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
                 log(f"saved step {step} to {out_dir / 'checkpoint'}")

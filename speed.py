@@ -1,7 +1,10 @@
 """
 Speed paths beside llama.py, applied by swapping modules in at one assembly point (generate.load
 and finetune.py call for_inference / for_training); llama.py itself keeps one plain path. Each
-swapped-in module computes what the module it replaces computes (the tests compare them):
+swapped-in module computes what the module it replaces computes (the tests compare them). One rule
+for how: a module that keeps its weights becomes a subclass in place (its __class__: another
+forward or backward), a module with state of its own (packed or stacked weights) replaces the old
+one in its parent.
 
 - CPU, bf16 generation (where oneDNN has native bf16 kernels): weights packed once into oneDNN's
   blocked layout (PackedLinear), wq|wk|wv and w1|w3 as one product each; the memory-mapped
@@ -591,30 +594,40 @@ def for_training(model):
 # -----------------------------------------------------------------------------
 # GPU training: flex attention skips the masked-out blocks of packed documents (compiled: GPUs only)
 
+class FlexAttention(llama.Attention):
+    """Attention through flex_attention, from the same masks: a subclass with the same weights, so
+    its class is swapped in place (as every module that keeps its state is; a module with state of
+    its own, such as PackedLinear, replaces the old one). self.flex, shared by every layer: the
+    kernel and the BlockMasks made so far (causal ones by shape, and the last document mask's:
+    every layer of one forward pass gets the same mask, converted once)."""
+
+    def attend(self, q, k, v, mask):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        # q: (B, T, heads, head_dim); mask: (B, 1, T, S) booleans or None: causal
+        B, T, S, flex = q.shape[0], q.shape[1], k.shape[1], self.flex
+        if mask is None:
+            if (B, T, S) not in flex["causal"]:
+                flex["causal"][B, T, S] = create_block_mask(lambda b, h, i, j: i >= j, B, None, T,
+                                                            S, device=q.device)
+            block = flex["causal"][B, T, S]
+        else:
+            if flex.get("mask") is not mask:
+                flex.update(mask=mask, block=create_block_mask(
+                    lambda b, h, i, j: mask[b, 0, i, j], B, None, T, S, device=q.device))
+            block = flex["block"]
+        y = flex["kernel"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           block_mask=block, enable_gqa=q.shape[2] != k.shape[2])
+        return y.transpose(1, 2)
+
+
 def use_flex_attention(model):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     kernel = (torch.compile(flex_attention, dynamic=False) if model.freqs_cis.is_cuda
               else flex_attention)
-    causal, last = {}, {}  # BlockMasks: causal ones by shape, and the last document mask's
-
-    def attend(q, k, v, mask):
-        # q: (B, T, heads, head_dim); mask: (B, 1, T, S) booleans or None: causal
-        B, T, S = q.shape[0], q.shape[1], k.shape[1]
-        if mask is None:
-            if (B, T, S) not in causal:
-                causal[B, T, S] = create_block_mask(lambda b, h, i, j: i >= j, B, None, T, S,
-                                                    device=q.device)
-            block = causal[B, T, S]
-        else:  # every layer of one forward pass gets the same mask: convert it once
-            if last.get("mask") is not mask:
-                last.update(mask=mask, block=create_block_mask(
-                    lambda b, h, i, j: mask[b, 0, i, j], B, None, T, S, device=q.device))
-            block = last["block"]
-        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block,
-                   enable_gqa=q.shape[2] != k.shape[2])
-        return y.transpose(1, 2)
-
+    shared = {"kernel": kernel, "causal": {}}
     for layer in model.layers:
-        layer.attention.attend = attend
+        layer.attention.flex = shared
+        layer.attention.__class__ = FlexAttention
     return model
