@@ -223,10 +223,24 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def concat(cls, layers):
         """One layer of the layers' rows stacked, the same products (for speed.fuse_products:
-        wq|wk|wv as one call). Built from their portable forms, which stack row by row."""
-        parts = [m.portable() for m in layers]
-        return cls.from_portable({k: torch.cat([p[k] for p in parts]) for k in parts[0]},
-                                 layers[0].group_size)
+        wq|wk|wv as one call): the kernel's buffers joined as they are where their rows stack
+        (row_dims), else built again from the portable forms, which always do."""
+        dims = cls.row_dims(layers)
+        if dims is None:
+            parts = [m.portable() for m in layers]
+            return cls.from_portable({k: torch.cat([p[k] for p in parts]) for k in parts[0]},
+                                     layers[0].group_size)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.out_features = sum(m.out_features for m in layers)
+        new.in_features, new.group_size = layers[0].in_features, layers[0].group_size
+        for name, dim in dims.items():
+            new.register_buffer(name, torch.cat([getattr(m, name) for m in layers], dim))
+        return new
+
+    @classmethod
+    def row_dims(cls, layers):  # {buffer: the dimension of its rows} if they stack, else None
+        return None
 
     def input_grad(self, dy):
         """dx = dy W, summed in float32 (or dy's wider dtype) over slices of dequantized rows, each
@@ -331,6 +345,12 @@ class Int4Linear(QuantizedLinear):
         s, z = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
         return {"qweight": q, "scales": s.contiguous(), "zeros": z.contiguous()}
 
+    @classmethod
+    def row_dims(cls, layers):  # the CPU layout's blocks of rows are independent (section 2)
+        whole = all(m.out_features % cpu_int4_layout()[0] == 0 for m in layers[:-1])
+        cpu = not any(m.qweight.is_cuda for m in layers)
+        return {"qweight": 0, "scales_and_zeros": 1} if whole and cpu else None
+
     def kernel(self, x):
         mm = aten._weight_int4pack_mm if x.is_cuda else aten._weight_int4pack_mm_for_cpu
         return mm(kernel_input(x), self.qweight, self.group_size, self.scales_and_zeros)
@@ -414,6 +434,10 @@ class W4A8Linear(Int4Linear):
         self.register_buffer("qweight", w4a8.kernel_layout(q))  # (out, in / 2)
         self.register_buffer("scales", scales.contiguous())  # (out, groups) bfloat16
         self.register_buffer("zeros", zeros.contiguous())
+
+    @classmethod
+    def row_dims(cls, layers):  # each row's bytes on their own
+        return {"qweight": 0, "scales": 0, "zeros": 0}
 
     def kernel(self, x):
         return w4a8.matmul(x, self.qweight, self.scales, self.zeros)

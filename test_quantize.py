@@ -218,6 +218,21 @@ def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
     assert relative_error(torch.cat(steps, 1), logits[:, 8:]) < 1e-5
 
 
+@pytest.mark.parametrize("cls", [quantize.Int4Linear, quantize.W4A8Linear])
+@pytest.mark.parametrize("rows", [(64, 128, 48), (48, 64)])  # a short block last; or first
+def test_concat_equals_quantizing_the_stacked_weight(cls, rows):
+    # joined from the kernel's buffers where the rows stack as they are (whole blocks of the CPU
+    # int4 layout first), through the portable forms where not: either way the buffers of the
+    # stacked float weight quantized at once (rows are quantized independently)
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, 256, generator=g) for n in rows]
+    joined = cls.concat([cls.from_float(w, 32) for w in ws])
+    whole = cls.from_float(torch.cat(ws), 32)
+    assert (joined.out_features, joined.in_features) == (whole.out_features, 256)
+    assert [n for n, _ in joined.named_buffers()] == [n for n, _ in whole.named_buffers()]
+    assert all(torch.equal(getattr(joined, n), t) for n, t in whole.named_buffers())
+
+
 def separate_w8a8(int8_model):  # each Int8Linear as its own W8A8Linear, nothing stacked
     for name, m in quantized_modules(int8_model).items():
         parent, _, attr = name.rpartition(".")
