@@ -353,6 +353,13 @@ def parser(doc):
     return p
 
 
+def report(results, a, table):  # as JSON with --json, else as table(results) prints it
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        table(results)
+
+
 def parse_args():
     p = parser(__doc__)
     p.add_argument("--dtypes", default="float32,bfloat16",
@@ -400,10 +407,7 @@ def main():
     results = {"machine": machine, "runs": {
         dtype: run_implementations(ckpt, dtype, impls, bandwidth, rates, a)
         for dtype in a.dtypes.split(",")}}
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_table(results)
+    report(results, a, print_table)
 
 
 def measure_machine(a):

@@ -155,10 +155,7 @@ def profile(ckpt, impls, a):
                     bench.run_json(cmd, f"{impl} bfloat16 profile of a decoded token"))
             results["profile"][impl] = min((r for r in runs if r), default=None,
                                            key=lambda r: r["total_ms"])
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_profile(results)
+    bench.report(results, a, print_profile)
 
 
 def print_profile(results):

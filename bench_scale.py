@@ -123,10 +123,7 @@ def scale(ckpt, a):
         ranks = bench.run_json(cmd, f"{kind} over {n} process(es), {threads} thread(s) each")
         results["scale"].append({"kind": kind, "processes": n, "threads": threads,
                                  "ranks": ranks})
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_scale(results)
+    bench.report(results, a, print_scale)
 
 
 def print_scale(results):
