@@ -332,8 +332,8 @@ def run_json(cmd, what):
 # ----------------------------------------------------------------------------- report
 
 def parser(doc):
-    """The flags of every benchmark command (bench.py, bench_scale.py): the shape, the threads, the
-    lengths of a run, and where its checkpoint and its results go."""
+    """The flags of every benchmark command (bench.py, bench_profile.py, bench_scale.py): the
+    shape, the threads, the lengths of a run, and where its checkpoint and its results go."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B",

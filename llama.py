@@ -824,7 +824,6 @@ def all_sum(values, device):  # summed over every process (float64)
         torch.distributed.all_reduce(t)
     return t.tolist()
 
-
 def evaluate(model, batches, bos_id, autocast):
     """The mean loss a token over the batches of every process."""
     model.eval()
@@ -837,7 +836,6 @@ def evaluate(model, batches, bos_id, autocast):
     total, count = all_sum([total, count], x.device)
     return total / max(count, 1)
 
-
 def train_step(train_model, optimizer, batches, bos_id, autocast, grad_clip):
     """One optimizer step over the micro-batches of every process -> (the mean loss a token, the
     gradient norm). A DDP model syncs its gradients after the last micro-batch only."""
@@ -846,9 +844,8 @@ def train_step(train_model, optimizer, batches, bos_id, autocast, grad_clip):
     # give exactly the gradient of one big batch (DDP averages over ranks: multiply back by world)
     n_tokens = all_sum([sum(token_weights(y, bos_id, m).sum().item() for _, y, m in batches)],
                        device)[0]
-    loss_sum = 0.0
+    loss_sum, ddp = 0.0, isinstance(train_model, nn.parallel.DistributedDataParallel)
     for i, (x, y, loss_mask) in enumerate(batches):
-        ddp = isinstance(train_model, nn.parallel.DistributedDataParallel)
         sync = train_model.no_sync() if ddp and i < len(batches) - 1 else torch.enable_grad()
         with autocast, sync:
             losses, w = token_losses(train_model, x, y, bos_id, loss_mask)
@@ -861,7 +858,6 @@ def train_step(train_model, optimizer, batches, bos_id, autocast, grad_clip):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return all_sum([loss_sum], device)[0] / n_tokens, grad_norm
-
 
 def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start=(0, []),
           sample_text=None):

@@ -595,11 +595,10 @@ def for_training(model):
 # GPU training: flex attention skips the masked-out blocks of packed documents (compiled: GPUs only)
 
 class FlexAttention(llama.Attention):
-    """Attention through flex_attention, from the same masks: a subclass with the same weights, so
-    its class is swapped in place (as every module that keeps its state is; a module with state of
-    its own, such as PackedLinear, replaces the old one). self.flex, shared by every layer: the
-    kernel and the BlockMasks made so far (causal ones by shape, and the last document mask's:
-    every layer of one forward pass gets the same mask, converted once)."""
+    """Attention through flex_attention, from the same masks (same weights: its class is swapped
+    in). self.flex, shared by every layer: the kernel and the BlockMasks made so far (causal ones
+    by shape, and the last document mask's: every layer of one forward pass gets the same mask,
+    converted once)."""
 
     def attend(self, q, k, v, mask):
         from torch.nn.attention.flex_attention import create_block_mask
