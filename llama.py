@@ -68,8 +68,7 @@ class ModelArgs:
     max_seq_len: int = 2048  # the longest sequence this run will process (a runtime choice)
     multiple_of: int = 256  # kept only to write params.json back as Meta does
     ffn_dim_multiplier: float | None = None
-    # SDPA kernels (flash attention on GPUs) instead of Meta's arithmetic: faster, not bit-exact
-    fused_attention: bool = False
+    fused_attention: bool = False  # SDPA kernels (flash attention on GPUs): faster, not bit-exact
 
     @property
     def head_dim(self):
@@ -88,32 +87,28 @@ def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 def args_from_meta_params(params, where="params.json"):
-    """(checkpoints.check_meta_params checks the file's keys and types first.)"""
     dim, n_heads = int(params["dim"]), int(params["n_heads"])
     n_kv_heads = int(params.get("n_kv_heads") or n_heads)
     if dim % n_heads or n_heads % n_kv_heads:
         raise InputError(f"{where}: dim ({dim}) must divide by n_heads ({n_heads}) "
                          f"and n_heads by n_kv_heads ({n_kv_heads})")
-    multiplier = params.get("ffn_dim_multiplier")
+    multiple_of, multiplier = int(params["multiple_of"]), params.get("ffn_dim_multiplier")
     return ModelArgs(
         dim=dim, n_layers=int(params["n_layers"]), n_heads=n_heads, n_kv_heads=n_kv_heads,
-        vocab_size=int(params["vocab_size"]),
-        ffn_hidden_dim=meta_ffn_hidden_dim(dim, int(params["multiple_of"]), multiplier),
-        norm_eps=float(params["norm_eps"]), rope_theta=float(params["rope_theta"]),
-        use_scaled_rope=bool(params.get("use_scaled_rope", False)),
-        multiple_of=int(params["multiple_of"]), ffn_dim_multiplier=multiplier)
+        vocab_size=int(params["vocab_size"]), norm_eps=float(params["norm_eps"]),
+        rope_theta=float(params["rope_theta"]), use_scaled_rope=bool(params.get("use_scaled_rope")),
+        ffn_hidden_dim=meta_ffn_hidden_dim(dim, multiple_of, multiplier),
+        multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
 
 # -----------------------------------------------------------------------------
 # 2. Tokenizer
 # Byte-level BPE (tiktoken) over 128,000 ranks, then 256 special tokens. User text is always plain
 # text: "<|eot_id|>" typed by a user is 9 ordinary tokens, so nobody can forge a turn boundary.
 
-# <|eot_id|> ends a turn; <|eom_id|> ends a message that calls a tool (the model goes on after it)
-SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-    "<|image|>"]
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                  "<|python_tag|>", "<|image|>"]
 SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>"
                    for i in range(2, 256 - len(SPECIAL_TOKENS) + 2)]
 
@@ -337,9 +332,8 @@ class TransformerBlock(nn.Module):
 class CrossEntropy(nn.Module):
     """Per-token losses of the output layer's logits: (B, T, dim) final-normed states -> (B, T)."""
     def forward(self, h, output, targets):
-        logits = output(h).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                               reduction="none").view(targets.shape)
+        logits = output(h).float().flatten(0, 1)  # (B * T, vocab)
+        return F.cross_entropy(logits, targets.flatten(), reduction="none").view(targets.shape)
 
 class Transformer(nn.Module):
     def __init__(self, args):
@@ -413,7 +407,6 @@ def meta_shard_dim(key):
     return 0  # column-parallel (wq, wk, wv, w1, w3, output) and the vocab-parallel embedding
 
 def merge_meta_shards(shards):
-    """Meta's model-parallel shards (dicts of the same names) -> whole tensors."""
     merged = {}
     for key in shards[0]:
         if any(key not in s for s in shards):
@@ -471,8 +464,7 @@ def build_model(args, state_dict, device, dtype, shard=None):
                              f"different models")
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in state_dict.items()},
                           assign=True, strict=True)
-    if args.tie_embeddings:
-        # assign=True gave each name its own Parameter: tie them again
+    if args.tie_embeddings:  # assign=True gave each name its own Parameter: tie them again
         model.output.weight = model.tok_embeddings.weight
     model.freqs_cis = precompute_freqs_cis(args, device)
     return model.eval()
@@ -494,8 +486,7 @@ def atomic_directory(out_dir):
 
 @contextmanager
 def atomic_file(path):
-    """Write a file completely or not at all: into a temporary sibling, moved into place only when
-    the block ends without an error (a reader sees the old file or the new, never a part)."""
+    """Like atomic_directory, for one file: a reader sees the old file or the new, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -710,8 +701,7 @@ def set_trainable(model, mode):
     """Frozen weights get no gradient (so no gradient buffers); trained ones are kept in float32."""
     lora, norm = mode in ("lora", "lora+norm"), mode in ("norm", "lora+norm")
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        p.requires_grad_(mode == "full" or (lora and leaf in ("lora_a", "lora_b"))
+        p.requires_grad_(mode == "full" or (lora and name.endswith(("lora_a", "lora_b")))
                          or (norm and name.endswith("norm.weight")))
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -872,10 +862,8 @@ def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start
     train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) \
         if world > 1 and not cfg.fsdp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def batch(data, i, seed):
+    def batch(data, i, seed):  # this process's share of batch i
         return get_batch(data, i, cfg.batch_size, cfg.seq_len, seed, rank, world, device)
-
     model.train()
     with stop_on_signals() as stop:
         while step < cfg.max_steps:
@@ -893,16 +881,14 @@ def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start
             log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val_loss = evaluate(model, (batch(val_data, i, cfg.seed + 1)
-                                            for i in range(cfg.eval_batches)),
-                                    tokenizer.bos_id, autocast)
+                val_batches = (batch(val_data, i, cfg.seed + 1) for i in range(cfg.eval_batches))
+                val_loss = evaluate(model, val_batches, tokenizer.bos_id, autocast)
                 log_lines.append(json.dumps({"step": step, "val_loss": val_loss}))
                 log(f"step {step} | val loss {val_loss:.4f}")
             if sample_text and cfg.sample_every and step % cfg.sample_every == 0:
                 log(f"sample: {sample_text(model)!r}")
             # every rank learns of a signal that reached any of them, and all stop at the same step
-            stopping = all_sum([float(stop["signal"] is not None)], device)[0] > 0 or \
-                step == cfg.stop_at
+            stopping = all_sum([stop["signal"] is not None], device)[0] > 0 or step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
                 log(f"saved step {step} to {out_dir / 'checkpoint'}")
