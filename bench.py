@@ -33,7 +33,7 @@ import generate
 import llama
 import quantize
 import speed
-import w4a8
+import int8dot
 
 HERE = Path(__file__).parent
 
@@ -131,7 +131,7 @@ def quantized_kernel_rates(copies=32):
             lambda: [layer.dequantized(a, b, torch.bfloat16) for a, b in slices]) / 1e9
         rates[f"{mode}_kernel_gemm_gflop_s"] = 2 * 512 * w.numel() / best_time(
             lambda: layer.kernel(x)) / 1e9  # the one-row kernel given 512 rows: slower still
-    # the same int8 weights; each layer packs its own copy
+    # the same int8 weights; each layer lays out its own copy
     layers = [quantize.W8A8Linear(int8.qweight, int8.scales) for _ in range(copies)]
     rates["w8a8_matvec_gweights_s"] = copies * w.numel() / best_time(
         lambda: [m(v) for m in layers], 3) / 1e9
@@ -228,8 +228,8 @@ def accuracy_child(ckpt, a):
         for impl, mode in QUANTIZED.items():
             model = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", fast=True,
                                   quantize=mode).model
-            for m in model.modules():  # w4a8: its kernel on every row, as in decoding
-                if isinstance(m, quantize.W4A8Linear):
+            for m in model.modules():  # w4a8, w8a8: the kernel on every row, as in decoding
+                if isinstance(m, (quantize.W4A8Linear, quantize.W8A8Linear)):
                     m.kernel_max_rows = tokens.shape[1]
             q = model(tokens)[0]
             kl = torch.nn.functional.kl_div(q.log_softmax(-1), ref.log_softmax(-1), log_target=True,
@@ -507,7 +507,7 @@ def machine_info(a):
             "bf16_products_fast": speed.bf16_products_fast(),
             "bf16_training_products": str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
             "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16),
-            "w4a8_kernel": "AVX-512 VNNI" if w4a8.has_vnni() else "plain C",
+            "int8dot_kernel": "AVX-512 VNNI" if int8dot.has_vnni() else "plain C",
             "torch": torch.__version__, "python": platform.python_version(),
             "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
 
@@ -545,8 +545,8 @@ def print_machine(m):
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
           f"{m['date']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
-          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}; w4a8's kernel: "
-          f"{m['w4a8_kernel']}")
+          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}; int8dot.py's kernels: "
+          f"{m['int8dot_kernel']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
           f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
 

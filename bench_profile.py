@@ -38,8 +38,6 @@ def layer_bytes(layer):
         return layer_bytes(layer.fused[0].linear) if layer.i == 0 else 0
     if isinstance(layer, speed.PackedLinear):
         return layer.packed.numel() * layer.packed.element_size()
-    if isinstance(layer, quantize.W8A8Linear):  # oneDNN's packed int8 weight, and the scales
-        return layer.out_features * layer.in_features + layer.scales.nbytes
     return sum(t.nbytes for t in [*layer.parameters(), *layer.buffers()])
 
 

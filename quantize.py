@@ -18,8 +18,8 @@ activations, so float32 ones are rounded to bfloat16 there. Longer products (pre
 dequantize a slice of rows at a time into a reused buffer. For QLoRA,
 speed.for_training swaps in a LoRA layer over these bases whose backward keeps no float32 copies
 of its input (it calls their product and input_grad).
---quantize w8a8 rounds the activations to int8 too, per token, and multiplies int8 by int8 in
-oneDNN: faster in decoding and prefill than int8, at some precision (W8A8Linear).
+--quantize w8a8 and w4a8 round the activations to int8 too and multiply integers by integers in
+int8dot.py's C kernel: faster than int8 and int4, at some precision (W8A8Linear, W4A8Linear).
 On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
 CUDA neither trains nor saves (int8 does).
 """
@@ -39,13 +39,13 @@ from safetensors.torch import save_file
 
 import checkpoints
 import llama
+import int8dot
 import speed
-import w4a8
 
 aten = torch.ops.aten
 
 FORMATS = ("int8", "int4")  # what the files hold and what trains
-# w8a8: the int8 weights (the int8 file), multiplied with int8 activations; CPU inference only
+# w8a8 / w4a8: the int8 / int4 weights (their files), multiplied with int8 activations; CPUs
 MODES = FORMATS + ("w8a8", "w4a8")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
@@ -374,54 +374,50 @@ class Int4Linear(QuantizedLinear):
         return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 
-@cache
-def activation_levels():
-    """How many levels each side of zero W8A8Linear rounds activations to: 127 (8 bits) where the
-    CPU's int8 dot products add u8 x s8 products in 32 bits (VNNI, AMX); 63 (7 bits) where they
-    add pairs in 16 bits first (vpmaddubsw: Intel before Cascade Lake, AMD before Zen 4), which
-    saturate at 32767 < 255 x 127 x 2. Measured, not read from the CPU's flags: oneDNN's kernel
-    decides."""
-    w = torch.ops.onednn.qlinear_prepack(torch.full((16, 64), 127, dtype=torch.int8), None)
-    x = torch.full((1, 64), 255, dtype=torch.uint8)
-    y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, w, torch.ones(16), torch.zeros(16).long(),
-                                           None, 1.0, 0, torch.float32, "none", [], "")
-    return 127 if y[0, 0] == 255 * 127 * 64 else 63
+class W8A8Linear(Int8Linear):
+    """An int8 weight (Int8Linear's, per output row) times int8 activations, by int8dot.py's C
+    kernel: each token's row of x is rounded to integers on its own scale (its largest value
+    becomes 127), multiplied by the weight into int32 with the CPU's integer dot products, and
+    the two scales apply to the sums. No weight is converted to float, so it is faster than
+    weight-only int8 in decoding and in prefill; the activations lose precision (as llama.cpp's
+    Q8_0 and torchao's int8dq do). Built from int8 weights as Int8Linear is (from_float,
+    from_portable); the file it saves is the int8 one."""
+    mode = "w8a8"
 
-
-class W8A8Linear(nn.Module):
-    """An int8 weight (Int8Linear's, per output row) times int8 activations, for CPU inference.
-    Each token's row of x is rounded to integers on its own scale (its largest value becomes
-    `levels`), and oneDNN multiplies them by the int8 weight into int32 with the CPU's integer dot
-    products; the two scales then apply to the result. No weight is converted to float, so it is
-    faster than weight-only int8 in decoding and than bf16 in prefill; the activations lose
-    precision (as llama.cpp's Q8_0 and torchao's int8dq do). Forward only: oneDNN's packed weight
-    is not read back (train over int8, whose file this reads)."""
-
-    def __init__(self, qweight, scales, levels=None):
-        super().__init__()
+    def __init__(self, qweight, scales):
+        nn.Module.__init__(self)
         self.out_features, self.in_features = qweight.shape
-        self.levels = levels or activation_levels()
-        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)  # oneDNN's blocked layout
-        self.register_buffer("scales", scales)
-        self.register_buffer("zero_points", torch.zeros(len(scales), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("qweight", int8dot.w8a8_layout(qweight))  # (out / 4, in * 4)
+        self.register_buffer("scales", scales.float().contiguous())  # (out,)
 
-    def forward(self, x):
-        if speed.needs_grad(x):
-            raise RuntimeError("w8a8 layers run forward only; train over --quantize int8")
-        n, x2 = self.levels, x.reshape(-1, self.in_features).float()  # (tokens, in)
-        amax = x2.abs().amax(1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
-        # x86's dot products take u8 x s8: the integers are stored as n + 1 + [-n, n]
-        qx = (x2 * (n / amax)).round_().add_(n + 1).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(  # (tokens, out) = (qx - n - 1) / n qweight^T scales
-            qx, 1 / n, n + 1, self.packed, self.scales.float(), self.zero_points, None, 1.0, 0,
-            torch.float32, "none", [], "")
-        return y.mul_(amax).to(x.dtype).view(*x.shape[:-1], self.out_features)
+    @property
+    def kernel_max_rows(self):  # prefill too, unless AMX's bf16 products (or no VNNI) beat it
+        rows = 16 if speed.cpu_has_amx() or not int8dot.has_vnni() else 1 << 62
+        return self.__dict__.get("max_rows", rows)
+
+    @kernel_max_rows.setter
+    def kernel_max_rows(self, rows):  # (bench.py measures the kernel's rounding on every row)
+        self.__dict__["max_rows"] = rows
+
+    @classmethod
+    def row_dims(cls, layers):  # each block of 4 rows on its own
+        return {"qweight": 0, "scales": 0}
+
+    def kernel(self, x):
+        return int8dot.w8a8_matmul(x, self.qweight, self.scales)
+
+    def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):  # start: rows of 4
+        end = self.out_features if end is None else min(end, self.out_features)
+        q = int8dot.w8a8_unlayout(self.qweight[start // 4:end // 4])
+        return dequantize_int8(q, self.scales[start:end], dtype, out)
+
+    def portable(self):
+        return {"qweight": int8dot.w8a8_unlayout(self.qweight), "scales": self.scales}
 
 
 class W4A8Linear(Int4Linear):
     """An int4 weight (Int4Linear's groups of 32, scale and zero) times int8 activations, rounded
-    per group of 32 inputs, by w4a8.py's C kernel: integer dot products (AVX-512 VNNI) where
+    per group of 32 inputs, by int8dot.py's C kernel: integer dot products (AVX-512 VNNI) where
     torch's int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows
     (prefill) and backward passes dequantize slices as every QuantizedLinear does, from the same
     bytes. Built from int4 weights as Int4Linear is (from_float, from_portable)."""
@@ -431,7 +427,7 @@ class W4A8Linear(Int4Linear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("qweight", w4a8.kernel_layout(q))  # (out, in / 2)
+        self.register_buffer("qweight", int8dot.w4a8_layout(q))  # (out, in / 2)
         self.register_buffer("scales", scales.contiguous())  # (out, groups) bfloat16
         self.register_buffer("zeros", zeros.contiguous())
 
@@ -440,7 +436,7 @@ class W4A8Linear(Int4Linear):
         return {"qweight": 0, "scales": 0, "zeros": 0}
 
     def kernel(self, x):
-        return w4a8.matmul(x, self.qweight, self.scales, self.zeros)
+        return int8dot.w4a8_matmul(x, self.qweight, self.scales, self.zeros)
 
     def unpack(self, start, end):  # (rows, in): each pair of groups from the low and high nibbles
         p = self.qweight[start:end].view(-1, self.in_features // 64, 1, 32)
@@ -479,9 +475,12 @@ def weights_format(mode):
 
 
 def check_shape(name, out_features, in_features, mode, group_size):
-    if mode == "w4a8" and in_features % 64:
-        raise llama.InputError(f"{name}: w4a8 needs a multiple of 64 inputs, got {in_features}; "
-                               "use int4")
+    if mode in ("w8a8", "w4a8") and in_features % 64:
+        raise llama.InputError(f"{name}: {mode} needs a multiple of 64 inputs, got {in_features}; "
+                               f"use {weights_format(mode)}")
+    if mode == "w8a8" and out_features % 4:
+        raise llama.InputError(f"{name}: w8a8 needs a multiple of 4 output rows, got "
+                               f"{out_features}; use int8")
     mode = weights_format(mode)
     if mode == "int8" and in_features % 16:
         raise llama.InputError(f"{name}: int8 needs a multiple of 16 inputs, got {in_features}")
@@ -521,40 +520,28 @@ def quantize_model(model, mode, group_size=32, release=None, output=True, absmax
         check_slot(model, name, parent, attr, mode, group_size)
     for name, parent, attr in slots:
         weight = slot_weight(parent, attr)
-        layer = (INT4_LAYERS[mode].from_float(weight, group_size) if mode in INT4_LAYERS
-                 else Int8Linear.from_float(weight, absmax and absmax(name, weight)))
+        layer = (LAYERS[mode].from_float(weight, group_size) if weights_format(mode) == "int4"
+                 else LAYERS[mode].from_float(weight, absmax and absmax(name, weight)))
         setattr(parent, attr, layer)
         if release and weight is not model.tok_embeddings.weight:
             release(weight)
         del weight  # the float weight goes with its Linear
-    return int8_activations(model) if mode == "w8a8" else model
-
-
-INT4_LAYERS = {"int4": Int4Linear, "w4a8": W4A8Linear}  # the layers holding int4 weights
-
-
-def int8_activations(model):
-    """Swap each Int8Linear for a W8A8Linear over the same weights (their int8 copy goes), wq|wk|wv
-    and w1|w3 stacked first (as speed.for_inference stacks the others: W8A8Linear's packed
-    weight cannot be stacked later)."""
-    speed.fuse_products(model, speed.quantized_stack)
-    for parent in list(model.modules()):
-        for attr, layer in list(parent.named_children()):
-            if isinstance(layer, Int8Linear):
-                setattr(parent, attr, W8A8Linear(layer.qweight, layer.scales))
     return model
 
 
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear, "w4a8": W4A8Linear}
+
+
 def check_device(mode, device, compile=False):
-    """w8a8 and w4a8 run eagerly on CPUs: oneDNN's packed weights, and a C kernel."""
+    """w8a8 and w4a8 run eagerly on CPUs: a C kernel."""
     if mode in ("w8a8", "w4a8") and torch.device(device).type != "cpu":
         raise llama.InputError(f"{mode} runs on CPUs (integer dot products); on a GPU use "
                                "--quantize int8 or int4")
     if mode in ("w8a8", "w4a8") and compile:
         raise llama.InputError(f"torch.compile cannot trace {mode}'s CPU kernels; drop "
                                "--compile (it is for GPUs)")
-    if mode == "w4a8":
-        w4a8.library()  # built once (a second), or a one-line error now
+    if mode in ("w8a8", "w4a8"):
+        int8dot.library()  # built once (a second), or a one-line error now
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
@@ -582,11 +569,8 @@ def float_state(model):
 
 def save_quantized(model, path):
     """Write a quantized model to one safetensors file, for load_quantized."""
-    if any(isinstance(m, W8A8Linear) for m in model.modules()):
-        raise llama.InputError("w8a8 layers are not saved (oneDNN's packed layout); save the int8 "
-                               "model, then load it with mode='w8a8'")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    settings = {(m.mode, m.group_size) for m in layers.values()}
+    settings = {(weights_format(m.mode), m.group_size) for m in layers.values()}
     if len(settings) != 1:
         kind = "mixed" if settings else "no"
         raise llama.InputError(f"the model has {kind} quantized layers; run quantize_model(model, "
@@ -628,14 +612,14 @@ def load_quantized(model, path, device="cpu", mode=None):
     group_size = None if group_size == "None" else int(group_size)
     if mode == "w4a8":
         check_settings(mode, group_size)
-    quantized = Int8Linear if meta["quantize"] == "int8" else INT4_LAYERS.get(mode, Int4Linear)
+    quantized = LAYERS[mode or meta["quantize"]]
     slots = weight_slots(model)
     for name, parent, attr in slots:
         if f"{name}.qweight" not in keys:
             raise llama.InputError(f"{path} has no quantized {name}; it holds another model")
         weight = slot_weight(parent, attr)
         rows, cols = f.get_slice(f"{name}.qweight").get_shape()
-        shape = (rows, cols * (1 if quantized is Int8Linear else 2))  # int4: 2 nibbles a byte
+        shape = (rows, cols * (1 if meta["quantize"] == "int8" else 2))  # int4: 2 a byte
         if weight is not None and tuple(weight.shape) != shape:
             raise llama.InputError(f"{name} is {tuple(weight.shape)} in the model but {shape} in "
                                    f"{path}; the config does not match")
@@ -658,7 +642,7 @@ def load_quantized(model, path, device="cpu", mode=None):
     model.load_state_dict({k: f.get_tensor(k).to(device) for k in keys}, strict=False, assign=True)
     if model.freqs_cis.is_meta:  # a buffer computed at construction, not stored
         model.freqs_cis = llama.precompute_freqs_cis(model.args, device)
-    return (int8_activations(model) if mode == "w8a8" else model).eval()
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------

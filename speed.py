@@ -241,7 +241,7 @@ def packed_stack(linears):
 
 def quantized_stack(linears):
     """fuse_products' fuse for quantized layers of one kind: their concat (quantize.py's
-    Int8Linear, Int4Linear, W4A8Linear), rows stacked as they are."""
+    Int8Linear, Int4Linear, W8A8Linear, W4A8Linear), rows stacked as they are."""
     kind = type(linears[0])
     if all(type(m) is kind for m in linears) and hasattr(kind, "concat"):
         return kind.concat(linears)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import int8dot
 import llama
 import quantize
 import speed
@@ -134,38 +135,65 @@ def test_quantization_error_is_within_half_a_step():
         assert (w - reference_int4(q, s, z, group_size)).abs().mean() < step.mean() / 3
 
 
-def reference_w8a8(x, q, scales, levels):
-    """Each row of x rounded to integers on its own scale (largest value -> levels), times the int8
-    weight, the scales applied after: in float64, written out here."""
-    x = x.double().reshape(-1, x.shape[-1])
-    amax = x.abs().amax(1, keepdim=True).clamp(min=1e-30)
-    return torch.round(x / amax * levels) @ q.double().t() * scales.double() * amax / levels
+def reference_w8a8(x, q, scales):
+    """w8a8's arithmetic written out in float64: each row of x rounded to integers on its own
+    scale (largest |x| -> 127), times the int8 weight, the scales applied after. The rounding as
+    the kernel's, x * (127 / amax) in float32: another product can fall on the other side of .5
+    (torch's 127 / tensor is 127 * (1 / tensor): a division of two tensors is the C's)"""
+    x = x.float().reshape(-1, x.shape[-1])
+    amax = x.abs().amax(1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)
+    xr = torch.round(x * inverse).double()
+    return xr @ q.double().t() * scales.double() * amax.double() / 127
 
 
-@pytest.mark.parametrize("levels", [None, 63])  # this CPU's choice (127 with VNNI); 7 bits
+# tokens: 1 (decoding), 5 (one at a time), 6, 13 (tiles of 6, and the rest); in: 64 (one step);
+# out: 4 (one block), 200 (rows past a panel of 64)
+@pytest.mark.parametrize("out,n_in", [(4, 64), (200, 256), (68, 2048)])
+@pytest.mark.parametrize("tokens", [1, 5, 6, 13])
+@pytest.mark.parametrize("portable", [False, True])
+def test_w8a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, portable):
+    # both builds of the C kernel: plain C (any CPU), and AVX-512 VNNI where this CPU has it
+    g = torch.Generator().manual_seed(out + tokens)
+    q, s = quantize.quantize_int8(torch.randn(out, n_in, generator=g))
+    x = torch.randn(tokens, n_in, generator=g) * 4
+    x[tokens // 2] = 0  # a row of zeros: scale 0, no division by it
+    w = int8dot.w8a8_layout(q)
+    assert torch.equal(int8dot.w8a8_unlayout(w), q)
+    for xi in (x, x.bfloat16()):  # bf16 activations are read as they are
+        y = int8dot.w8a8_matmul(xi, w, s, portable)
+        assert y.dtype == torch.float32 and y.shape == (tokens, out)
+        ref = reference_w8a8(xi, q, s)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        # per token: each row on its own, bit for bit, whichever tile computed it
+        assert torch.equal(int8dot.w8a8_matmul(xi[-1:], w, s, portable), y[-1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 200])
-def test_w8a8_layer_equals_int8_arithmetic_per_token(levels, dtype, rows):
-    q, s = quantize.quantize_int8(random_weight(208, 256))
-    layer = quantize.W8A8Linear(q, s, levels)
+def test_w8a8_layer_rounds_each_token_on_its_own_and_trains_like_int8(dtype, rows):
+    int8 = quantize.Int8Linear.from_float(random_weight(208, 256))
+    layer = quantize.W8A8Linear.from_float(random_weight(208, 256))
+    assert torch.equal(layer.portable()["qweight"], int8.qweight)  # the int8 file's form
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (rows, 208)
     assert not layer(torch.zeros(2, 256, dtype=dtype)).any()  # a row of zeros gives zeros
-    # the int32 products are exact: only float rounding differs (bf16's in its output)
-    reference = reference_w8a8(x, q, s, layer.levels)
-    assert relative_error(y, reference) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if layer.kernel_max_rows >= rows:  # the kernel (on AMX CPUs prefill is int8's: see below)
+        assert relative_error(y, reference_w8a8(x, int8.qweight, int8.scales)) < \
+            (1e-6 if dtype == torch.float32 else 1e-2)
+        # a row of huge activations beside them changes no other row (a shared scale would round
+        # them all to zero)
+        outlier = torch.full((1, 256), 1e4, dtype=dtype)
+        assert torch.equal(layer(torch.cat([x, outlier]))[:rows], y)
     # rounding activations to 127 levels costs about as much as rounding the weights did
-    assert relative_error(y, x.float() @ reference_int8(q, s).t()) < 1.5 / layer.levels
-    # per token: a row of huge activations beside them changes no other row (a scale shared with
-    # it would round them all to zero). Not bit for bit: oneDNN's float epilogue may take another
-    # kernel for another row count (AMX CPUs do), so to float rounding
-    outlier = torch.full((1, 256), 1e4, dtype=dtype)
-    assert relative_error(layer(torch.cat([x, outlier]))[:rows], y) < \
-        (1e-6 if dtype == torch.float32 else 1e-2)
+    assert relative_error(y, x.float() @ reference_int8(int8.qweight, int8.scales).t()) < 1.5 / 127
     assert layer(x.view(1, rows, 256)).shape == (1, rows, 208)
-    with pytest.raises(RuntimeError, match="forward only"):
-        layer(x.float().requires_grad_())
+    layer.kernel_max_rows = int8.kernel_max_rows = 0  # slices of dequantized rows: int8's exactly
+    assert torch.equal(layer(x), int8(x))
+    xg = x.float().requires_grad_()  # the gradient to the input: dy W, as int8's
+    layer(xg).sum().backward()
+    assert torch.allclose(xg.grad, int8.dequantize().sum(0).expand(rows, -1), atol=1e-5)
 
 
 # --- models --------------------------------------------------------------------------------
@@ -201,24 +229,30 @@ def test_quantized_model_is_close_to_float(mode, group_size, tie):
     assert agree > (0.9 if mode == "int8" else 0.4)
 
 
-def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills():
+def test_w8a8_model_is_close_to_the_int8_model_and_decodes_as_it_prefills(tmp_path):
     int8 = quantize.quantize_model(tiny_model(), "int8")
     model = quantize.quantize_model(tiny_model(), "w8a8")
+    quantize.save_quantized(model, tmp_path / "w8a8.safetensors")  # saved, it is the int8 file
+    with safe_open(tmp_path / "w8a8.safetensors", "pt") as f:
+        assert f.metadata()["quantize"] == "int8"
+        assert torch.equal(f.get_tensor("output.qweight"), int8.output.qweight)
     layers = [m for m in model.modules() if isinstance(m, quantize.W8A8Linear)]
-    # wq|wk|wv, wo, w1|w3 and w2 of each layer (stacked: see the next test), and the output
-    assert len(layers) == 4 * model.args.n_layers + 1 and not quantized_modules(model)
+    assert len(layers) == 7 * model.args.n_layers + 1
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    for m in layers:
+        m.kernel_max_rows = 24  # the kernel on every row, on every CPU
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         logits = model(tokens)
-        assert relative_error(logits, int8(tokens)) < 0.05 * 127 / layers[0].levels
+        assert relative_error(logits, int8(tokens)) < 0.05
         with model.kv_cache(2, 12):  # one token at a time: rows quantized alone, as in prefill
             model(tokens[:, :8])
             steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
     assert relative_error(torch.cat(steps, 1), logits[:, 8:]) < 1e-5
 
 
-@pytest.mark.parametrize("cls", [quantize.Int4Linear, quantize.W4A8Linear])
+@pytest.mark.parametrize("cls", [quantize.Int4Linear, quantize.W4A8Linear,
+                                 quantize.W8A8Linear])
 @pytest.mark.parametrize("rows", [(64, 128, 48), (48, 64)])  # a short block last; or first
 def test_concat_equals_quantizing_the_stacked_weight(cls, rows):
     # joined from the kernel's buffers where the rows stack as they are (whole blocks of the CPU
@@ -226,31 +260,22 @@ def test_concat_equals_quantizing_the_stacked_weight(cls, rows):
     # stacked float weight quantized at once (rows are quantized independently)
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(n, 256, generator=g) for n in rows]
-    joined = cls.concat([cls.from_float(w, 32) for w in ws])
-    whole = cls.from_float(torch.cat(ws), 32)
+    group = () if cls is quantize.W8A8Linear else (32,)  # (int8 rows have no groups)
+    joined = cls.concat([cls.from_float(w, *group) for w in ws])
+    whole = cls.from_float(torch.cat(ws), *group)
     assert (joined.out_features, joined.in_features) == (whole.out_features, 256)
     assert [n for n, _ in joined.named_buffers()] == [n for n, _ in whole.named_buffers()]
     assert all(torch.equal(getattr(joined, n), t) for n, t in whole.named_buffers())
 
 
-def separate_w8a8(int8_model):  # each Int8Linear as its own W8A8Linear, nothing stacked
-    for name, m in quantized_modules(int8_model).items():
-        parent, _, attr = name.rpartition(".")
-        setattr(int8_model.get_submodule(parent), attr, quantize.W8A8Linear(m.qweight, m.scales))
-    return int8_model
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4", "w4a8", "w8a8"])
 def test_stacked_products_give_the_separate_products_bit_for_bit(mode):
-    """wq|wk|wv and w1|w3 as one layer each (speed.for_inference on CPUs; w8a8's when its layers
-    are made): one call instead of three or two, and every output row still its own dot product,
-    so the logits are exactly the separate layers', in prefill (dequantized slices) and in
-    decoding (the kernels)."""
-    base = quantize.quantize_model(tiny_model(), mode if mode != "w8a8" else "int8")
-    if mode == "w8a8":
-        separate, stacked = separate_w8a8(copy.deepcopy(base)), quantize.int8_activations(base)
-    else:
-        separate, stacked = base, speed.for_inference(copy.deepcopy(base), "cpu", torch.float32)
+    """wq|wk|wv and w1|w3 as one layer each (speed.for_inference on CPUs): one call instead of
+    three or two, and every output row still its own dot product, so the logits are exactly the
+    separate layers', in prefill (dequantized slices, or w8a8's kernel) and in decoding (the
+    kernels)."""
+    separate = quantize.quantize_model(tiny_model(), mode)
+    stacked = speed.for_inference(copy.deepcopy(separate), "cpu", torch.float32)
     parts = [m for m in stacked.modules() if isinstance(m, speed.FusedPart)]
     assert len(parts) == 5 * stacked.args.n_layers
     assert all(type(p.fused[0].linear) is type(separate.layers[0].attention.wo) for p in parts)
@@ -281,13 +306,11 @@ def w4a8_reference(x, q, scales, zeros):
 @pytest.mark.parametrize("portable", [False, True])
 def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, portable):
     # both builds of the C kernel: plain C (any CPU), and AVX-512 VNNI where this CPU has it
-    import w4a8
-
     g = torch.Generator().manual_seed(out)
     w, x = torch.randn(out, n_in, generator=g), torch.randn(3, n_in, generator=g) * 4
     x[1] = 0  # a row of zeros: scale 0, no division by it
     q, s, z = quantize.quantize_int4(w, 32)
-    y = w4a8.matmul(x, w4a8.kernel_layout(q), s, z, portable)
+    y = int8dot.w4a8_matmul(x, int8dot.w4a8_layout(q), s, z, portable)
     assert y.dtype == torch.float32 and y.shape == (3, out)
     ref = w4a8_reference(x, q, s, z)
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -620,26 +643,6 @@ def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
                 generate.load(tiny_ckpt, quantize=mode, **{"device": "cpu", **kw})
     with pytest.raises(InputError, match="use --group_size 32"):
         generate.load(tiny_ckpt, quantize="w4a8", group_size=64, device="cpu")
-
-
-def test_w8a8_takes_7_bits_where_int8_products_would_saturate():
-    # oneDNN limited to what CPUs without VNNI have (Intel before Cascade Lake, AMD before Zen 4):
-    # their dot products add pairs of u8 x s8 products in 16 bits, where 8-bit activations
-    # saturate. activation_levels must notice, and 7-bit activations must stay exact.
-    code = ("import json, torch, quantize\n"
-            "q = torch.randint(-127, 128, (208, 256), dtype=torch.int8)\n"
-            "s, x = torch.rand(208) / 100, torch.randn(7, 256)\n"
-            "ys = [quantize.W8A8Linear(q, s, n)(x).tolist() for n in (127, 63)]\n"
-            "print(json.dumps([quantize.activation_levels(), q.tolist(), s.tolist(),\n"
-            "                  x.tolist(), ys]))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=HERE, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
-    assert r.returncode == 0, r.stderr
-    levels, q, s, x, (y127, y63) = json.loads(r.stdout)
-    q, s, x = torch.tensor(q, dtype=torch.int8), torch.tensor(s), torch.tensor(x)
-    assert levels == 63
-    assert relative_error(torch.tensor(y63), reference_w8a8(x, q, s, 63)) < 1e-6
-    assert relative_error(torch.tensor(y127), reference_w8a8(x, q, s, 127)) > 0.05  # saturated
 
 
 def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
