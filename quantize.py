@@ -374,6 +374,11 @@ class Int4Linear(QuantizedLinear):
         return w if dtype == torch.float32 else self.scratch(start, end, dtype).copy_(w)
 
 
+@cache
+def w8a8_kernel_max_rows():  # once: the CPU's flags do not change
+    return 16 if speed.cpu_has_amx() or not int8dot.has_vnni() else 1 << 62
+
+
 class W8A8Linear(Int8Linear):
     """An int8 weight (Int8Linear's, per output row) times int8 activations, by int8dot.py's C
     kernel: each token's row of x is rounded to integers on its own scale (its largest value
@@ -392,8 +397,7 @@ class W8A8Linear(Int8Linear):
 
     @property
     def kernel_max_rows(self):  # prefill too, unless AMX's bf16 products (or no VNNI) beat it
-        rows = 16 if speed.cpu_has_amx() or not int8dot.has_vnni() else 1 << 62
-        return self.__dict__.get("max_rows", rows)
+        return self.__dict__.get("max_rows", w8a8_kernel_max_rows())
 
     @kernel_max_rows.setter
     def kernel_max_rows(self, rows):  # (bench.py measures the kernel's rounding on every row)
