@@ -108,7 +108,8 @@ def settings(a):
             checkpoints.peft_settings(c.lora_init)  # a LoRA adapter we can start from
     if c.fsdp and c.quantize:
         raise llama.InputError("--fsdp shards parameters, and quantized weights are buffers it "
-                               "would copy whole to every process: drop --quantize, or --fsdp (DDP)")
+                               "would copy whole to every process: drop --quantize, or --fsdp "
+                               "(DDP)")
     if c.quantize and c.mode == "full":
         raise llama.InputError("--quantize freezes the base: use --mode lora, norm or lora+norm")
     context = checkpoints.read_args(c.ckpt_dir).context

@@ -314,7 +314,7 @@ class DecodeAttention(llama.Attention):
         if q.shape[1] > 1 or mask is not None:
             return super().attend(q, k, v, mask)
         B, S, n_kv, hd = k.shape
-        q = q.reshape(B, n_kv, self.n_heads // n_kv, hd)  # (B, n_kv, n_rep, hd): head kv * n_rep + r
+        q = q.reshape(B, n_kv, self.n_heads // n_kv, hd)  # (B, n_kv, n_rep, hd): head kv*n_rep + r
         scores = torch.matmul(q, k.permute(0, 2, 3, 1)) / math.sqrt(hd)  # (B, n_kv, n_rep, S)
         y = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v.transpose(1, 2))
         return y.reshape(B, 1, self.n_heads, hd)  # (B, 1, heads, hd)
