@@ -20,7 +20,6 @@ import torch
 import bench
 import generate
 import llama
-import quantize
 import speed
 
 PROFILED = ("ours_fast", *bench.QUANTIZED)  # bf16 --fast and each quantized width

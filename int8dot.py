@@ -42,7 +42,7 @@ SOURCE = r"""
 #define VNNI 1
 #endif
 
-int w4a8_vnni(void) {
+int int8dot_vnni(void) {
 #ifdef VNNI
     return 1;
 #else
@@ -335,7 +335,7 @@ def cpu_flags():
 
 
 def has_vnni():
-    return bool(library().w4a8_vnni())
+    return bool(library().int8dot_vnni())
 
 
 def w4a8_layout(q):

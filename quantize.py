@@ -130,7 +130,7 @@ def unpack_cpu_int4(packed, block, halves):
     """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8, rows starting a block.
     In a whole block, a byte holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the
     last, shorter block (rows not a multiple of block), always the latter."""
-    rows, n_in = packed.shape[0], packed.shape[1] * 2
+    rows = packed.shape[0]
     full = rows // block * block
     parts = [(packed[:full], block, halves), (packed[full:], rows - full, False)]
     return torch.cat([unpack_blocks(p, b, h) for p, b, h in parts if len(p)])

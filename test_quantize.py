@@ -534,7 +534,6 @@ def test_bad_settings_raise_input_error_before_any_change(tmp_path):
 # End to end: generate.py and finetune.py with --quantize
 
 import json
-import os
 import subprocess
 import sys
 import time
