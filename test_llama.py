@@ -103,11 +103,10 @@ def run_processes(n, args, timeout=300):
                                        "".join(text[:n]), "".join(text[n:]))
 
 
-def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperature=0.0,
-             top_p=0.9, seed=1, dtype="float32", logprobs=False, nproc=1, runs=None):
-    """Meta's reference in a process of its own, or model parallel over nproc processes. With runs
-    (dicts of the arguments above that change), all of them on one model -> a list of results."""
-    cmd = [str(HERE / "reference.py"), "--ckpt_dir", str(ckpt_dir),
+def reference_argv(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperature=0.0,
+                   top_p=0.9, seed=1, dtype="float32", logprobs=False, runs=None):
+    """reference.py's flags for run_meta's arguments."""
+    cmd = ["--ckpt_dir", str(ckpt_dir),
            "--max_gen_len", str(max_gen_len), "--temperature", str(temperature),
            "--top_p", str(top_p), "--seed", str(seed), "--dtype", dtype]
     for p in prompts:
@@ -119,6 +118,14 @@ def run_meta(ckpt_dir, prompts=(), prompt_tokens=None, max_gen_len=24, temperatu
     if runs is not None:  # (reference.py's flag is --prompt)
         cmd += ["--runs", json.dumps([{("prompt" if k == "prompts" else k): v
                                        for k, v in run.items()} for run in runs])]
+    return cmd
+
+
+def run_meta(ckpt_dir, *args, nproc=1, **kw):
+    """Meta's reference in a process of its own, or model parallel over nproc processes; the
+    arguments are reference_argv's. With runs (dicts of those arguments that change), all of them
+    on one model -> a list of results."""
+    cmd = [str(HERE / "reference.py"), *reference_argv(ckpt_dir, *args, **kw)]
     r = (run_processes(nproc, cmd) if nproc > 1 else
          subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -578,6 +585,38 @@ def run_generate_py(*argv):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_script(script, *argv):
+    """`python SCRIPT ARGV` for a command that is to fail, run in this process: the script's
+    __main__ block itself (runpy), its output and exit status as the process's would be (an
+    exception: the traceback and 1; sys.exit("text"): the text and 1) -> CompletedProcess. A
+    Python start-up and torch's import fewer, a second or more on 2 cores; each script's exit 2
+    is also seen from a process of its own (test_generate_py_missing_dir_exits_2,
+    test_finetune_resume_from_other_mode_fails)."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    out, err, argv = io.StringIO(), io.StringIO(), [str(HERE / script), *map(str, argv)]
+    saved, sys.argv = sys.argv, argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code
+                if not isinstance(code, int):
+                    print(code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def test_generate_py_streams_and_reports_speed(ckpt_gqa):
     r = run_generate_py("--ckpt_dir", ckpt_gqa, "--prompt", "Hello there ",
                         "--max_new_tokens", 12, "--temperature", 0)
@@ -601,7 +640,7 @@ def test_generate_py_streams_and_reports_speed(ckpt_gqa):
     (["--prompt", "hi", "--dtype", "bf17"], "invalid choice"),
 ] + ([] if torch.cuda.is_available() else [(["--prompt", "hi", "--device", "cuda"], "no CUDA")]))
 def test_generate_py_bad_input_exits_2(ckpt_gqa, argv, message):
-    r = run_generate_py("--ckpt_dir", ckpt_gqa, *argv)
+    r = run_script("generate.py", "--ckpt_dir", ckpt_gqa, *argv)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert (last.startswith("error:") or "generate.py: error:" in last) and message in last
@@ -619,20 +658,16 @@ def test_bad_files_and_tools_fail_in_one_line(ckpt_gqa, tmp_path):
     shutil.copytree(ckpt_gqa, bad_tok)
     for content in (b"not a tokenizer\n", b"\x00\xff\x00 garbage", b""):
         (bad_tok / "tokenizer.model").write_bytes(content)
-        r = run_generate_py("--ckpt_dir", bad_tok, "--prompt", "hi")
+        r = run_script("generate.py", "--ckpt_dir", bad_tok, "--prompt", "hi")
         assert r.returncode == 2 and "Traceback" not in r.stderr and \
             "tokenizer" in r.stderr.splitlines()[-1], r.stderr
     # convert onto its own source (or a folder holding it): refused
     for dst in (ckpt_gqa, ckpt_gqa.parent):
-        r = subprocess.run([sys.executable, str(HERE / "convert.py"), "convert", str(ckpt_gqa),
-                            str(dst), "--to", "hf"],
-                           capture_output=True, text=True, timeout=300)
+        r = run_script("convert.py", "convert", ckpt_gqa, dst, "--to", "hf")
         assert r.returncode == 2 and "its own source" in r.stderr and \
             (ckpt_gqa / "params.json").exists()
     convert.main(["convert", str(ckpt_gqa), str(tmp_path / "hf"), "--to", "hf"])
-    r = subprocess.run([sys.executable, str(HERE / "reference.py"), "--ckpt_dir",
-                        str(tmp_path / "hf"), "--prompt", "a"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_script("reference.py", "--ckpt_dir", tmp_path / "hf", "--prompt", "a")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "Meta's layout" in r.stderr
 
 
@@ -1393,9 +1428,8 @@ def test_finetune_py_bad_input_exits_2(ckpt_gqa, corpus, tmp_path):
     for argv, message in ((["--mode", "bitfit"], "invalid choice"),
                           (["--device", "tpu"], "invalid choice"),
                           ([], "holds a finetune run; continue it with --resume")):
-        r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa),
-                            "--data", str(corpus), "--out_dir", str(tmp_path / "run"), *argv],
-                           capture_output=True, text=True, timeout=300)
+        r = run_script("finetune.py", "--ckpt_dir", ckpt_gqa, "--data", corpus, "--out_dir",
+                       tmp_path / "run", *argv)
         assert r.returncode == 2 and "Traceback" not in r.stderr and \
             message in r.stderr.strip().splitlines()[-1], r.stderr
 
@@ -1808,6 +1842,5 @@ def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
         bench.print_ratios({"ours_w4a8": {"decode_b1_tok_s": 20.0},
                             "llama.cpp Q4_0": {"decode_b1_tok_s": 25.0, "prefill_tok_s": 300.5}})
     assert out.getvalue() == "  ours_w4a8 / llama.cpp Q4_0: decode b1 tok/s 0.80x\n"
-    r = subprocess.run([sys.executable, str(HERE / "bench.py"), "--llama_cpp", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = run_script("bench.py", "--llama_cpp", tmp_path)
     assert r.returncode == 2 and "has no build/bin/llama-bench and llama-quantize" in r.stderr

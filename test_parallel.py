@@ -22,16 +22,22 @@ import generate
 import llama
 import parallel
 from test_llama import (META_TOKENIZER, PROMPTS, TOKENIZER, ckpt_gqa, ckpt_stops,  # noqa: F401
-                        corpus, read_log, run_meta, run_processes, tiny_args, torchrun)
+                        corpus, read_log, reference_argv, run_processes,
+                        run_script, tiny_args, torchrun)
 
 HERE = Path(__file__).parent
 
 # Loads each job's checkpoint under torchrun through generate.load (the tensor-parallel path) and
-# writes every process's results; rank 0 saves the logits of one prefill.
+# writes every process's results; rank 0 saves the logits of one prefill where a job asks. Then, in
+# the same processes, Meta's reference at the same model-parallel size where sys.argv[4] gives its
+# flags: one start-up of torch for both. Meta's Llama3.build makes its model-parallel groups over
+# the process group ours made (as it would over its own), and ours leaves torch's settings as it
+# found them (checked: Meta's code reads the defaults it sets itself).
 WORKER = """
-import json, os, sys
+import contextlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
-import torch, generate, parallel
+import torch, conftest, generate, parallel, reference
+settings = conftest.numeric_settings()
 jobs, results = json.loads(open(sys.argv[2]).read()), []
 for job in jobs:
     g = generate.load(job["ckpt"], max_seq_len=512, max_batch_size=4, device="cpu",
@@ -42,10 +48,11 @@ for job in jobs:
     ids = job["ids"]
     out["tokens"], _, out["stops"] = g.generate(ids, 24, temperature=job.get("temperature", 0),
                                                 top_p=0.9)
-    with torch.inference_mode():
-        logits = g.model(torch.tensor([ids[0]]))
-    if os.environ["RANK"] == "0" and job.get("logits"):
-        torch.save(logits, job["logits"])
+    if job.get("logits"):
+        with torch.inference_mode():
+            logits = g.model(torch.tensor([ids[0]]))
+        if os.environ["RANK"] == "0":
+            torch.save(logits, job["logits"])
     results.append(out)
 every = [None] * int(os.environ["WORLD_SIZE"])
 torch.distributed.all_gather_object(every, results)
@@ -53,21 +60,34 @@ if os.environ["RANK"] == "0":
     open(sys.argv[3], "w").write(json.dumps(every))
 torch.distributed.barrier()
 del g
+assert conftest.numeric_settings() == settings, (conftest.numeric_settings(), settings)
+if len(sys.argv) > 5:
+    out = sys.argv[5] if os.environ["RANK"] == "0" else os.devnull
+    sys.argv = ["reference.py", *json.loads(sys.argv[4])]
+    with open(out, "w") as f:
+        with contextlib.redirect_stdout(f):
+            reference.main()  # (it ends the process group)
 parallel.end_processes()  # (gloo can abort at exit without it)
 """
 
 
-def run_ours(tmp_path, n, jobs):
-    """-> per job, the results of rank 0, after checking that every rank had the same tokens."""
-    (tmp_path / "worker.py").write_text(WORKER)
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    r = run_processes(n, [tmp_path / "worker.py", HERE, tmp_path / "jobs.json",
-                          tmp_path / "out.json"])
+def launch(root, n, jobs, meta=None):
+    """Our jobs ({name: job}) on n processes, then Meta's run (run_meta's arguments) in the same
+    processes -> ({name: the job and rank 0's results}, Meta's results, the log), after checking
+    that every rank had the same tokens."""
+    (root / "worker.py").write_text(WORKER)
+    (root / "jobs.json").write_text(json.dumps(list(jobs.values())))
+    argv = [root / "worker.py", HERE, root / "jobs.json", root / "out.json"]
+    if meta is not None:
+        argv += [json.dumps(reference_argv(**meta)), root / "meta.json"]
+    r = run_processes(n, argv)
     assert r.returncode == 0, r.stderr[-3000:]
-    every = json.loads((tmp_path / "out.json").read_text())
+    every = json.loads((root / "out.json").read_text())
     for job in range(len(jobs)):  # the ranks never diverge: each sampled the same tokens
         assert all(e[job]["tokens"] == every[0][job]["tokens"] for e in every)
-    return every[0], r.stderr
+    ours = {name: {**job, **out} for (name, job), out in zip(jobs.items(), every[0])}
+    meta = None if meta is None else json.loads((root / "meta.json").read_text())
+    return ours, meta, r.stderr
 
 
 IDS = [TOKENIZER.encode(p, bos=True) for p in PROMPTS]
@@ -105,39 +125,6 @@ def ckpt_wide(tmp_path_factory):
     return root
 
 
-def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, ckpt_stops,
-                                                                   ckpt_wide, ckpt_405b_style):
-    # float32 greedy: a ragged batch whose rows stop at different steps, one long prompt alone,
-    # and sampled (temperature, top-p): Meta's tokens and stop tokens, at model parallel 2 and 4
-    sampled = dict(temperature=0.8, seed=7)
-    two, log = run_ours(tmp_path, 2, [
-        dict(ckpt=str(ckpt_stops), ids=IDS), dict(ckpt=str(ckpt_stops), ids=IDS[3:]),
-        dict(ckpt=str(ckpt_stops), ids=SHORT, **sampled),
-        dict(ckpt=str(ckpt_wide / "meta"), ids=SHORT), dict(ckpt=str(ckpt_wide / "hf"), ids=SHORT),
-        dict(ckpt=str(ckpt_405b_style), ids=IDS[3:])])
-    assert "weights per process: " in log
-    meta, meta_long, meta_sampled, meta_wide = run_meta(ckpt_stops, nproc=2, runs=[
-        dict(prompt_tokens=IDS), dict(prompt_tokens=IDS[3:]), dict(prompt_tokens=SHORT, **sampled),
-        dict(prompt_tokens=SHORT, ckpt_dir=str(ckpt_wide / "meta"))])
-    assert (two[0]["tokens"], two[0]["stops"]) == (meta["tokens"], meta["stops"])
-    assert len({s for s in meta["stops"] if s is not None}) >= 2  # rows end on stop tokens
-    meta_long = meta_long["tokens"]
-    assert two[1]["tokens"] == meta_long
-    assert two[2]["tokens"] == meta_sampled["tokens"]
-    # 4 files on 2 processes (joined two by two), and the same weights in HF's layout
-    assert two[3]["tokens"] == meta_wide["tokens"] == two[4]["tokens"]
-    # 405B's duplicated K/V heads are dropped on 2 processes: one K/V head each, the same model
-    assert two[5]["n_kv_heads"] == 1
-    assert two[5]["tokens"] == meta_long
-    # 4 processes: Meta's at 4 (its code needs a K/V head per process), and more processes than
-    # K/V heads, each head copied to two (Meta's cannot: its greedy tokens at 2, float32 apart)
-    four, _ = run_ours(tmp_path, 4, [dict(ckpt=str(ckpt_wide / "meta"), ids=SHORT),
-                                     dict(ckpt=str(ckpt_stops), ids=IDS[3:])])
-    assert four[0]["tokens"] == run_meta(ckpt_wide / "meta", prompt_tokens=SHORT,
-                                         nproc=4)["tokens"]
-    assert four[1]["n_kv_heads"] == 1 and four[1]["tokens"] == meta_long
-
-
 @pytest.fixture(scope="module")
 def ckpt_tied(tmp_path_factory):  # Llama 3.2 style: the output is the embedding
     args = tiny_args(tie_embeddings=True)
@@ -147,19 +134,65 @@ def ckpt_tied(tmp_path_factory):  # Llama 3.2 style: the output is the embedding
     return path
 
 
-def test_tied_quantized_and_memory_per_process(tmp_path, ckpt_tied):
+SAMPLED_TP = dict(temperature=0.8, seed=7)
+TIED = (("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, ckpt_stops, ckpt_wide, ckpt_405b_style, ckpt_tied):
+    """The jobs of the tests below at 2 processes, then Meta's runs at model parallel 2, in one
+    launch -> launch's results."""
+    root = tmp_path_factory.mktemp("two")
+    jobs = {"batch": dict(ckpt=str(ckpt_stops), ids=IDS),
+            "long": dict(ckpt=str(ckpt_stops), ids=IDS[3:]),
+            "sampled": dict(ckpt=str(ckpt_stops), ids=SHORT, **SAMPLED_TP),
+            "wide": dict(ckpt=str(ckpt_wide / "meta"), ids=SHORT),
+            "wide hf": dict(ckpt=str(ckpt_wide / "hf"), ids=SHORT),
+            "405b": dict(ckpt=str(ckpt_405b_style), ids=IDS[3:])}
+    for dtype, q in TIED:
+        jobs[f"tied {q or dtype}"] = dict(ckpt=str(ckpt_tied), ids=IDS[:1], dtype=dtype,
+                                          quantize=q, logits=str(root / f"{q or dtype}.pt"))
+    return launch(root, 2, jobs, dict(ckpt_dir=ckpt_stops, runs=[
+        dict(prompt_tokens=IDS), dict(prompt_tokens=IDS[3:]),
+        dict(prompt_tokens=SHORT, **SAMPLED_TP),
+        dict(prompt_tokens=SHORT, ckpt_dir=str(ckpt_wide / "meta"))]))
+
+
+def test_tensor_parallel_is_token_exact_with_meta_at_the_same_size(tmp_path, two, ckpt_stops,
+                                                                   ckpt_wide):
+    # float32 greedy: a ragged batch whose rows stop at different steps, one long prompt alone,
+    # and sampled (temperature, top-p): Meta's tokens and stop tokens, at model parallel 2 and 4
+    ours, (meta, meta_long, meta_sampled, meta_wide), log = two
+    assert "weights per process: " in log
+    assert (ours["batch"]["tokens"], ours["batch"]["stops"]) == (meta["tokens"], meta["stops"])
+    assert len({s for s in meta["stops"] if s is not None}) >= 2  # rows end on stop tokens
+    meta_long = meta_long["tokens"]
+    assert ours["long"]["tokens"] == meta_long
+    assert ours["sampled"]["tokens"] == meta_sampled["tokens"]
+    # 4 files on 2 processes (joined two by two), and the same weights in HF's layout
+    assert ours["wide"]["tokens"] == meta_wide["tokens"] == ours["wide hf"]["tokens"]
+    # 405B's duplicated K/V heads are dropped on 2 processes: one K/V head each, the same model
+    assert ours["405b"]["n_kv_heads"] == 1
+    assert ours["405b"]["tokens"] == meta_long
+    # 4 processes: Meta's at 4 (its code needs a K/V head per process), and more processes than
+    # K/V heads, each head copied to two (Meta's cannot: its greedy tokens at 2, float32 apart)
+    four, meta_four, _ = launch(tmp_path, 4, {
+        "wide": dict(ckpt=str(ckpt_wide / "meta"), ids=SHORT),
+        "long": dict(ckpt=str(ckpt_stops), ids=IDS[3:])},
+        dict(ckpt_dir=ckpt_wide / "meta", prompt_tokens=SHORT))
+    assert four["wide"]["tokens"] == meta_four["tokens"]
+    assert four["long"]["n_kv_heads"] == 1 and four["long"]["tokens"] == meta_long
+
+
+def test_tied_quantized_and_memory_per_process(two, ckpt_tied):
     # Meta's code has no tied output: the tied model under tensor parallel against one process of
     # ours, logits within float32 summation order (1e-5 relative); bf16 and quantized shards
     # against one process in bf16 and quantized alike (the same quantized weights): 1e-2 covers
     # bf16's partial sums, a tenth of what int8's rounding alone moves the logits.
     # Each process's bytes are the planning function's, and at most 1/N plus the norms.
-    jobs = [dict(ckpt=str(ckpt_tied), ids=IDS[:1], dtype=dtype, quantize=q,
-                 logits=str(tmp_path / f"{q or dtype}.pt"))
-            for dtype, q in (("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
-                             ("bfloat16", "int4"))]
-    two, _ = run_ours(tmp_path, 2, jobs)
     args = tiny_args(tie_embeddings=True)
-    for job, result in zip(jobs, two):
+    for dtype, q in TIED:
+        job = two[0][f"tied {q or dtype}"]
         one = generate.load(ckpt_tied, max_seq_len=512, device="cpu", dtype=job["dtype"],
                             quantize=job["quantize"])
         with torch.inference_mode():
@@ -169,11 +202,11 @@ def test_tied_quantized_and_memory_per_process(tmp_path, ckpt_tied):
         if job["dtype"] == "bfloat16" and not job["quantize"]:
             continue  # packed for oneDNN: not parameters any more
         fmt, scale = job["quantize"] or "bf16", 2 if job["dtype"] == "float32" else 1
-        assert result["bytes"] == scale * parallel.bytes_per_process(args, 2, fmt), job
+        assert job["bytes"] == scale * parallel.bytes_per_process(args, 2, fmt), job
         norms = (2 * args.n_layers + 1) * args.dim * 2
         whole = parallel.bytes_per_process(args, 1, fmt)
         # 1/N, plus the replicated: norms, and int8's scales of the rows that wo and w2 cut
-        assert result["bytes"] <= scale * ((whole - norms) / 2 + norms) * 1.001, job
+        assert job["bytes"] <= scale * ((whole - norms) / 2 + norms) * 1.001, job
 
 
 def test_sizes_that_do_not_divide_fail_in_one_line_before_loading(ckpt_gqa):
@@ -212,16 +245,52 @@ def test_405b_style_duplicated_kv_heads_merge_in_one_process(ckpt_405b_style, ck
 
 # ----------------------------------------------------------------------------- FSDP2 finetuning
 
-def finetune(tmp_path, name, n, *flags):
-    common = ["--seq_len", 64, "--grad_accum", 2, "--max_steps", 4, "--lr", 3e-3, "--eval_every",
-              2, "--eval_batches", 2, "--sample_every", 0, "--device", "cpu", "--batch_size", 2,
-              "--save_every", 2]
-    cmd = [HERE / "finetune.py", *common, *flags, "--out_dir", tmp_path / name]
-    r = (run_processes(n, cmd) if n > 1 else
-         subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True,
-                        timeout=300))
+# Runs finetune.main over each (out_dir, argv) in turn in the same processes (one start-up of
+# torch and one rendezvous for all of them; main runs a whole run from its flags, seeds included,
+# and init_processes keeps the group it finds); rank 0's log of each run goes to OUT_DIR.log.
+FINETUNE_WORKER = """
+import contextlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import finetune, parallel
+for out_dir, argv in json.loads(open(sys.argv[2]).read()):
+    with open(f"{out_dir}.{os.environ['RANK']}.log", "w") as err, contextlib.redirect_stderr(err):
+        finetune.main(argv)
+parallel.end_processes()
+"""
+FINETUNE_FLAGS = ["--seq_len", 64, "--grad_accum", 2, "--max_steps", 4, "--lr", 3e-3,
+                  "--eval_every", 2, "--eval_batches", 2, "--sample_every", 0, "--device", "cpu",
+                  "--batch_size", 2, "--save_every", 2]
+FSDP_MODES = {"full": (), "lora+norm": ("--dtype", "bfloat16", "--activation_checkpointing")}
+
+
+def finetune_argv(out_dir, *flags):
+    return [str(x) for x in [*FINETUNE_FLAGS, *flags, "--out_dir", out_dir]]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, ckpt_gqa, corpus):
+    """Both modes' runs under DDP and FSDP2 on 2 processes, and lora+norm's FSDP run stopped at
+    step 2 and resumed (--resume alone: the run's own settings), in one launch; then full's run
+    in one process of 4 rows (here: finetune.main, as test_llama's finetuning tests run it).
+    -> the root, OUT_DIR per run under it: root / mode / {ddp, fsdp, stop, one}."""
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = []
+    for mode, extra in FSDP_MODES.items():
+        flags = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--mode", mode, *extra]
+        (root / mode).mkdir()
+        runs += [(root / mode / "ddp", flags), (root / mode / "fsdp", [*flags, "--fsdp"])]
+    flags = runs[-1][1]
+    runs += [(root / "lora+norm" / "stop", [*flags, "--stop_at", 2]),
+             (root / "lora+norm" / "stop", ["--resume"])]
+    (root / "worker.py").write_text(FINETUNE_WORKER)
+    (root / "runs.json").write_text(json.dumps([(str(out), finetune_argv(out, *flags))
+                                                for out, flags in runs]))
+    r = run_processes(2, [root / "worker.py", HERE, root / "runs.json"])
     assert r.returncode == 0, r.stderr[-3000:]
-    return read_log(tmp_path / name), r.stderr
+    import finetune
+
+    finetune.main(finetune_argv(root / "full" / "one", *runs[0][1], "--batch_size", 4))
+    return root
 
 
 def same_losses(a, b, rel):
@@ -231,28 +300,23 @@ def same_losses(a, b, rel):
         assert math.isclose(x[key], y[key], rel_tol=rel), (x, y)
 
 
-@pytest.mark.parametrize("mode,extra", [
-    ("full", ()), ("lora+norm", ("--dtype", "bfloat16", "--activation_checkpointing"))])
-def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(tmp_path, ckpt_gqa, corpus, mode,
-                                                            extra):
-    flags = ["--ckpt_dir", ckpt_gqa, "--data", corpus, "--mode", mode, *extra]
-    ddp, _ = finetune(tmp_path, "ddp", 2, *flags)
-    fsdp, log = finetune(tmp_path, "fsdp", 2, *flags, "--fsdp")
+@pytest.mark.parametrize("mode", FSDP_MODES)
+def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(fsdp_runs, ckpt_gqa, mode):
+    runs = fsdp_runs / mode
+    ddp, fsdp = read_log(runs / "ddp"), read_log(runs / "fsdp")
     same_losses(ddp, fsdp, rel=1e-4)
     if mode == "full":  # and DDP's two processes of 2 rows are one process of 4 (float32)
-        same_losses(finetune(tmp_path, "one", 1, *flags, "--batch_size", 4)[0], ddp, rel=1e-5)
-    assert "parameters per process:" in log
+        same_losses(read_log(runs / "one"), ddp, rel=1e-5)
+    assert "parameters per process:" in (runs / "fsdp.0.log").read_text()
     # the one whole checkpoint rank 0 wrote is read as any run is
     prompt = [TOKENIZER.encode("Tom had a", bos=True)]
-    a, b = (generate.load(ckpt_gqa, max_seq_len=64, device="cpu", lora=tmp_path / r)
+    a, b = (generate.load(ckpt_gqa, max_seq_len=64, device="cpu", lora=runs / r)
             .generate(prompt, 12, temperature=0)[0] for r in ("ddp", "fsdp"))
     assert a == b
     if mode == "full":
         return
     # stopped at step 2 and resumed under FSDP: exactly the uninterrupted run's losses
-    finetune(tmp_path, "stop", 2, *flags, "--fsdp", "--stop_at", 2)
-    resumed, _ = finetune(tmp_path, "stop", 2, "--resume")
-    same_losses(resumed, fsdp, rel=1e-6)
+    same_losses(read_log(runs / "stop"), fsdp, rel=1e-6)
 
 
 def test_bench_scale_view_and_fsdp_holds_half_of_everything(tmp_path):
@@ -275,7 +339,6 @@ def test_bench_scale_view_and_fsdp_holds_half_of_everything(tmp_path):
 
 
 def test_fsdp_refuses_quantized_bases(ckpt_gqa, corpus, tmp_path):
-    r = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--ckpt_dir", str(ckpt_gqa),
-                        "--data", str(corpus), "--fsdp", "--quantize", "int4", "--out_dir",
-                        str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    r = run_script("finetune.py", "--ckpt_dir", ckpt_gqa, "--data", corpus, "--fsdp",
+                   "--quantize", "int4", "--out_dir", tmp_path / "q")
     assert r.returncode == 2 and r.stderr.startswith("error: --fsdp shards parameters")
