@@ -39,3 +39,32 @@ def numeric_settings_are_left_as_found(request):
         restore(before)
         changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
         pytest.fail(f"{request.node.nodeid} changed torch's global settings: {changed}")
+
+
+# Checkpoints and data that test_llama.py's and test_parallel.py's tests share, made once a session
+# (a module fixture imported into another module is made again there) by test_llama's makers.
+@pytest.fixture(scope="session")
+def ckpt_gqa(tmp_path_factory):
+    import test_llama
+
+    return test_llama.make_ckpt_gqa(tmp_path_factory.mktemp("gqa") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def ckpt_stops(tmp_path_factory, ckpt_gqa):
+    import test_llama
+
+    return test_llama.make_ckpt_stops(tmp_path_factory.mktemp("stops") / "ckpt", ckpt_gqa)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    import test_llama
+
+    return test_llama.make_corpus(tmp_path_factory.mktemp("corpus") / "stories.txt")
+
+
+@pytest.fixture(scope="session")
+def bench_ckpt_root(tmp_path_factory):
+    """--ckpt_root for bench.py and bench_scale.py: their random tiny checkpoint, made once."""
+    return tmp_path_factory.mktemp("bench_ckpt")

@@ -21,9 +21,8 @@ import convert
 import generate
 import llama
 import parallel
-from test_llama import (META_TOKENIZER, PROMPTS, TOKENIZER, ckpt_gqa, ckpt_stops,  # noqa: F401
-                        corpus, read_log, reference_argv, run_processes,
-                        run_script, tiny_args, torchrun)
+from test_llama import (META_TOKENIZER, PROMPTS, TOKENIZER, read_log, reference_argv,
+                        run_processes, run_script, tiny_args, torchrun)
 
 HERE = Path(__file__).parent
 
@@ -319,13 +318,13 @@ def test_fsdp_losses_equal_ddp_and_its_checkpoint_generates(fsdp_runs, ckpt_gqa,
     same_losses(read_log(runs / "stop"), fsdp, rel=1e-6)
 
 
-def test_bench_scale_view_and_fsdp_holds_half_of_everything(tmp_path):
+def test_bench_scale_view_and_fsdp_holds_half_of_everything(bench_ckpt_root):
     # bench_scale.py end to end on the tiny shape: tensor-parallel decoding at N=1 and 2, and a
     # full-finetuning step under DDP and FSDP2 on 2 processes
     r = subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--shape", "tiny",
                         "--scale_mode", "full", "--prompt_len", "8", "--new_tokens", "4",
                         "--prefill_len", "16", "--lora_steps", "1", "--json", "--ckpt_root",
-                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+                        str(bench_ckpt_root)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = {(x["kind"], x["processes"]): x["ranks"] for x in json.loads(r.stdout)["scale"]}
     assert all(runs.values()), r.stderr[-3000:]
