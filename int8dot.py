@@ -37,8 +37,11 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(PORTABLE)
+#if defined(__AVX512F__) && !defined(PORTABLE)
 #include <immintrin.h>
+#define AVX512 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(PORTABLE)
 #define VNNI 1
 #endif
 
@@ -57,114 +60,138 @@ static float bf16(uint16_t v) {
     return f;
 }
 
-/* ---- w4a8 ---- */
+/* ---- w4a8 ----
+   The weight is stored for the kernel in blocks of 4 rows (one memory stream) and 16 groups of
+   G inputs (w4a8_layout): 4 x 8G bytes of nibbles, then the 4 rows' 16 scales and 16 zeros
+   (bf16), 32G + 256 bytes. In a row's 8G bytes, int32 lane g of each 64 bytes holds 4 bytes of
+   group g: so one vpdpbusd adds 8 products to each of 16 groups, and a group's integer sum is
+   complete after G / 4 of them, with no shuffle; its scales then apply once. Chunk c of 4
+   inputs of group g (inputs 4c .. 4c + 3) is in the low nibbles of 64-byte vector c / 2 when c is
+   even, the high ones when odd. The rounded activations (w4a8_quantize) are in the same order:
+   per block, chunk c of all 16 groups is 64 bytes. Inputs past the last group are padding: zero
+   scales and zeros, zero activations. */
 
-/* x (tokens, n) float32, or bfloat16 if bf16 -> per block of 32: qx int8, d (the scale),
-   sq = d * sum qx * -8, sx = sum x (exact). */
-static void w4a8_quantize(const void *x, int bf16_input, int64_t tokens, int64_t n, int8_t *qx,
-                          float *d, float *sq, float *sx) {
-    int64_t blocks = n / 32;
+#define W4A8_BLOCK(G) (32 * (G) + 256)
+
+/* x (tokens, n) float32, or bfloat16 if bf16 -> per block of 16 groups: qx (16 G int8, in
+   chunk order), and per group d (the scale), c8 = 8 * sum qx, sx = sum x (exact). */
+static void w4a8_quantize(const void *x, int bf16_input, int64_t tokens, int64_t n, int G,
+                          int64_t nb, int8_t *qx, float *d, int32_t *c8, float *sx) {
     #pragma omp parallel for schedule(static) if (tokens * n > 65536)
-    for (int64_t b = 0; b < tokens * blocks; b++) {
-        float xb[32];
-        for (int i = 0; i < 32; i++)
-            xb[i] = bf16_input ? bf16(((const uint16_t *)x)[b * 32 + i])
-                               : ((const float *)x)[b * 32 + i];
-        float amax = 0.f, sum = 0.f;
-        for (int i = 0; i < 32; i++) {
+    for (int64_t tg = 0; tg < tokens * nb * 16; tg++) {  /* one group of one token */
+        int64_t t = tg / (nb * 16), g = tg % (nb * 16), i0 = g * G;
+        int8_t *out = qx + (t * nb + g / 16) * 16 * G + (g % 16) * 4;
+        float xb[128], amax = 0.f, sum = 0.f;
+        for (int i = 0; i < G; i++) {
+            int64_t at = t * n + i0 + i;
+            xb[i] = i0 + i >= n ? 0.f : bf16_input ? bf16(((const uint16_t *)x)[at])
+                                                   : ((const float *)x)[at];
             float a = fabsf(xb[i]);
             amax = a > amax ? a : amax;
             sum += xb[i];
         }
-        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
         int s = 0;
-        for (int i = 0; i < 32; i++) {
+        for (int i = 0; i < G; i++) {
             int v = (int)nearbyintf(xb[i] * inv);
-            qx[b * 32 + i] = (int8_t)v;
+            out[(i / 4) * 64 + i % 4] = (int8_t)v;
             s += v;
         }
-        d[b] = scale; sq[b] = -8.f * scale * (float)s; sx[b] = sum;
+        d[tg] = amax / 127.f; c8[tg] = 8 * s; sx[tg] = sum;
     }
 }
 
-/* y (tokens, out) = x W^T. w (out, n / 2) uint8: for the blocks 2p and 2p + 1 of a row, 32 bytes,
-   byte j = q[2p][j] | q[2p + 1][j] << 4. s, z (out, n / 32) bf16. */
-static void w4a8_matmul(const int8_t *qx, const float *d, const float *sq, const float *sx,
-                        int64_t tokens, const uint8_t *w, const uint16_t *s,
-                        const uint16_t *z, int64_t out, int64_t n, float *y) {
-    int64_t blocks = n / 32;
-    #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < out; r++) {
-        const uint8_t *wr = w + r * (n / 2);
-        const uint16_t *sr = s + r * blocks, *zr = z + r * blocks;
-        for (int64_t t = 0; t < tokens; t++) {
-            const int8_t *xt = qx + t * n;
-            const float *dt = d + t * blocks, *sqt = sq + t * blocks, *sxt = sx + t * blocks;
-            float acc = 0.f;
-            int64_t b = 0;
 #ifdef VNNI
-            /* 16 groups (512 weights) a step: their 16 scales times the token's 16 d in one
-               vector, each pair's half taken out by a permute; the -8 sum qx and zero terms
-               for all 16 at once */
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            __m512 accz = _mm512_setzero_ps();
-            const __m256i low = _mm256_set1_epi8(15);
-            const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-            for (; b + 16 <= blocks; b += 16) {
-                __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    _mm256_loadu_si256((const __m256i *)(sr + b))), 16));
-                __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    _mm256_loadu_si256((const __m256i *)(zr + b))), 16));
-                accz = _mm512_fmadd_ps(sv, _mm512_loadu_ps(sqt + b), accz);
-                accz = _mm512_fmadd_ps(zv, _mm512_loadu_ps(sxt + b), accz);
-                __m512 m = _mm512_mul_ps(sv, _mm512_loadu_ps(dt + b));
-                for (int k = 0; k < 8; k++) {
-                    __m256i p = _mm256_loadu_si256((const __m256i *)(wr + (b + 2 * k) * 16));
-                    if (t == 0 && (k & 1) == 0)  /* the row after next: more reads in flight */
-                        _mm_prefetch((const char *)(wr + n + (b + 2 * k) * 16), _MM_HINT_T0);
-                    __m512i q = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_and_si256(p, low)),
-                        _mm256_and_si256(_mm256_srli_epi16(p, 4), low), 1);
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                                      _mm512_loadu_si512(xt + (b + 2 * k) * 32));
-                    /* lanes 0-7 take group 2k's factor, lanes 8-15 group 2k + 1's */
-                    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(2 * k), half);
-                    __m512 mk = _mm512_permutexvar_ps(idx, m);
-                    if (k & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), mk, acc1);
-                    else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), mk, acc0);
-                }
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 4 rows times one token: y[0..3] */
+static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
+                             const uint8_t *wb, int64_t nb, const int G, float *y) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = wb + b * W4A8_BLOCK(G);
+        const int8_t *xb = qx + b * 16 * G;
+        _mm_prefetch((const char *)(p + 2 * W4A8_BLOCK(G)), _MM_HINT_T0);
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        for (int v = 0; v < G / 8; v++) {
+            __m512i x0 = _mm512_load_si512(xb + v * 128), x1 = _mm512_load_si512(xb + v * 128 + 64);
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                __m512i w = _mm512_loadu_si512(p + r * 8 * G + v * 64);
+                a[r] = _mm512_dpbusd_epi32(a[r], _mm512_and_si512(w, low), x0);
+                a[r] = _mm512_dpbusd_epi32(a[r], _mm512_and_si512(_mm512_srli_epi16(w, 4), low),
+                                           x1);
             }
-            acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), accz));
-            int64_t done = b;
-#else
-            int64_t done = 0;
+        }
+        const uint16_t *s = (const uint16_t *)(p + 32 * G), *z = s + 64;
+        __m512 dv = _mm512_loadu_ps(d + b * 16), sxv = _mm512_loadu_ps(sx + b * 16);
+        __m512i cv = _mm512_loadu_si512(c8 + b * 16);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m512 m = _mm512_mul_ps(bf16x16(s + 16 * r), dv);
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r], cv)), m, f[r]);
+            f[r] = _mm512_fmadd_ps(bf16x16(z + 16 * r), sxv, f[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) y[r] = _mm512_reduce_add_ps(f[r]);
+}
 #endif
-            for (; b < blocks; b += 2) {  /* plain C: the same sums, a pair of blocks at a time */
-                const uint8_t *p = wr + b * 16;
-                int32_t d0 = 0, d1 = 0;
-                for (int j = 0; j < 32; j++) {
-                    d0 += (int32_t)(p[j] & 15) * xt[b * 32 + j];
-                    d1 += (int32_t)(p[j] >> 4) * xt[(b + 1) * 32 + j];
-                }
-                acc += bf16(sr[b]) * dt[b] * (float)d0 + bf16(sr[b + 1]) * dt[b + 1] * (float)d1;
+
+/* y (tokens, out) = x W^T, w from w4a8_layout: out / 4 blocks of rows */
+static void w4a8_matmul(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
+                        int64_t tokens, const uint8_t *w, int64_t out, int64_t nb, int G,
+                        float *y) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < out; r0 += 4) {
+        const uint8_t *wb = w + (r0 / 4) * nb * W4A8_BLOCK(G);
+        for (int64_t t = 0; t < tokens; t++) {
+            const int8_t *xt = qx + t * nb * 16 * G;
+            const float *dt = d + t * nb * 16, *sxt = sx + t * nb * 16;
+            const int32_t *ct = c8 + t * nb * 16;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef VNNI  /* G a constant in each call: the loops unrolled for it */
+            if (G == 32) w4a8_tile(xt, dt, ct, sxt, wb, nb, 32, acc);
+            else if (G == 64) w4a8_tile(xt, dt, ct, sxt, wb, nb, 64, acc);
+            else w4a8_tile(xt, dt, ct, sxt, wb, nb, 128, acc);
+#else
+            for (int64_t b = 0; b < nb; b++) {  /* plain C: the same sums */
+                const uint8_t *p = wb + b * W4A8_BLOCK(G);
+                const uint16_t *s = (const uint16_t *)(p + 32 * G), *z = s + 64;
+                for (int r = 0; r < 4; r++)
+                    for (int g = 0; g < 16; g++) {
+                        int32_t dot = 0;
+                        for (int c = 0; c < G / 4; c++)
+                            for (int k = 0; k < 4; k++) {
+                                uint8_t byte = p[r * 8 * G + (c / 2) * 64 + g * 4 + k];
+                                int q = c % 2 ? byte >> 4 : byte & 15;
+                                dot += q * xt[b * 16 * G + c * 64 + g * 4 + k];
+                            }
+                        int64_t i = b * 16 + g;
+                        acc[r] += (float)(dot - ct[i]) * (bf16(s[16 * r + g]) * dt[i]) +
+                                  bf16(z[16 * r + g]) * sxt[i];
+                    }
             }
-            /* the blocks' -8 sum qx and zero terms: s (d * -8 sum qx) + z sum x */
-            for (int64_t c = done; c < blocks; c++)
-                acc += bf16(sr[c]) * sqt[c] + bf16(zr[c]) * sxt[c];
-            y[t * out + r] = acc;
+#endif
+            for (int r = 0; r < 4; r++) y[t * out + r0 + r] = acc[r];
         }
     }
 }
 
-/* y (tokens, out) float32 = x W^T: x rounded per block, then the products; one call from Python */
-int w4a8_linear(const void *x, int bf16_input, int64_t tokens, int64_t n, const uint8_t *w,
-                const uint16_t *s, const uint16_t *z, int64_t out, float *y) {
-    int64_t tb = tokens * (n / 32);
-    int8_t *qx = aligned_alloc(64, (tokens * n + 63) / 64 * 64);  /* 64-byte loads in one line */
-    float *f = malloc(3 * tb * sizeof(float));  /* d, sq, sx */
+/* y (tokens, out) float32 = x W^T: x rounded per group, then the products; one call from Python */
+int w4a8_linear(const void *x, int bf16_input, int64_t tokens, int64_t n, int G, const uint8_t *w,
+                int64_t out, float *y) {
+    int64_t nb = (n + 16 * G - 1) / (16 * G), tg = tokens * nb * 16;
+    int8_t *qx = aligned_alloc(64, tg * G);  /* 64-byte loads in one cache line */
+    float *f = malloc(3 * tg * sizeof(float));  /* d, c8, sx */
     if (!qx || !f) { free(qx); free(f); return 1; }
-    w4a8_quantize(x, bf16_input, tokens, n, qx, f, f + tb, f + 2 * tb);
-    w4a8_matmul(qx, f, f + tb, f + 2 * tb, tokens, w, s, z, out, n, y);
+    w4a8_quantize(x, bf16_input, tokens, n, G, nb, qx, f, (int32_t *)(f + tg), f + 2 * tg);
+    w4a8_matmul(qx, f, (int32_t *)(f + tg), f + 2 * tg, tokens, w, out, nb, G, y);
     free(qx);
     free(f);
     return 0;
@@ -284,6 +311,107 @@ int w8a8_linear(const void *x, int bf16_input, int64_t tokens, int64_t n, const 
     free(f);
     return 0;
 }
+/* ---- one-query attention (decoding) ----
+   softmax(q k^T / sqrt(hd)) v for each query head, over S cached positions, all in float32 (from
+   bf16 or float32 K/V), the query heads of one K/V head together so its keys and values are read
+   once. q (B, H, hd); k, v (B, S.., KV, hd) with batch stride bs (elements); y (B, H, hd). */
+
+static uint16_t to_bf16(float f) {  /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+#ifdef AVX512
+static inline __m512 load16(const void *p, int bf) {  /* 16 floats, from bf16 if bf */
+    return bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256((const __m256i *)p)), 16))
+              : _mm512_loadu_ps(p);
+}
+
+/* e^x (x <= 0): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (relative error
+   under 2e-7), times 2^n exactly (vscalefps) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  /* ln 2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    static const float c[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, int64_t H,
+               int64_t KV, int64_t hd, int64_t S, int64_t bs, void *y) {
+    int64_t rep = H / KV, S16 = (S + 15) / 16 * 16, esize = bf ? 2 : 4;
+    int fail = 0;
+    #pragma omp parallel for schedule(static) reduction(|:fail) if (B * KV * S > 2048)
+    for (int64_t bk = 0; bk < B * KV; bk++) {
+        int64_t b = bk / KV, kv = bk % KV, h0 = (b * H + kv * rep) * hd;
+        /* scores then probabilities (rep, S16), the scaled queries, the outputs, one K/V row */
+        float *p = aligned_alloc(64, (rep * S16 + 2 * rep * hd + hd) * sizeof(float));
+        if (!p) { fail = 1; continue; }
+        float *qf = p + rep * S16, *acc = qf + rep * hd, *row = acc + rep * hd;
+        float scale = 1.f / sqrtf((float)hd);
+        for (int64_t i = 0; i < rep * hd; i++) {
+            qf[i] = (bf ? bf16(((const uint16_t *)q)[h0 + i]) : ((const float *)q)[h0 + i]) * scale;
+            acc[i] = 0.f;
+        }
+        const char *kb = (const char *)k + (b * bs + kv * hd) * esize;
+        const char *vb = (const char *)v + (b * bs + kv * hd) * esize;
+        for (int64_t s = 0; s < S; s++) {  /* scores */
+            for (int64_t c = 0; c < hd; c++)
+                row[c] = bf ? bf16(((const uint16_t *)kb)[s * KV * hd + c])
+                            : ((const float *)kb)[s * KV * hd + c];
+            for (int64_t r = 0; r < rep; r++) {
+#ifdef AVX512
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t c = 0; c < hd; c += 16)
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * hd + c), _mm512_load_ps(row + c),
+                                        a);
+                p[r * S16 + s] = _mm512_reduce_add_ps(a);
+#else
+                float a = 0.f;
+                for (int64_t c = 0; c < hd; c++) a += qf[r * hd + c] * row[c];
+                p[r * S16 + s] = a;
+#endif
+            }
+        }
+        for (int64_t r = 0; r < rep; r++) {  /* softmax */
+            float *pr = p + r * S16, m = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < S; s++) m = pr[s] > m ? pr[s] : m;
+#ifdef AVX512
+            for (int64_t s = S; s < S16; s++) pr[s] = -INFINITY;  /* e^-inf: 0 */
+            __m512 vsum = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S16; s += 16) {
+                __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(pr + s), _mm512_set1_ps(m)));
+                _mm512_store_ps(pr + s, e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            sum = _mm512_reduce_add_ps(vsum);
+#else
+            for (int64_t s = 0; s < S; s++) { pr[s] = expf(pr[s] - m); sum += pr[s]; }
+#endif
+            for (int64_t s = 0; s < S; s++) pr[s] /= sum;
+        }
+        for (int64_t s = 0; s < S; s++) {  /* values */
+            for (int64_t c = 0; c < hd; c++)
+                row[c] = bf ? bf16(((const uint16_t *)vb)[s * KV * hd + c])
+                            : ((const float *)vb)[s * KV * hd + c];
+            for (int64_t r = 0; r < rep; r++)
+                for (int64_t c = 0; c < hd; c++) acc[r * hd + c] += p[r * S16 + s] * row[c];
+        }
+        for (int64_t i = 0; i < rep * hd; i++) {
+            if (bf) ((uint16_t *)y)[h0 + i] = to_bf16(acc[i]);
+            else ((float *)y)[h0 + i] = acc[i];
+        }
+        free(p);
+    }
+    return fail;
+}
 """
 
 
@@ -321,8 +449,9 @@ def library(portable=False):
         # shared, and two processes may be building at once)
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, p, i64, p]
+    lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p]
     lib.w8a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, i64, p]
+    lib.attend_one.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, p]
     return lib
 
 
@@ -334,34 +463,65 @@ def cpu_flags():
         return ""
 
 
+@cache
+def available():
+    """Whether the C kernels build on this machine (a C compiler)."""
+    try:
+        return bool(library())
+    except llama.InputError:
+        return False
+
+
 def has_vnni():
     return bool(library().int8dot_vnni())
 
 
-def w4a8_layout(q):
-    """q (out, in) uint8 in [0, 15] -> (out, in / 2): for each pair of groups of 32, 32 bytes,
-    the first group's q in the low nibbles and the second's in the high."""
+def w4a8_layout(q, scales, zeros, group_size=32):
+    """q (out, in) uint8 in [0, 15], scales and zeros (out, in / group_size) bf16 -> the kernel's
+    (out / 4, blocks * (32 group_size + 256)) uint8: see the C above. in is padded up to whole
+    blocks of 16 groups."""
     out, n = q.shape
-    pairs = q.view(out, n // 64, 2, 32)
-    return (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(out, n // 2).contiguous()
+    G = group_size
+    nb = -(-n // (16 * G))
+    pad = nb * 16 * G - n
+    q = torch.nn.functional.pad(q, (0, pad))  # (padding: weights of zero scale and zero)
+    s, z = (torch.nn.functional.pad(t, (0, pad // G)) for t in (scales, zeros))
+    # input i of group g is chunk c = i // 4, k = i % 4; chunks 2v and 2v + 1 share vector v
+    chunks = q.view(out // 4, 4, nb, 16, G // 8, 2, 4)  # (blocks of rows, row, block, g, v, 2, k)
+    nibbles = (chunks[..., 0, :] | chunks[..., 1, :] << 4).permute(0, 2, 1, 4, 3, 5)
+    sz = [t.view(out // 4, 4, nb, 16).transpose(1, 2).reshape(out // 4, nb, 64).contiguous()
+          .view(torch.uint8) for t in (s, z)]  # (blocks of rows, block, 4 rows x 16 x 2 bytes)
+    return torch.cat([nibbles.reshape(out // 4, nb, 32 * G), *sz], 2).view(out // 4, -1)
 
 
-def w4a8_matmul(x, w, scales, zeros, portable=False):
-    """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out), with w from w4a8_layout and
-    scales, zeros (out, in / 32) bf16."""
+def w4a8_unlayout(w, in_features, group_size=32):
+    """w4a8_layout undone: -> q (out, in) uint8, scales and zeros (out, in / group_size) bf16."""
+    G, rows = group_size, len(w)
+    nb = w.shape[1] // (32 * G + 256)
+    blocks = w.view(rows, nb, 32 * G + 256)
+    nibbles = blocks[..., :32 * G].reshape(rows, nb, 4, G // 8, 16, 1, 4)
+    chunks = torch.cat([nibbles & 15, nibbles >> 4], 5)  # (blocks of rows, block, row, v, g, 2, k)
+    q = chunks.permute(0, 2, 1, 4, 3, 5, 6).reshape(rows * 4, nb * 16 * G)[:, :in_features]
+    s, z = (blocks[..., a:a + 128].contiguous().view(torch.bfloat16).view(rows, nb, 4, 16)
+            .transpose(1, 2).reshape(rows * 4, nb * 16)[:, :in_features // G]
+            for a in (32 * G, 32 * G + 128))
+    return q.contiguous(), s.contiguous(), z.contiguous()
+
+
+def w4a8_matmul(x, w, group_size=32, portable=False):
+    """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out), with w from w4a8_layout."""
     tokens, n = x.shape
-    # the C reads raw memory: the layouts it assumes, checked
-    if not (w.dtype == torch.uint8 and w.shape[1] * 2 == n and n % 64 == 0 and
-            scales.dtype == zeros.dtype == torch.bfloat16 and
-            scales.shape == zeros.shape == (len(w), n // 32) and
-            all(t.is_contiguous() and t.device.type == "cpu" for t in (w, scales, zeros))):
-        raise ValueError("w4a8_matmul takes w4a8_layout's uint8 (out, in / 2) and contiguous "
-                         "bfloat16 (out, in / 32) scales and zeros on the CPU, in a multiple of 64")
+    G = group_size
+    # the C reads raw memory: the layout it assumes, checked
+    if not (w.dtype == torch.uint8 and n % G == 0 and G in (32, 64, 128) and
+            w.shape[1] == -(-n // (16 * G)) * (32 * G + 256) and w.is_contiguous() and
+            w.device.type == "cpu"):
+        raise ValueError("w4a8_matmul takes w4a8_layout's uint8 (out / 4, blocks * (32 G + 256)) "
+                         "on the CPU for x's inputs, in groups of 32, 64 or 128")
     x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
-    y = torch.empty(tokens, len(w))
-    if library(portable).w4a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n,
-                                     w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), len(w),
-                                     y.data_ptr()):
+    y = torch.empty(tokens, 4 * len(w))
+    if library(portable).w4a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n, G,
+                                     w.data_ptr(), 4 * len(w), y.data_ptr()):
         raise MemoryError("w4a8: no memory for the rounded activations")
     return y
 
@@ -396,3 +556,26 @@ def w8a8_matmul(x, w, scales, portable=False):
                                      w.data_ptr(), scales.data_ptr(), len(scales), y.data_ptr()):
         raise MemoryError("w8a8: no memory for the rounded activations")
     return y
+
+
+def attend_one(q, k, v, portable=False):
+    """Decoding's attention for one query a row: q (B, 1, heads, hd); k, v (B, S, kv_heads, hd),
+    views of a KV cache (rows of kv_heads * hd contiguous elements) -> (B, 1, heads, hd), in
+    float32 inside, q's dtype out (bfloat16 or float32; hd a multiple of 16)."""
+    B, T, H, hd = q.shape
+    _, S, KV, _ = k.shape
+    if not (T == 1 and q.dtype == k.dtype == v.dtype and q.dtype in ATTEND_DTYPES and
+            hd % 16 == 0 and H % KV == 0 and k.shape == v.shape and q.is_contiguous() and
+            k.stride()[1:] == v.stride()[1:] == (KV * hd, hd, 1) and k.stride(0) == v.stride(0)
+            and all(t.device.type == "cpu" for t in (q, k, v))):
+        raise ValueError("attend_one takes one bfloat16 or float32 query (B, 1, heads, hd) and "
+                         "K/V cache views (B, S, kv_heads, hd) on the CPU, hd a multiple of 16")
+    y = torch.empty_like(q)
+    if library(portable).attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                    q.dtype == torch.bfloat16, B, H, KV, hd, S, k.stride(0),
+                                    y.data_ptr()):
+        raise MemoryError("attend_one: no memory for the scores")
+    return y
+
+
+ATTEND_DTYPES = (torch.bfloat16, torch.float32)

@@ -48,6 +48,7 @@ FORMATS = ("int8", "int4")  # what the files hold and what trains
 # w8a8 / w4a8: the int8 / int4 weights (their files), multiplied with int8 activations; CPUs
 MODES = FORMATS + ("w8a8", "w4a8")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
+W4A8_GROUP_SIZES = (32, 64, 128)  # int8dot.py's (groups of 64: 4.5 bits a weight, as Q4_0)
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
 # SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
 # temporaries of a slice stay in the CPU's caches.
@@ -420,40 +421,41 @@ class W8A8Linear(Int8Linear):
 
 
 class W4A8Linear(Int4Linear):
-    """An int4 weight (Int4Linear's groups of 32, scale and zero) times int8 activations, rounded
-    per group of 32 inputs, by int8dot.py's C kernel: integer dot products (AVX-512 VNNI) where
-    torch's int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows
-    (prefill) and backward passes dequantize slices as every QuantizedLinear does, from the same
-    bytes. Built from int4 weights as Int4Linear is (from_float, from_portable)."""
+    """An int4 weight (Int4Linear's groups, scale and zero) times int8 activations, rounded per
+    group of inputs, by int8dot.py's C kernel: integer dot products (AVX-512 VNNI) where torch's
+    int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows (prefill)
+    and backward passes dequantize slices as every QuantizedLinear does, from the same bytes: one
+    buffer, blocks of 4 rows with their scales and zeros inline (int8dot.w4a8_layout). Built from
+    int4 weights as Int4Linear is (from_float, from_portable)."""
     mode, kernel_max_rows = "w4a8", 16
 
-    def __init__(self, q, scales, zeros, group_size=32):  # (check_settings allows 32 only)
+    def __init__(self, q, scales, zeros, group_size=32):
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("qweight", int8dot.w4a8_layout(q))  # (out, in / 2)
-        self.register_buffer("scales", scales.contiguous())  # (out, groups) bfloat16
-        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("qweight", int8dot.w4a8_layout(q, scales, zeros, group_size))
 
     @classmethod
-    def row_dims(cls, layers):  # each row's bytes on their own
-        return {"qweight": 0, "scales": 0, "zeros": 0}
+    def row_dims(cls, layers):  # each block of 4 rows on its own
+        return {"qweight": 0}
 
     def kernel(self, x):
-        return int8dot.w4a8_matmul(x, self.qweight, self.scales, self.zeros)
+        return int8dot.w4a8_matmul(x, self.qweight, self.group_size)
 
-    def unpack(self, start, end):  # (rows, in): each pair of groups from the low and high nibbles
-        p = self.qweight[start:end].view(-1, self.in_features // 64, 1, 32)
-        return torch.cat([p & 15, p >> 4], 2).view(len(p), self.in_features)
+    def unpacked(self, start=0, end=None):  # rows start:end (multiples of 4): q, scales, zeros
+        end = self.out_features if end is None else min(end, self.out_features)
+        return int8dot.w4a8_unlayout(self.qweight[start // 4:end // 4], self.in_features,
+                                     self.group_size)
+
+    def unpack(self, start, end):  # (rows, in): as Int4Linear's
+        return self.unpacked(start, end)[0]
 
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
-        end = self.out_features if end is None else min(end, self.out_features)
-        return dequantize_int4(self.unpack(start, end), self.scales[start:end],
-                               self.zeros[start:end], dtype, out)
+        return dequantize_int4(*self.unpacked(start, end), dtype, out)
 
     def portable(self):  # the int4 file's form
-        q = pack_nibbles(self.unpack(0, self.out_features))
-        return {"qweight": q, "scales": self.scales, "zeros": self.zeros}
+        q, s, z = self.unpacked()
+        return {"qweight": pack_nibbles(q), "scales": s, "zeros": z}
 
 
 # -----------------------------------------------------------------------------
@@ -466,8 +468,9 @@ class W4A8Linear(Int4Linear):
 def check_settings(mode, group_size):
     if mode not in MODES:
         raise llama.InputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "w4a8" and group_size != 32:
-        raise llama.InputError("w4a8 multiplies int4 groups of 32; use --group_size 32")
+    if mode == "w4a8" and group_size not in W4A8_GROUP_SIZES:
+        raise llama.InputError(f"w4a8 multiplies int4 groups of 32, 64 or 128, not "
+                               f"{group_size!r}; use --group_size 32")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise llama.InputError(f"int4 group size {group_size!r} is not supported; "
                                f"use one of {', '.join(map(str, GROUP_SIZES))}")

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import int8dot
 import llama
 
 
@@ -313,11 +314,29 @@ class DecodeAttention(llama.Attention):
     def attend(self, q, k, v, mask):
         if q.shape[1] > 1 or mask is not None:
             return super().attend(q, k, v, mask)
+        return self.attend_one(q, k, v)
+
+    def attend_one(self, q, k, v):
         B, S, n_kv, hd = k.shape
         q = q.reshape(B, n_kv, self.n_heads // n_kv, hd)  # (B, n_kv, n_rep, hd): head kv*n_rep + r
         scores = torch.matmul(q, k.permute(0, 2, 3, 1)) / math.sqrt(hd)  # (B, n_kv, n_rep, S)
         y = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v.transpose(1, 2))
         return y.reshape(B, 1, self.n_heads, hd)  # (B, 1, heads, hd)
+
+
+class KernelAttention(DecodeAttention):
+    """DecodeAttention's one-token step as one call of int8dot.py's C kernel (scores, softmax and
+    values of every head, in float32) instead of about ten torch ops, each of which costs more
+    than the arithmetic at one query. Where the C kernel builds, for bf16 and float32."""
+
+    def attend_one(self, q, k, v):
+        return int8dot.attend_one(q, k, v)
+
+
+def decode_attention(dtype, head_dim):
+    """The one-token attention class for this dtype: the C kernel's if it builds here."""
+    return (KernelAttention if dtype in int8dot.ATTEND_DTYPES and head_dim % 16 == 0 and
+            int8dot.available() else DecodeAttention)
 
 
 def for_inference(model, device, dtype, compile=False):
@@ -330,9 +349,10 @@ def for_inference(model, device, dtype, compile=False):
         pack_for_cpu_inference(model)
     if cpu:
         fuse_products(model, quantized_stack)
+        attention = decode_attention(dtype, model.args.head_dim)
         for layer in model.layers:
             if type(layer.attention) is llama.Attention and layer.attention.fused:
-                layer.attention.__class__ = DecodeAttention
+                layer.attention.__class__ = attention
     return model
 
 

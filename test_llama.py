@@ -288,13 +288,14 @@ def test_fast_path_greedy_matches_meta_and_logits_match_exact(ckpt, meta):
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 8])  # grouped-query and multi-head attention
-def test_one_token_decode_attention_is_metas_arithmetic(n_kv_heads):
-    # speed.DecodeAttention (--fast on CPUs) against llama.Attention's Meta arithmetic
+@pytest.mark.parametrize("cls", [speed.DecodeAttention, speed.KernelAttention])  # torch, C
+def test_one_token_decode_attention_is_metas_arithmetic(n_kv_heads, cls):
+    # speed's one-token attention (--fast on CPUs) against llama.Attention's Meta arithmetic
     # for one query over a cache; with several queries or a mask it is llama.Attention's own path
-    args = tiny_args(n_heads=8, n_kv_heads=n_kv_heads)
+    args = tiny_args(dim=128, n_heads=8, n_kv_heads=n_kv_heads)  # head_dim 16, as the C takes
     fused = replace(args, fused_attention=True)
     meta, fast = llama.Attention(args), llama.Attention(fused)
-    fast.__class__ = speed.DecodeAttention
+    fast.__class__ = cls
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 37, n_kv_heads, args.head_dim, generator=g) for _ in range(2))
     q = torch.randn(2, 1, 8, args.head_dim, generator=g)
@@ -609,20 +610,22 @@ def run_generate_py(*argv):
                           capture_output=True, text=True, timeout=300)
 
 
-def run_script(script, *argv):
-    """`python SCRIPT ARGV` for a command that is to fail, run in this process: the script's
-    __main__ block itself (runpy), its output and exit status as the process's would be (an
-    exception: the traceback and 1; sys.exit("text"): the text and 1) -> CompletedProcess. A
-    Python start-up and torch's import fewer, a second or more on 2 cores; each script's exit 2
-    is also seen from a process of its own (test_generate_py_missing_dir_exits_2,
-    test_finetune_resume_from_other_mode_fails)."""
+def run_script(script, *argv, stdin=""):
+    """`python SCRIPT ARGV < stdin`, run in this process: the script's __main__ block itself
+    (runpy), its output and exit status as the process's would be (an exception: the traceback
+    and 1; sys.exit("text"): the text and 1) -> CompletedProcess. A Python start-up and torch's
+    import fewer, a second or more on 2 cores. For what needs no process of its own (not signals,
+    not torchrun); each script's exit 2 is also seen from a process of its own
+    (test_generate_py_missing_dir_exits_2, test_finetune_resume_from_other_mode_fails), as is a
+    chat (test_ctrl_c_stops_the_reply_not_the_chat)."""
     import contextlib
     import io
     import runpy
     import traceback
 
     out, err, argv = io.StringIO(), io.StringIO(), [str(HERE / script), *map(str, argv)]
-    saved, sys.argv = sys.argv, argv
+    saved = sys.argv, sys.stdin
+    sys.argv, sys.stdin = argv, io.StringIO(stdin)  # (input() then prompts on stdout, as in a pipe)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -637,13 +640,13 @@ def run_script(script, *argv):
                 traceback.print_exc()
                 code = 1
     finally:
-        sys.argv = saved
+        sys.argv, sys.stdin = saved
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def test_generate_py_streams_and_reports_speed(ckpt_gqa):
-    r = run_generate_py("--ckpt_dir", ckpt_gqa, "--prompt", "Hello there ",
-                        "--max_new_tokens", 12, "--temperature", 0)
+    r = run_script("generate.py", "--ckpt_dir", ckpt_gqa, "--prompt", "Hello there ",
+                   "--max_new_tokens", 12, "--temperature", 0)
     assert r.returncode == 0, r.stderr
     expected = ours(ckpt_gqa, ["Hello there"], max_gen_len=12)[0]
     tok = checkpoints.read_tokenizer(META_TOKENIZER)
@@ -1383,8 +1386,8 @@ def test_finetuned_weights_in_generate_and_export(ckpt_gqa, corpus, tmp_path):
         assert merged.args.tie_embeddings is False
         assert merged.text_completion([prompt], temperature=0,
                                       max_gen_len=12)[0]["tokens"] == expected
-    r = run_generate_py("--ckpt_dir", ckpt_gqa, "--lora", tmp_path / "run", "--prompt", prompt,
-                        "--max_new_tokens", 12, "--temperature", 0)
+    r = run_script("generate.py", "--ckpt_dir", ckpt_gqa, "--lora", tmp_path / "run", "--prompt",
+                   prompt, "--max_new_tokens", 12, "--temperature", 0)
     assert r.returncode == 0 and \
         r.stdout == prompt + tuned.tokenizer.decode(expected) + "\n", r.stderr
 
@@ -1639,10 +1642,9 @@ def chat_reply(model, dialog, n):
 
 
 def test_terminal_chat_keeps_history_and_resets(ckpt_gqa):
-    r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(ckpt_gqa),
-                        "--chat", "--system", "Be brief", "--temperature", "0",
-                        "--max_new_tokens", "8"], input="Hello\nHow are you?\n/reset\nHello\n",
-                       capture_output=True, text=True, timeout=300)
+    r = run_script("generate.py", "--ckpt_dir", ckpt_gqa, "--chat", "--system", "Be brief",
+                   "--temperature", 0, "--max_new_tokens", 8,
+                   stdin="Hello\nHow are you?\n/reset\nHello\n")
     assert r.returncode == 0, r.stderr
     model = generate.load(ckpt_gqa, max_seq_len=2048, device="cpu")
     system = {"role": "system", "content": "Be brief"}
@@ -1651,9 +1653,8 @@ def test_terminal_chat_keeps_history_and_resets(ckpt_gqa):
                             {"role": "assistant", "content": r1},
                             {"role": "user", "content": "How are you?"}], 8)
     assert r.stdout == f"> {r1}\n> {r2}\n> > {r1}\n> \n" and "[history cleared]" in r.stderr
-    one = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(ckpt_gqa),
-                          "--chat", "--prompt", "Hello", "--temperature", "0",
-                          "--max_new_tokens", "8"], capture_output=True, text=True, timeout=300)
+    one = run_script("generate.py", "--ckpt_dir", ckpt_gqa, "--chat", "--prompt", "Hello",
+                     "--temperature", 0, "--max_new_tokens", 8)
     assert one.returncode == 0 and \
         one.stdout == chat_reply(model, [{"role": "user", "content": "Hello"}], 8) + "\n"
 
@@ -1661,11 +1662,9 @@ def test_terminal_chat_keeps_history_and_resets(ckpt_gqa):
 def test_terminal_chat_drops_oldest_turns_but_not_the_system_prompt(ckpt_gqa):
     turns = ["Tell me about the sea and the ships on it",
              "And the mountains and the snow on them", "And the stars?"]
-    r = subprocess.run([sys.executable, str(HERE / "generate.py"), "--ckpt_dir", str(ckpt_gqa),
-                        "--chat", "--system", "You are a poet", "--temperature", "0",
-                        "--max_new_tokens", "6", "--max_seq_len", "60"]
-                       + sum((["--prompt", t] for t in turns), []), capture_output=True,
-                       text=True, timeout=300)
+    r = run_script("generate.py", "--ckpt_dir", ckpt_gqa, "--chat", "--system", "You are a poet",
+                   "--temperature", 0, "--max_new_tokens", 6, "--max_seq_len", 60,
+                   *sum((["--prompt", t] for t in turns), []))
     assert r.returncode == 0, r.stderr
     assert "dropped the oldest turn" in r.stderr
     model = generate.load(ckpt_gqa, max_seq_len=60, device="cpu")

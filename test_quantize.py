@@ -7,6 +7,7 @@ a quantized tiny Transformer against its float twin, QLoRA gradients, and save/l
 """
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -290,30 +291,64 @@ def test_stacked_products_give_the_separate_products_bit_for_bit(mode):
 
 
 def w4a8_reference(x, q, scales, zeros):
-    """w4a8's arithmetic written out in float64: x rounded per group of 32 inputs to int8 on its
+    """w4a8's arithmetic written out in float64: x rounded per group of inputs to int8 on its
     own scale (largest |x| -> 127), times (q - 8) s, plus z times the group's exact sum of x."""
-    tokens, n = x.shape
-    xg = x.double().view(tokens, -1, 32)  # (tokens, groups, 32)
+    (tokens, n), groups = x.shape, scales.shape[1]
+    xg = x.double().view(tokens, groups, -1)  # (tokens, groups, group_size)
     amax = xg.abs().amax(-1, keepdim=True)
     xr = torch.round(xg * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
-    w = (q.double().view(len(q), -1, 32) - 8) * scales.double()[..., None]  # (out, groups, 32)
+    w = (q.double().view(len(q), groups, -1) - 8) * scales.double()[..., None]  # (out, groups, G)
     return (torch.einsum("ogi,tgi->to", w, xr) +
             torch.einsum("og,tg->to", zeros.double(), xg.sum(-1)))
 
 
-# in: 2 groups (no 16-group step of the AVX-512 loop), 18 (one and a tail), 64
-@pytest.mark.parametrize("out,n_in", [(48, 64), (96, 576), (256, 2048)])
+# in: 2 groups (a block of 16 mostly padding), 18 (a block and a padded one), 64; tokens 1 and 3
+@pytest.mark.parametrize("out,n_in,tokens", [(48, 64, 3), (96, 576, 1), (256, 2048, 3)])
+@pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("portable", [False, True])
-def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, portable):
+def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, group_size, portable):
     # both builds of the C kernel: plain C (any CPU), and AVX-512 VNNI where this CPU has it
     g = torch.Generator().manual_seed(out)
-    w, x = torch.randn(out, n_in, generator=g), torch.randn(3, n_in, generator=g) * 4
-    x[1] = 0  # a row of zeros: scale 0, no division by it
-    q, s, z = quantize.quantize_int4(w, 32)
-    y = int8dot.w4a8_matmul(x, int8dot.w4a8_layout(q), s, z, portable)
-    assert y.dtype == torch.float32 and y.shape == (3, out)
+    w, x = torch.randn(out, n_in, generator=g), torch.randn(tokens, n_in, generator=g) * 4
+    x[-1, :n_in // 2] = 0  # groups of zeros: scale 0, no division by it
+    q, s, z = quantize.quantize_int4(w, group_size)
+    packed = int8dot.w4a8_layout(q, s, z, group_size)
+    assert all(map(torch.equal, int8dot.w4a8_unlayout(packed, n_in, group_size), (q, s, z)))
+    y = int8dot.w4a8_matmul(x, packed, group_size, portable)
+    assert y.dtype == torch.float32 and y.shape == (tokens, out)
     ref = w4a8_reference(x, q, s, z)
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for t in range(tokens):  # each token on its own
+        alone = int8dot.w4a8_matmul(x[t:t + 1], packed, group_size, portable)
+        assert torch.equal(alone, y[t:t + 1])
+
+
+def attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v in float64, each K/V head shared by its group of query heads."""
+    B, _, H, hd = q.shape
+    kv = k.shape[2]
+    q = q.double().reshape(B, kv, H // kv, hd)
+    scores = torch.matmul(q, k.double().permute(0, 2, 3, 1)) / math.sqrt(hd)
+    y = torch.matmul(torch.softmax(scores, -1), v.double().transpose(1, 2))
+    return y.reshape(B, 1, H, hd)
+
+
+# (B, heads, kv heads, hd, positions): 1B's, 3B's, multi-head, one position
+@pytest.mark.parametrize("shape", [(1, 32, 8, 64, 150), (3, 24, 8, 128, 33), (2, 4, 4, 16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_one_query_attention_kernel_equals_softmax_attention_in_float64(shape, dtype, portable):
+    B, H, kv, hd, S = shape
+    g = torch.Generator().manual_seed(S)
+    cache_k, cache_v = (torch.randn(B, S + 9, kv, hd, generator=g).to(dtype) * 3 for _ in "kv")
+    q = (torch.randn(B, 1, H, hd, generator=g) * 3).to(dtype)
+    k, v = cache_k[:, :S], cache_v[:, :S]  # views of a cache, as in decoding
+    y = int8dot.attend_one(q, k, v, portable)
+    assert y.dtype == dtype and y.shape == q.shape
+    ref = attention_reference(q, k, v)
+    # float32 inside: float32's rounding; bf16 out: one rounding to bf16 (2^-9 relative)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
@@ -326,8 +361,7 @@ def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
         assert all(torch.equal(a.portable()[k], b.portable()[k]) for k in b.portable())
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
     layer = model.layers[0].attention.wq
-    assert torch.allclose(layer(x).double(), w4a8_reference(x.float(), layer.unpack(0, 64),
-                                                            layer.scales, layer.zeros),
+    assert torch.allclose(layer(x).double(), w4a8_reference(x.float(), *layer.unpacked()),
                           atol=1e-2, rtol=1e-2)  # (the kernel's float32, rounded to bf16)
     twin = dequantized_twin(int4)  # float layers holding the int4 model's weights
     # 48 rows a layer, more than the kernel's: dequantized products
@@ -641,7 +675,7 @@ def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
             with pytest.raises(InputError, match=message):
                 generate.load(tiny_ckpt, quantize=mode, **{"device": "cpu", **kw})
     with pytest.raises(InputError, match="use --group_size 32"):
-        generate.load(tiny_ckpt, quantize="w4a8", group_size=64, device="cpu")
+        generate.load(tiny_ckpt, quantize="w4a8", group_size=256, device="cpu")
 
 
 def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
