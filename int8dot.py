@@ -1,5 +1,5 @@
-"""Integer dot-product kernels for x86 CPUs, int8 activations times int4 or int8 weights: a small C
-file, compiled at first use.
+"""C kernels for CPU decoding, compiled at first use: integer dot products for x86 CPUs (int8
+activations times int4 or int8 weights), and the attention of one query.
 
 torch's int4 CPU product converts each weight to float and multiplies in float, and oneDNN's int8
 one (which w8a8 used) reads its weights at two thirds of the memory's speed in decoding.
@@ -13,12 +13,15 @@ scale d. With w = (q - 8) s + z in a group, and x ~ d qx there:
     sum w x = s d (sum q qx - 8 sum qx) + z sum x
 where q qx is the integer dot product, and sum x is the block's exact float sum.
 w8a8: each token's x is rounded to int8 on one scale, the weight is int8 per row (below).
+attend_one: a decoding step's attention (speed.KernelAttention), in one call instead of about ten
+torch ops, each of which costs more than the arithmetic for a single query.
 
-The C has each loop twice: with AVX-512 VNNI intrinsics, and as plain C (any CPU; the tests run
+The C has each loop twice: with AVX-512 (VNNI) intrinsics, and as plain C (any CPU; the tests run
 both against the arithmetic written out in float64). It is built with the system's C compiler
 (cc, -O3 -march=native -fopenmp: OpenMP is torch's own runtime, already loaded, so it shares
 torch's threads) into ~/.cache/nano-llama3, keyed by the source and the CPU, and called through
-ctypes. Without a compiler, quantize.check_device says so in one line, before anything is loaded.
+ctypes. Without a compiler, quantize.check_device says so in one line, before anything is loaded
+(and --fast's attention stays torch's, speed.DecodeAttention).
 """
 import ctypes
 import hashlib
