@@ -199,6 +199,26 @@ int w4a8_linear(const void *x, int bf16_input, int64_t tokens, int64_t n, int G,
     free(f);
     return 0;
 }
+/* rows r0 .. r0 + 4 * blocks of rows of the weight, dequantized: out (rows, n) float32 */
+void w4a8_dequantize(const uint8_t *w, int64_t row_blocks, int64_t n, int G, float *out) {
+    int64_t nb = (n + 16 * G - 1) / (16 * G);
+    #pragma omp parallel for schedule(static)
+    for (int64_t rb = 0; rb < row_blocks; rb++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = w + (rb * nb + b) * W4A8_BLOCK(G);
+            const uint16_t *s = (const uint16_t *)(p + 32 * G), *z = s + 64;
+            for (int r = 0; r < 4; r++)
+                for (int g = 0; g < 16 && (b * 16 + g) * G < n; g++) {
+                    float sc = bf16(s[16 * r + g]), zr = bf16(z[16 * r + g]) - 8.f * sc;
+                    float *o = out + (rb * 4 + r) * n + (b * 16 + g) * G;
+                    for (int c = 0; c < G / 4; c++)
+                        for (int k = 0; k < 4; k++) {
+                            uint8_t byte = p[r * 8 * G + (c / 2) * 64 + g * 4 + k];
+                            o[c * 4 + k] = (float)(c % 2 ? byte >> 4 : byte & 15) * sc + zr;
+                        }
+                }
+        }
+}
 /* ---- w8a8: int8 weights (per output row) times int8 activations (per token) ----
    Each token's x is rounded to qx in [-127, 127] on its own scale d (its largest |x| becomes
    127). The weight q in [-127, 127] is stored as u = q + 128 (vpdpbusd takes u8 x s8), so
@@ -454,6 +474,7 @@ def library(portable=False):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p]
     lib.w8a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, i64, p]
+    lib.w4a8_dequantize.argtypes = [p, i64, i64, ctypes.c_int, p]
     lib.attend_one.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, p]
     return lib
 
@@ -509,6 +530,16 @@ def w4a8_unlayout(w, in_features, group_size=32):
             .transpose(1, 2).reshape(rows * 4, nb * 16)[:, :in_features // G]
             for a in (32 * G, 32 * G + 128))
     return q.contiguous(), s.contiguous(), z.contiguous()
+
+
+def w4a8_dequantize(w, in_features, group_size=32, out=None):
+    """Blocks of rows w (rows / 4, ...) of w4a8_layout -> (rows, in) float32 (q - 8) s + z, into
+    out if given: one pass in C (prefill's and backward's slices)."""
+    out = torch.empty(4 * len(w), in_features) if out is None else out
+    assert out.shape == (4 * len(w), in_features) and out.dtype == torch.float32 and \
+        out.is_contiguous() and w.is_contiguous()
+    library().w4a8_dequantize(w.data_ptr(), len(w), in_features, group_size, out.data_ptr())
+    return out
 
 
 def w4a8_matmul(x, w, group_size=32, portable=False):

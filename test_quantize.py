@@ -314,6 +314,8 @@ def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, group_s
     q, s, z = quantize.quantize_int4(w, group_size)
     packed = int8dot.w4a8_layout(q, s, z, group_size)
     assert all(map(torch.equal, int8dot.w4a8_unlayout(packed, n_in, group_size), (q, s, z)))
+    dequantized = int8dot.w4a8_dequantize(packed[1:], n_in, group_size)  # rows 4 onwards, in C
+    assert torch.equal(dequantized, quantize.dequantize_int4(q, s, z)[4:])
     y = int8dot.w4a8_matmul(x, packed, group_size, portable)
     assert y.dtype == torch.float32 and y.shape == (tokens, out)
     ref = w4a8_reference(x, q, s, z)
