@@ -293,7 +293,7 @@ def test_stacked_products_give_the_separate_products_bit_for_bit(mode):
 def w4a8_reference(x, q, scales, zeros):
     """w4a8's arithmetic written out in float64: x rounded per group of inputs to int8 on its
     own scale (largest |x| -> 127), times (q - 8) s, plus z times the group's exact sum of x."""
-    (tokens, n), groups = x.shape, scales.shape[1]
+    tokens, groups = len(x), scales.shape[1]
     xg = x.double().view(tokens, groups, -1)  # (tokens, groups, group_size)
     amax = xg.abs().amax(-1, keepdim=True)
     xr = torch.round(xg * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
