@@ -3,7 +3,14 @@ Shared by every test file: no test may change torch's process-wide numeric setti
 lowers float32 matmul precision (tf32 or bf16 products on AMX CPUs), changes the default dtype or
 the thread count makes later tests' tolerances fail on some machines only: such a leak fails here,
 naming the test, and the settings are put back for the tests after it.
+
+Also here: the checkpoints several test files use, made once a session, and tokenizer.model files
+parsed once a session per content (tokenizer_files_parsed_once).
 """
+
+import copy
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +75,26 @@ def corpus(tmp_path_factory):
 def bench_ckpt_root(tmp_path_factory):
     """--ckpt_root for bench.py and bench_scale.py: their random tiny checkpoint, made once."""
     return tmp_path_factory.mktemp("bench_ckpt")
+
+
+# checkpoints.read_tokenizer_model parses Llama 3's tokenizer.model (128,000 base64 lines) in
+# Python, a fifth of a second, and the tests here load checkpoints over 200 times, each with a copy
+# of the same file. What it returns is a function of the file's bytes: each distinct content is
+# parsed once a session, and each call gets a Tokenizer object of its own (over the same ranks,
+# which nothing changes). An error is never kept (a bad file fails each time, naming its path);
+# subprocesses parse as ever.
+@pytest.fixture(scope="session", autouse=True)
+def tokenizer_files_parsed_once():
+    import checkpoints
+
+    parse, parsed = checkpoints.read_tokenizer_model, {}
+
+    def read_tokenizer_model(path):
+        key = hashlib.sha256(Path(path).read_bytes()).digest()
+        if key not in parsed:
+            parsed[key] = parse(path)
+        return copy.copy(parsed[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "read_tokenizer_model", read_tokenizer_model)
+        yield

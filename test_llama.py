@@ -37,8 +37,8 @@ VOCAB = 128256
 TOKENIZER = checkpoints.read_tokenizer(META_TOKENIZER)
 
 # Prompts exercising the batch logic: different lengths, an empty prompt (just
-# BOS), non-ASCII, ~200 tokens.
-LONG_PROMPT = " ".join(f"item {i} is {i * 7 % 13} apples;" for i in range(40))
+# BOS), non-ASCII, ~200 tokens (201: each token of it is a step of every ragged batch's loop).
+LONG_PROMPT = " ".join(f"item {i} is {i * 7 % 13} apples;" for i in range(25))
 PROMPTS = ["The capital of France is", "",
            "Ünïcödé: 日本語のテキスト, emoji 🦙🔥 and ça va?", LONG_PROMPT]
 
@@ -182,7 +182,7 @@ def ckpt(request):
 # --------------------------------------------------------------------- parity with Meta's reference
 
 # Meta's float32 runs on ckpt_gqa, ckpt_mha and ckpt_stops, made in one process, by name: its
-# start-up and its batch loop (a 1-token prompt beside a 321-token one is 344 one-token steps) are
+# start-up and its batch loop (a 1-token prompt beside a 201-token one is 224 one-token steps) are
 # most of a parity test's time. Each run starts from its own seed, as in a process of its own.
 SAMPLED = dict(max_gen_len=48, temperature=1.0, top_p=0.95, seed=1234)
 LOGPROB_IDS = [[128000, 791, 6864, 315, 9822, 374], [128000, 9906]]
@@ -193,7 +193,7 @@ META_RUNS = {"batch": dict(prompts=PROMPTS), "first": dict(prompts=PROMPTS[:1]),
              "sampled, seed 99": dict(prompts=PROMPTS[:3], **{**SAMPLED, "seed": 99,
                                                               "max_gen_len": 4}),
              "logprobs": dict(prompt_tokens=LOGPROB_IDS, max_gen_len=12, logprobs=True)}
-# ckpt_stops: greedy on all four prompts, sampled on the three short ones (the long one makes ~340
+# ckpt_stops: greedy on all four prompts, sampled on the three short ones (the long one makes ~220
 # steps, each sorting 128k probabilities, in both implementations), a chat
 STOP_IDS = [TOKENIZER.encode(p, bos=True) for p in PROMPTS]
 STOP_SAMPLED = dict(temperature=0.7, top_p=0.9, seed=3)
@@ -625,7 +625,7 @@ def run_script(script, *argv, stdin=""):
 
     out, err, argv = io.StringIO(), io.StringIO(), [str(HERE / script), *map(str, argv)]
     saved = sys.argv, sys.stdin
-    sys.argv, sys.stdin = argv, io.StringIO(stdin)  # (input() then prompts on stdout, as in a pipe)
+    sys.argv, sys.stdin = argv, io.StringIO(stdin)  # (input() prompts on stdout, as in a pipe)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

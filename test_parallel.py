@@ -90,7 +90,7 @@ def launch(root, n, jobs, meta=None):
 
 
 IDS = [TOKENIZER.encode(p, bos=True) for p in PROMPTS]
-# (a batch with a 1-token prompt and the 321-token one costs Meta's loop 344 one-token steps: the
+# (a batch with a 1-token prompt and the 201-token one costs Meta's loop 224 one-token steps: the
 # long prompt goes only where it is the point)
 SHORT = IDS[:3]
 
