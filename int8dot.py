@@ -532,12 +532,22 @@ def w4a8_unlayout(w, in_features, group_size=32):
     return q.contiguous(), s.contiguous(), z.contiguous()
 
 
+def check_w4a8_layout(w, n, G):  # the C reads raw memory: the layout it assumes, checked
+    if not (w.dtype == torch.uint8 and n % G == 0 and G in (32, 64, 128) and
+            w.shape[1] == -(-n // (16 * G)) * (32 * G + 256) and w.is_contiguous() and
+            w.device.type == "cpu"):
+        raise ValueError("w4a8's kernels take w4a8_layout's uint8 (out / 4, blocks * (32 G + 256))"
+                         " on the CPU for the layer's inputs, in groups of 32, 64 or 128")
+
+
 def w4a8_dequantize(w, in_features, group_size=32, out=None):
     """Blocks of rows w (rows / 4, ...) of w4a8_layout -> (rows, in) float32 (q - 8) s + z, into
     out if given: one pass in C (prefill's and backward's slices)."""
+    check_w4a8_layout(w, in_features, group_size)
     out = torch.empty(4 * len(w), in_features) if out is None else out
-    assert out.shape == (4 * len(w), in_features) and out.dtype == torch.float32 and \
-        out.is_contiguous() and w.is_contiguous()
+    if not (out.shape == (4 * len(w), in_features) and out.dtype == torch.float32 and
+            out.is_contiguous()):
+        raise ValueError("w4a8_dequantize writes a contiguous float32 (rows, in) out")
     library().w4a8_dequantize(w.data_ptr(), len(w), in_features, group_size, out.data_ptr())
     return out
 
@@ -546,12 +556,7 @@ def w4a8_matmul(x, w, group_size=32, portable=False):
     """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out), with w from w4a8_layout."""
     tokens, n = x.shape
     G = group_size
-    # the C reads raw memory: the layout it assumes, checked
-    if not (w.dtype == torch.uint8 and n % G == 0 and G in (32, 64, 128) and
-            w.shape[1] == -(-n // (16 * G)) * (32 * G + 256) and w.is_contiguous() and
-            w.device.type == "cpu"):
-        raise ValueError("w4a8_matmul takes w4a8_layout's uint8 (out / 4, blocks * (32 G + 256)) "
-                         "on the CPU for x's inputs, in groups of 32, 64 or 128")
+    check_w4a8_layout(w, n, G)
     x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
     y = torch.empty(tokens, 4 * len(w))
     if library(portable).w4a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n, G,

@@ -349,10 +349,11 @@ def for_inference(model, device, dtype, compile=False):
         pack_for_cpu_inference(model)
     if cpu:
         fuse_products(model, quantized_stack)
-        attention = decode_attention(dtype, model.args.head_dim)
-        for layer in model.layers:
-            if type(layer.attention) is llama.Attention and layer.attention.fused:
-                layer.attention.__class__ = attention
+        plain = [layer.attention for layer in model.layers
+                 if type(layer.attention) is llama.Attention and layer.attention.fused]
+        attention = decode_attention(dtype, model.args.head_dim) if plain else None
+        for module in plain:  # (the C is built only where --fast attention is used)
+            module.__class__ = attention
     return model
 
 
