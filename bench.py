@@ -33,7 +33,8 @@ import generate
 import llama
 import quantize
 import speed
-import int8dot
+import train_speed
+import kernels
 
 HERE = Path(__file__).parent
 
@@ -186,11 +187,11 @@ def lora_step_child(impl, ckpt, dtype, a):
         args = replace(args, fused_attention=True)
         model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype)
         if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
-            quantize.quantize_model(model, QUANTIZED[impl], release=speed.release_pages,
-                                    output=False)  # as finetune.py does
+            quantize.quantize_model(model, QUANTIZED[impl], a.group_size,
+                                    release=speed.release_pages, output=False)  # as finetune.py
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
-        speed.for_training(model)
+        train_speed.for_training(model)
         model.activation_checkpointing = a.activation_checkpointing
 
         def loss_fn():
@@ -227,7 +228,7 @@ def accuracy_child(ckpt, a):
         out = {}
         for impl, mode in QUANTIZED.items():
             model = generate.load(ckpt, max_seq_len=a.accuracy_tokens, device="cpu", fast=True,
-                                  quantize=mode).model
+                                  quantize=mode, group_size=a.group_size).model
             for m in model.modules():  # w4a8, w8a8: the kernel on every row, as in decoding
                 if isinstance(m, (quantize.W4A8Linear, quantize.W8A8Linear)):
                     m.kernel_max_rows = tokens.shape[1]
@@ -258,7 +259,8 @@ def child(impl, ckpt, dtype_name, a):
         hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     else:
         g = generate.load(ckpt, max_seq_len=1024, max_batch_size=8, device="cpu", dtype=dtype_name,
-                          fast=impl != "ours", quantize=QUANTIZED.get(impl))
+                          fast=impl != "ours", quantize=QUANTIZED.get(impl),
+                          group_size=a.group_size)
     out["load_s"], out["load_peak_rss_gb"] = time.perf_counter() - t0, peak_rss_gb()
 
     def decode(batch, prompt_len, new):
@@ -310,7 +312,8 @@ def run_child(impl, ckpt, dtype, a, lora=False):
     cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--dtypes", dtype,
            "--threads", str(a.threads), "--prompt_len", str(a.prompt_len),
            "--new_tokens", str(a.new_tokens), "--prefill_len", str(a.prefill_len),
-           "--lora_steps", str(a.lora_steps), "--accuracy_tokens", str(a.accuracy_tokens)] \
+           "--lora_steps", str(a.lora_steps), "--accuracy_tokens", str(a.accuracy_tokens),
+           "--group_size", str(a.group_size)] \
         + ["--skip_batch8"] * a.skip_batch8 \
         + ["--skip_prefill"] * a.skip_prefill \
         + ["--activation_checkpointing"] * a.activation_checkpointing + ["--_lora"] * lora
@@ -331,9 +334,10 @@ def run_json(cmd, what):
 
 # ----------------------------------------------------------------------------- report
 
-def parser(doc):
+def parser(doc, prefill=True):
     """The flags of every benchmark command (bench.py, bench_profile.py, bench_scale.py): the
-    shape, the threads, the lengths of a run, and where its checkpoint and its results go."""
+    shape, the threads, the lengths of a run (prefill=False: decoding only), and where its
+    checkpoint and its results go."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(convert.SHAPES), default="1B",
@@ -342,10 +346,13 @@ def parser(doc):
                    help="threads in all (default: torch's, the cores)")
     p.add_argument("--prompt_len", type=int, default=64, help="tokens before decoding (default 64)")
     p.add_argument("--new_tokens", type=int, default=128, help="decoded tokens (default 128)")
-    p.add_argument("--prefill_len", type=int, default=512,
-                   help="tokens of the prefill and of a training step's row (default 512)")
-    p.add_argument("--lora_steps", type=int, default=3,
-                   help="timed training steps, after one warm-up (default 3)")
+    if prefill:
+        p.add_argument("--prefill_len", type=int, default=512,
+                       help="tokens of the prefill and of a training step's row (default 512)")
+        p.add_argument("--lora_steps", type=int, default=3,
+                       help="timed training steps, after one warm-up (default 3)")
+    p.add_argument("--group_size", type=int, default=32, choices=quantize.GROUP_SIZES,
+                   help="inputs per scale of int4 and w4a8 (default 32; w4a8 takes 32, 64, 128)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (default off)")
     p.add_argument("--ckpt_root", default=str(HERE / "bench_ckpt"),
                    help="where the random checkpoints are made, once per shape "
@@ -393,6 +400,11 @@ def parse_args():
                                for tool in ("llama-bench", "llama-quantize")):
         p.error(f"--llama_cpp {a.llama_cpp} has no build/bin/llama-bench and llama-quantize; "
                 f"build them with: bash ../shared/llamacpp/build.sh {a.llama_cpp}")
+    try:
+        for impl in set(a.impls.split(",")) & set(QUANTIZED):
+            quantize.check_settings(QUANTIZED[impl], a.group_size)
+    except llama.InputError as e:
+        p.error(str(e))
     return a
 
 
@@ -440,7 +452,7 @@ def run_implementations(ckpt, dtype, impls, bandwidth, rates, a):
     args = checkpoints.read_args(ckpt)
     nbytes = 4 if dtype == "float32" else 2
     if dtype == "bfloat16" and not a.skip_decode:
-        save_quantized_once(ckpt, impls)
+        save_quantized_once(ckpt, impls, a.group_size)
     runs = {impl: {} for impl in impls if impl not in QUANTIZED or dtype == "bfloat16"}
     peer = llama_cpp_models(ckpt, a) if a.llama_cpp and dtype == "bfloat16" else {}
     for _ in range(0 if a.skip_decode else a.rounds):  # in turn: a slow spell hits one run
@@ -494,12 +506,14 @@ def llama_bench(model, a):
             "prefill_tok_s": next(x["avg_ts"] for x in rows if x["n_prompt"])}
 
 
-def save_quantized_once(ckpt, impls):
+def save_quantized_once(ckpt, impls, group_size):
     """The quantized implementations' files, made once, then read at each load."""
     for impl in impls:
-        if impl in QUANTIZED and not quantize.saved_path(ckpt, QUANTIZED[impl]).exists():
+        if impl in QUANTIZED and not quantize.saved_path(ckpt, QUANTIZED[impl],
+                                                         group_size).exists():
             subprocess.run([sys.executable, str(HERE / "quantize.py"), "--ckpt_dir", str(ckpt),
-                            "--mode", quantize.weights_format(QUANTIZED[impl])], check=True)
+                            "--mode", quantize.weights_format(QUANTIZED[impl]),
+                            "--group_size", str(group_size)], check=True)
 
 
 def machine_info(a):
@@ -507,7 +521,7 @@ def machine_info(a):
             "bf16_products_fast": speed.bf16_products_fast(),
             "bf16_training_products": str(speed.matmul_dtype(torch.ones(1, dtype=torch.bfloat16))),
             "bf16_packed_decoding": speed.can_pack(torch.device("cpu"), torch.bfloat16),
-            "int8dot_kernel": "AVX-512 VNNI" if int8dot.has_vnni() else "plain C",
+            "c_kernels": "AVX-512 VNNI" if kernels.has_vnni() else "plain C",
             "torch": torch.__version__, "python": platform.python_version(),
             "shape": a.shape, "date": time.strftime("%Y-%m-%d")}
 
@@ -545,8 +559,8 @@ def print_machine(m):
     print(f"\n{m['shape']} shape on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
           f"{m['date']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s")
     print(f"CPU branches: AMX {m['amx']}; bf16 LoRA products in {m['bf16_training_products']}; "
-          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}; int8dot.py's kernels: "
-          f"{m['int8dot_kernel']}")
+          f"bf16 decoding with packed weights: {m['bf16_packed_decoding']}; kernels.c's kernels: "
+          f"{m['c_kernels']}")
     print(f"fastest kernels: bf16 matrix-vector {m['bf16_matvec_gb_s']} GB/s; 512x2048x8192 matrix "
           f"product {m['f32_gemm_gflop_s']} GFLOP/s float32, {m['bf16_gemm_gflop_s']} GFLOP/s bf16")
 

@@ -24,8 +24,8 @@ import speed
 
 PROFILED = ("ours_fast", *bench.QUANTIZED)  # bf16 --fast and each quantized width
 PARTS = {"projections": "wq wk wv wo w1 w2 w3 (packed or quantized)",
-         "attention": "scores, softmax, values, KV cache write",
-         "rope": "RoPE on q and k", "norms": "RMSNorm", "swiglu": "silu(w1 x) * w3 x",
+         "attention": "scores, softmax, values, KV cache write (and RoPE, in kernels.c's call)",
+         "rope": "RoPE on q and k (llama.apply_rope)", "norms": "RMSNorm", "swiglu": "silu(w1 x) * w3 x",
          "output": "the output layer", "sampling": "llama.sample",
          "rest": "the total less the parts: embedding, residual adds, the loop, dispatch"}
 
@@ -62,10 +62,17 @@ def part_timers(model, spent):
                     key, spent[key] + time.perf_counter() - starts.pop()))]
 
     handles = hook(model.output, "output")
+    stacks = set()
     for module, name in llama.projections(model):
         if module is not model:  # attention's and the MLP's projections, apart
             key = "attn_proj" if isinstance(module, llama.Attention) else "ffn_proj"
-            handles += hook(getattr(module, name), key)
+            layer = getattr(module, name)
+            if isinstance(layer, speed.FusedPart):  # timed at the stacked product, once: the
+                layer = layer.fused[0].linear  # kernels' modules call it, not the parts
+                if id(layer) in stacks:
+                    continue
+                stacks.add(id(layer))
+            handles += hook(layer, key)
     for m in model.modules():
         for cls, key in ((llama.RMSNorm, "norms"), (llama.Attention, "attn_all"),
                          (llama.FeedForward, "ffn_all")):
@@ -132,7 +139,8 @@ def profile_decode(g, prompt_len, new_tokens):
 
 def profile_child(impl, ckpt, a):
     g = generate.load(ckpt, max_seq_len=a.prompt_len + 2 * a.new_tokens + 8, max_batch_size=1,
-                      device="cpu", dtype="bfloat16", fast=True, quantize=bench.QUANTIZED.get(impl))
+                      device="cpu", dtype="bfloat16", fast=True, quantize=bench.QUANTIZED.get(impl),
+                      group_size=a.group_size)
     bandwidth = bench.read_bandwidth(1)  # here and now: a shared machine's changes from run to run
     with torch.inference_mode():
         return {**profile_decode(g, a.prompt_len, a.new_tokens), "read_bandwidth_gb_s": bandwidth}
@@ -141,13 +149,13 @@ def profile_child(impl, ckpt, a):
 def profile(ckpt, impls, a):
     """Each implementation's decoded token split into parts (the faster of
     --rounds runs, in turn), beside the read bandwidth measured in the same process."""
-    bench.save_quantized_once(ckpt, impls)
+    bench.save_quantized_once(ckpt, impls, a.group_size)
     results = {"machine": bench.machine_info(a), "profile": {}}
     for _ in range(a.rounds):
         for impl in impls:
             cmd = [sys.executable, __file__, "--_child", impl, "--_ckpt", str(ckpt), "--threads",
                    str(a.threads), "--prompt_len", str(a.prompt_len), "--new_tokens",
-                   str(a.new_tokens)]
+                   str(a.new_tokens), "--group_size", str(a.group_size)]
             runs = (results["profile"].get(impl),
                     bench.run_json(cmd, f"{impl} bfloat16 profile of a decoded token"))
             results["profile"][impl] = min((r for r in runs if r), default=None,
@@ -180,7 +188,7 @@ def print_profile(results):
 
 
 def main():
-    p = bench.parser(__doc__)
+    p = bench.parser(__doc__, prefill=False)
     p.add_argument("--impls", default=",".join(PROFILED),
                    help=f"comma-separated, of {', '.join(PROFILED)} (default all)")
     p.add_argument("--rounds", type=int, default=1,

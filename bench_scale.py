@@ -28,6 +28,7 @@ import generate
 import llama
 import parallel
 import speed
+import train_speed
 
 SCALE_RUNS = (("decode", 1), ("decode", 2), ("ddp", 2), ("fsdp", 2))
 
@@ -80,7 +81,7 @@ def train_step_child(kind, ckpt, a):
         params = [p for p in model.parameters() if p.requires_grad]  # the shards
     else:
         step_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    speed.for_training(model)
+    train_speed.for_training(model)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = bench.prompt_ids(a.prefill_len + 1)
     speed.release_freed_memory()

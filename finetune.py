@@ -28,6 +28,7 @@ import parallel
 import prepare
 import quantize
 import speed
+import train_speed
 
 DEFAULTS = dict(ckpt_dir=None, data="tinystories", data_dir="data", mode="lora",
                 lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
@@ -150,9 +151,9 @@ def main(argv=None):
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp:
         parallel.shard_for_training(model, device)
-    speed.for_training(model)  # lean training modules
+    train_speed.for_training(model)  # lean training modules
     if device.type == "cuda":
-        speed.use_flex_attention(model)
+        train_speed.use_flex_attention(model)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")

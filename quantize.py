@@ -16,18 +16,16 @@ LoRA adapters can be trained on a quantized base (QLoRA).
 Products of a few rows (decoding) run torch's CPU int8 and int4 kernels; they take bfloat16
 activations, so float32 ones are rounded to bfloat16 there. Longer products (prefill, training)
 dequantize a slice of rows at a time into a reused buffer. For QLoRA,
-speed.for_training swaps in a LoRA layer over these bases whose backward keeps no float32 copies
+train_speed.for_training swaps in a LoRA layer over these bases whose backward keeps no float32 copies
 of its input (it calls their product and input_grad).
 --quantize w8a8 and w4a8 round the activations to int8 too and multiply integers by integers in
-int8dot.py's C kernel: faster than int8 and int4, at some precision (W8A8Linear, W4A8Linear).
+kernels.c's C kernel: faster than int8 and int4, at some precision (W8A8Linear, W4A8Linear).
 On CUDA (untested here) int4 runs forward only: its tinygemm layout is not read back, so int4 on
 CUDA neither trains nor saves (int8 does).
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -38,17 +36,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import checkpoints
+import kernels
 import llama
-import int8dot
 import speed
-
-aten = torch.ops.aten
 
 FORMATS = ("int8", "int4")  # what the files hold and what trains
 # w8a8 / w4a8: the int8 / int4 weights (their files), multiplied with int8 activations; CPUs
 MODES = FORMATS + ("w8a8", "w4a8")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
-W4A8_GROUP_SIZES = (32, 64, 128)  # int8dot.py's (groups of 64: 4.5 bits a weight, as Q4_0)
+W4A8_GROUP_SIZES = (32, 64, 128)  # kernels.c's (groups of 64: 4.5 bits a weight, as Q4_0)
 # Weights are quantized, packed and dequantized a slice of rows at a time (row_slices): about
 # SLICE_ELEMENTS weights, a multiple of 64 rows (the CPU int4 kernel's block), so that the float
 # temporaries of a slice stay in the CPU's caches.
@@ -62,7 +58,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # int4: asymmetric per group of group_size inputs, w ~ (q - 8) * scale + zero, q in [0, 15]: the
 # convention of torch's int4 kernels (tinygemm's), which read scale and zero in bfloat16. They are
 # rounded to bfloat16 before q is computed, so that q is the best fit for the stored values.
-# These are the portable forms, the ones written to files; section 2 arranges them for a kernel.
+# These are the portable forms, the ones written to files; kernels.py arranges them for a kernel.
 
 
 def row_slices(out_features, in_features):
@@ -116,72 +112,7 @@ def unpack_nibbles(p):
 
 
 # -----------------------------------------------------------------------------
-# 2. Kernel layouts for int4
-# CPU: _convert_weight_to_int4pack_for_cpu takes q as int32 (out, in) and arranges it by blocks of
-# 32 or 64 output rows (the CPU's vector width): for each input, a byte holds two of those rows.
-# Blocks are independent, so a slice of whole blocks packs (and unpacks) on its own: the weight is
-# packed a slice of rows at a time, and backward passes dequantize it slice by slice.
-# Which rows share a byte depends on the CPU (AVX-512, AVX2 or neither); cpu_int4_layout finds out
-# once, on a probe. This is why files hold the portable nibbles and packing happens at load.
-# CUDA (tinygemm): _convert_weight_to_int4pack takes two values a byte, even inputs in the high
-# nibble, and tiles the input dimension by inner_k_tiles * 16.
-
-
-def unpack_cpu_int4(packed, block, halves):
-    """packed (rows, in / 2) uint8 in the CPU layout -> q (rows, in) uint8, rows starting a block.
-    In a whole block, a byte holds rows j and j + block / 2 (halves) or rows 2j and 2j + 1; in the
-    last, shorter block (rows not a multiple of block), always the latter."""
-    rows = packed.shape[0]
-    full = rows // block * block
-    parts = [(packed[:full], block, halves), (packed[full:], rows - full, False)]
-    return torch.cat([unpack_blocks(p, b, h) for p, b, h in parts if len(p)])
-
-
-def unpack_blocks(packed, block, halves):
-    rows, n_in = packed.shape[0], packed.shape[1] * 2
-    # (blocks, bytes of a block's rows, in): transposed while still packed, half the bytes to move
-    p = packed.view(rows // block, n_in, block // 2).transpose(1, 2).contiguous()
-    lo, hi = p & 15, p >> 4
-    q = torch.cat([lo, hi], 1) if halves else torch.stack([lo, hi], 2).flatten(1, 2)
-    return q.view(rows, n_in)  # (blocks, block, in) -> (rows, in)
-
-
-@cache
-def cpu_int4_layout():
-    """(block, halves) for unpack_cpu_int4: the layout of this torch on this CPU."""
-    g = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, 16, (176, 8), dtype=torch.int32, generator=g)
-    packed = aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # whole blocks and a short one
-    for layout in ((64, True), (32, True), (32, False)):
-        if torch.equal(unpack_cpu_int4(packed, *layout), probe.to(torch.uint8)):
-            return layout
-    raise RuntimeError("this torch packs int4 CPU weights in a layout quantize.py does not know")
-
-
-def kernel_input(x):
-    """x (rows, in) as the kernels read it: bfloat16 (their float32 paths are not vectorized),
-    contiguous, and at an aligned address (the int8 CPU kernel crashes on others)."""
-    x = x.bfloat16().contiguous()
-    return x if x.data_ptr() % 64 == 0 else x.clone()
-
-
-def inner_k_tiles(in_features):
-    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
-
-
-def pack_int4(q):
-    """q (out, in) uint8 in [0, 15] -> the int4 kernel's layout on q's device."""
-    if q.is_cuda:
-        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in / 2)
-        return aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)  # (out, in / 2)
-    for a, b in row_slices(*q.shape):
-        packed[a:b] = aten._convert_weight_to_int4pack_for_cpu(q[a:b].int(), 1)
-    return packed
-
-
-# -----------------------------------------------------------------------------
-# 3. Quantized linear layers
+# 2. Quantized linear layers
 # y = x W^T with W frozen. The backward pass gives dx = dy W only (the adapters of QLoRA train, W
 # does not), summed over slices of dequantized rows: no float copy of the whole weight is made.
 
@@ -302,7 +233,7 @@ class Int8Linear(QuantizedLinear):
     def kernel(self, x):
         if x.is_cuda:  # gpt-fast: torch.compile fuses the conversion into the product
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        return aten._weight_int8pack_mm(kernel_input(x), self.qweight, self.scales.bfloat16())
+        return kernels.int8_matmul(x, self.qweight, self.scales)
 
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
         return dequantize_int8(self.qweight[start:end], self.scales[start:end], dtype, out)
@@ -320,7 +251,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("qweight", pack_int4(q))
+        self.register_buffer("qweight", kernels.pack_int4(q, row_slices(*q.shape)))
         # (groups, out, 2): the kernels' arrangement of scales and zeros
         sz = torch.stack([scales, zeros], -1).transpose(0, 1)
         self.register_buffer("scales_and_zeros", sz.contiguous())
@@ -347,20 +278,20 @@ class Int4Linear(QuantizedLinear):
         return {"qweight": q, "scales": s.contiguous(), "zeros": z.contiguous()}
 
     @classmethod
-    def row_dims(cls, layers):  # the CPU layout's blocks of rows are independent (section 2)
-        whole = all(m.out_features % cpu_int4_layout()[0] == 0 for m in layers[:-1])
+    def row_dims(cls, layers):  # the CPU layout's blocks of rows are independent (kernels.py)
+        whole = all(m.out_features % kernels.cpu_int4_layout()[0] == 0 for m in layers[:-1])
         cpu = not any(m.qweight.is_cuda for m in layers)
         return {"qweight": 0, "scales_and_zeros": 1} if whole and cpu else None
 
     def kernel(self, x):
-        mm = aten._weight_int4pack_mm if x.is_cuda else aten._weight_int4pack_mm_for_cpu
-        return mm(kernel_input(x), self.qweight, self.group_size, self.scales_and_zeros)
+        return kernels.int4_matmul(x, self.qweight, self.group_size, self.scales_and_zeros)
 
     def unpack(self, start, end):
         if self.qweight.is_cuda:
             raise NotImplementedError("reading back a CUDA int4 weight (backward pass, saving) is "
                                       "not supported; quantize and save on the CPU, or use int8")
-        return unpack_cpu_int4(self.qweight[start:end], *cpu_int4_layout())  # (rows, in)
+        layout = kernels.cpu_int4_layout()
+        return kernels.unpack_cpu_int4(self.qweight[start:end], *layout)  # (rows, in)
 
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
         """Rows start:end (start a multiple of 64, as in row_slices); into out, float32, if
@@ -377,11 +308,11 @@ class Int4Linear(QuantizedLinear):
 
 @cache
 def w8a8_kernel_max_rows():  # once: the CPU's flags do not change
-    return 16 if speed.cpu_has_amx() or not int8dot.has_vnni() else 1 << 62
+    return 16 if speed.cpu_has_amx() or not kernels.has_vnni() else 1 << 62
 
 
 class W8A8Linear(Int8Linear):
-    """An int8 weight (Int8Linear's, per output row) times int8 activations, by int8dot.py's C
+    """An int8 weight (Int8Linear's, per output row) times int8 activations, by kernels.c's
     kernel: each token's row of x is rounded to integers on its own scale (its largest value
     becomes 127), multiplied by the weight into int32 with the CPU's integer dot products, and
     the two scales apply to the sums. No weight is converted to float, so it is faster than
@@ -393,7 +324,7 @@ class W8A8Linear(Int8Linear):
     def __init__(self, qweight, scales):
         nn.Module.__init__(self)
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", int8dot.w8a8_layout(qweight))  # (out / 4, in * 4)
+        self.register_buffer("qweight", kernels.w8a8_layout(qweight))  # (out / 4, in * 4)
         self.register_buffer("scales", scales.float().contiguous())  # (out,)
 
     @property
@@ -409,23 +340,23 @@ class W8A8Linear(Int8Linear):
         return {"qweight": 0, "scales": 0}
 
     def kernel(self, x):
-        return int8dot.w8a8_matmul(x, self.qweight, self.scales)
+        return kernels.w8a8_matmul(x, self.qweight, self.scales)
 
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):  # start: rows of 4
         end = self.out_features if end is None else min(end, self.out_features)
-        q = int8dot.w8a8_unlayout(self.qweight[start // 4:end // 4])
+        q = kernels.w8a8_unlayout(self.qweight[start // 4:end // 4])
         return dequantize_int8(q, self.scales[start:end], dtype, out)
 
     def portable(self):
-        return {"qweight": int8dot.w8a8_unlayout(self.qweight), "scales": self.scales}
+        return {"qweight": kernels.w8a8_unlayout(self.qweight), "scales": self.scales}
 
 
 class W4A8Linear(Int4Linear):
     """An int4 weight (Int4Linear's groups, scale and zero) times int8 activations, rounded per
-    group of inputs, by int8dot.py's C kernel: integer dot products (AVX-512 VNNI) where torch's
+    group of inputs, by kernels.c's kernel: integer dot products (AVX-512 VNNI) where torch's
     int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows (prefill)
     and backward passes dequantize slices as every QuantizedLinear does, from the same bytes: one
-    buffer, blocks of 4 rows with their scales and zeros inline (int8dot.w4a8_layout). Built from
+    buffer, blocks of 4 rows with their scales and zeros inline (kernels.w4a8_layout). Built from
     int4 weights as Int4Linear is (from_float, from_portable)."""
     mode, kernel_max_rows = "w4a8", 16
 
@@ -433,18 +364,18 @@ class W4A8Linear(Int4Linear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("qweight", int8dot.w4a8_layout(q, scales, zeros, group_size))
+        self.register_buffer("qweight", kernels.w4a8_layout(q, scales, zeros, group_size))
 
     @classmethod
     def row_dims(cls, layers):  # each block of 4 rows on its own
         return {"qweight": 0}
 
     def kernel(self, x):
-        return int8dot.w4a8_matmul(x, self.qweight, self.group_size)
+        return kernels.w4a8_matmul(x, self.qweight, self.group_size)
 
     def unpacked(self, start=0, end=None):  # rows start:end (multiples of 4): q, scales, zeros
         end = self.out_features if end is None else min(end, self.out_features)
-        return int8dot.w4a8_unlayout(self.qweight[start // 4:end // 4], self.in_features,
+        return kernels.w4a8_unlayout(self.qweight[start // 4:end // 4], self.in_features,
                                      self.group_size)
 
     def unpack(self, start, end):  # (rows, in): as Int4Linear's
@@ -452,7 +383,7 @@ class W4A8Linear(Int4Linear):
 
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):
         end = self.out_features if end is None else min(end, self.out_features)
-        w = int8dot.w4a8_dequantize(self.qweight[start // 4:end // 4], self.in_features,
+        w = kernels.w4a8_dequantize(self.qweight[start // 4:end // 4], self.in_features,
                                     self.group_size, out)
         return w.to(dtype)
 
@@ -462,7 +393,7 @@ class W4A8Linear(Int4Linear):
 
 
 # -----------------------------------------------------------------------------
-# 4. Swapping the modules of a model
+# 3. Swapping the modules of a model
 # Each weight is quantized and its Linear replaced before the next one is read, so the float
 # weights go one at a time: peak memory stays near the quantized model plus one float layer.
 # Every shape is checked first: a bad setting fails before anything is changed.
@@ -551,7 +482,7 @@ def check_device(mode, device, compile=False):
         raise llama.InputError(f"torch.compile cannot trace {mode}'s CPU kernels; drop "
                                "--compile (it is for GPUs)")
     if mode in ("w8a8", "w4a8"):
-        int8dot.library()  # built once (a second), or a one-line error now
+        kernels.library()  # built once (a second), or a one-line error now
 
 
 def check_slot(model, name, parent, attr, mode, group_size):
@@ -564,11 +495,11 @@ def check_slot(model, name, parent, attr, mode, group_size):
 
 
 # -----------------------------------------------------------------------------
-# 5. Files
+# 4. Files
 # One safetensors file holds the whole model: the float tensors as they are, and for each quantized
 # layer its portable form (int8 weight and scales; int4 nibbles, two a byte, scales and zeros),
-# with {"quantize": mode, "group_size": ...} as metadata. It is written to a temporary file, then
-# renamed into place, so that a crash never leaves half a file under the final name.
+# with {"quantize": mode, "group_size": ...} as metadata, written whole or not at all
+# (llama.atomic_file).
 
 
 def float_state(model):
@@ -589,15 +520,8 @@ def save_quantized(model, path):
     tensors = {k: v.contiguous() for k, v in float_state(model).items()}
     for name, m in layers.items():
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in m.portable().items()})
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with llama.atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"quantize": mode, "group_size": str(group_size)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_quantized(model, path, device="cpu", mode=None):
@@ -656,7 +580,7 @@ def load_quantized(model, path, device="cpu", mode=None):
 
 
 # -----------------------------------------------------------------------------
-# 6. Command line: quantize a checkpoint once, so that generate.py --quantize starts quickly.
+# 5. Command line: quantize a checkpoint once, so that generate.py --quantize starts quickly.
 
 def saved_path(ckpt_dir, mode, group_size=32):
     """Where the command line saves a checkpoint's quantized weights, and generate.py looks."""

@@ -1,22 +1,23 @@
 """
-Speed paths beside llama.py, applied by swapping modules in at one assembly point (generate.load
-and finetune.py call for_inference / for_training); llama.py itself keeps one plain path. Each
-swapped-in module computes what the module it replaces computes (the tests compare them). One rule
-for how: a module that keeps its weights becomes a subclass in place (its __class__: another
-forward or backward), a module with state of its own (packed or stacked weights) replaces the old
-one in its parent.
+Speed paths for inference beside llama.py, applied by swapping modules in at one assembly point
+(generate.load calls for_inference; train_speed.py holds training's); llama.py itself keeps one
+plain path. Each swapped-in module computes what the module it replaces computes (the tests compare
+them). One rule for how: a module that keeps its weights becomes a subclass in place (its
+__class__: another forward), a module with state of its own (packed or stacked weights) replaces
+the old one in its parent.
 
+- Devices and dtypes: the best the machine has unless asked (bf16 on GPUs, float32 on CPUs);
+  memory handed back to the OS as weights are converted.
 - CPU, bf16 generation (where oneDNN has native bf16 kernels): weights packed once into oneDNN's
   blocked layout (PackedLinear), wq|wk|wv and w1|w3 as one product each; the memory-mapped
-  originals are handed back to the OS as they are packed.
-- CPU, training: products with frozen bf16 weights run in float32 where bf16 products are slow
-  (no AMX); RMSNorm, SwiGLU and LoRA backwards written out so that no float32 copy of an
-  activation is kept; the output layer's cross-entropy a chunk at a time, never holding the
-  (tokens, vocab) logits; freed memory handed back to the OS before each step and before the
-  logits.
-- Devices and dtypes: the best the machine has unless asked (bf16 on GPUs, float32 on CPUs).
+  originals are handed back to the OS as they are packed. Quantized weights are stacked the same
+  way and copied onto huge pages.
+- CPU, --fast decoding: a one-token step's RoPE, cache writes and attention, its RMSNorms and its
+  SwiGLU each one call of kernels.c (KernelAttention, KernelRMSNorm, KernelFeedForward), or torch's
+  one-query attention (DecodeAttention) where the C does not build.
 - GPUs: the one-token decoding step compiled with torch.compile over a static KV cache
-  (static_decoding), and compiled flex attention for packed documents (use_flex_attention).
+  (static_decoding).
+- Prefill and training alike: the dtype frozen weights are multiplied in, and reused buffers.
 """
 
 import ctypes
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import int8dot
+import kernels
 import llama
 
 
@@ -325,18 +326,54 @@ class DecodeAttention(llama.Attention):
 
 
 class KernelAttention(DecodeAttention):
-    """DecodeAttention's one-token step as one call of int8dot.py's C kernel (scores, softmax and
-    values of every head, in float32) instead of about ten torch ops, each of which costs more
-    than the arithmetic at one query. Where the C kernel builds, for bf16 and float32."""
+    """DecodeAttention's one-token step in kernels.c, not the twenty-odd torch ops that each cost
+    more than the arithmetic of one query: with wq|wk|wv stacked (fuse_products) and a plain KV
+    cache, RoPE, the cache writes and the attention are one call; otherwise the attention is."""
+
+    def forward(self, x, freqs_cis, start_pos, mask):
+        fused = getattr(self, "fused_products", None)
+        if (x.shape[1] > 1 or mask is not None or fused is None or freqs_cis.dim() != 2 or
+                type(self.cache) is not llama.KVCache):
+            return super().forward(x, freqs_cis, start_pos, mask)
+        cs = torch.view_as_real(freqs_cis[0])  # (head_dim / 2, 2): cos, sin of start_pos
+        y = kernels.rope_attend_one(fused.linear(x).to(x.dtype).contiguous(), cs, self.cache.k,
+                                    self.cache.v, start_pos, self.n_heads)
+        return self.wo(y.view(*x.shape[:2], -1))
 
     def attend_one(self, q, k, v):
-        return int8dot.attend_one(q, k, v)
+        return kernels.attend_one(q, k, v)
 
 
-def decode_attention(dtype, head_dim):
-    """The one-token attention class for this dtype: the C kernel's if it builds here."""
-    return (KernelAttention if dtype in int8dot.ATTEND_DTYPES and head_dim % 16 == 0 and
-            int8dot.available() else DecodeAttention)
+class KernelRMSNorm(llama.RMSNorm):
+    """llama.RMSNorm in one call of kernels.c, where the weight has the activations' dtype."""
+
+    def forward(self, x):
+        if x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
+
+
+class KernelFeedForward(llama.FeedForward):
+    """SwiGLU of the stacked w1|w3 product in one call of kernels.c (fuse_products)."""
+
+    def forward(self, x):
+        fused = getattr(self, "fused_products", None)
+        if fused is None:
+            return super().forward(x)
+        return self.w2(kernels.swiglu(fused.linear(x).to(x.dtype).contiguous()))
+
+
+def decode_kernels(model, dtype):
+    """--fast on CPUs: the modules of a decoding step as kernels.c's where it builds here (for
+    bf16 and float32), else torch's one-query attention (DecodeAttention)."""
+    kernel = (dtype in kernels.ATTEND_DTYPES and model.args.head_dim % 16 == 0 and
+              kernels.available())
+    swaps = {llama.Attention: KernelAttention if kernel else DecodeAttention}
+    if kernel:
+        swaps.update({llama.RMSNorm: KernelRMSNorm, llama.FeedForward: KernelFeedForward})
+    for module in model.modules():
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
 
 
 def for_inference(model, device, dtype, compile=False):
@@ -344,21 +381,23 @@ def for_inference(model, device, dtype, compile=False):
     with compile: torch.compile cannot trace oneDNN's packed layout), wq|wk|wv and w1|w3 of
     quantized layers each as one product, and one-token attention without the fused kernel where
     the model uses it (--fast)."""
-    cpu = torch.device(device).type == "cpu" and not compile
     if can_pack(torch.device(device), dtype) and not compile:
         pack_for_cpu_inference(model)
-    if cpu:
+    if torch.device(device).type == "cpu" and not compile:
         fuse_products(model, quantized_stack)
-        plain = [layer.attention for layer in model.layers
-                 if type(layer.attention) is llama.Attention and layer.attention.fused]
-        attention = decode_attention(dtype, model.args.head_dim) if plain else None
-        for module in plain:  # (the C is built only where --fast attention is used)
-            module.__class__ = attention
+        for module in model.modules():  # quantized weights (buffers), each read once a step
+            for name, b in module.named_buffers(recurse=False):
+                if b.dtype in (torch.uint8, torch.int8, torch.int32):
+                    setattr(module, name, kernels.on_huge_pages(b))
+        release_freed_memory()  # the copies' originals
+        if model.args.fused_attention:  # --fast (the C is built only then)
+            decode_kernels(model, dtype)
     return model
 
 
 # -----------------------------------------------------------------------------
-# Training on CPUs: lean autograd Functions. Each keeps for backward only what its backward needs.
+# Products of frozen weights beyond the kernels' few rows (prefill, training): their dtype and
+# reused buffers (quantize.py's slices; train_speed.py's Functions)
 
 def matmul_dtype(x):
     """The dtype to multiply frozen weights in: float32 for bf16/fp16 on CPUs where bf16 products
@@ -387,267 +426,5 @@ class Scratch:
         return t if t.dtype == dtype else cls.get(slot, t.shape, dtype, t.device).copy_(t)
 
 
-def flat(t):
-    return t.reshape(-1, t.shape[-1])  # (..., n) -> (rows, n)
-
-
 def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """llama.RMSNorm's forward, ops unchanged, with its backward written out: it keeps x and one
-    number per row, not autograd's float32 copy of x."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        # x.float(), but float64 stays (gradcheck)
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd).type_as(x) * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        normed = x.to(rstd.dtype) * rstd
-        d_normed = (grad * weight).to(rstd.dtype)
-        dx = rstd * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
-        d_weight = None
-        if ctx.needs_input_grad[1]:
-            d_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).to(weight.dtype)
-        return dx.to(x.dtype), d_weight, None
-
-
-class LeanRMSNorm(llama.RMSNorm):
-    def forward(self, x):
-        if needs_grad(x, self.weight):
-            return RMSNormFunction.apply(x, self.weight, self.eps)
-        return super().forward(x)
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(a) * b. Autograd would keep a, b and silu(a); a and b are enough (silu is cheap to
-    redo)."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        # silu_backward: what autograd itself runs
-        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
-
-
-class LeanFeedForward(llama.FeedForward):
-    def forward(self, x):
-        a, b = self.w1(x), self.w3(x)
-        return self.w2(SwiGLU.apply(a, b) if needs_grad(a, b) else F.silu(a) * b)
-
-
-class LoRAProduct(torch.autograd.Function):
-    """y = x W^T + scale * (x_a A^T) B^T with W frozen and x_a = dropout(x), and its backward
-    written out. Autograd would keep a float32 copy of x for each adapter (A and B are float32).
-    Here only x_a (the activation itself, shared by wq, wk and wv) and the thin (tokens, rank)
-    product are kept, and the products run in matmul_dtype, their float32 operands in scratch
-    buffers."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, x_a, weight, lora_a, lora_b, scale):
-        c = matmul_dtype(x)
-        xc = Scratch.upcast(flat(x), c, "in")
-        u = (flat(x_a).to(c) if x_a is not x else xc) @ lora_a.to(c).t()  # (tokens, rank)
-        y = Scratch.get("out", (len(xc), weight.shape[0]), c, x.device) if c != x.dtype else None
-        y = (torch.mm(xc, Scratch.upcast(weight, c).t(), out=y)
-             .addmm_(u, lora_b.to(c).t(), alpha=scale))
-        ctx.save_for_backward(x if weight.requires_grad else None, x_a, weight, lora_a, lora_b, u)
-        ctx.scale, ctx.x_shape, ctx.dropout = scale, x.shape, x_a is not x
-        return y.to(x.dtype).view(*x.shape[:-1], -1)  # (..., out)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, x_a, weight, lora_a, lora_b, u = ctx.saved_tensors
-        c, scale = u.dtype, ctx.scale
-        dy = Scratch.upcast(flat(dy), c, "in")  # (tokens, out)
-        du, d_lora_a, d_lora_b = adapter_grads(dy, x_a, lora_a, lora_b, u, scale)
-        d_weight = (dy.t() @ flat(x).to(c)).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        dx = (Scratch.get("out", (len(dy), weight.shape[1]), c, dy.device) if c != x_a.dtype
-              else None)
-        dx = torch.mm(dy, Scratch.upcast(weight, c), out=dx)  # (tokens, in): frozen weight's share
-        # the adapter's share, added to dx when x_a is x
-        dx_a = du @ lora_a.to(c) if ctx.dropout else None
-        if not ctx.dropout:
-            dx.addmm_(du, lora_a.to(c))
-        as_x = lambda g: None if g is None else g.to(x_a.dtype).view(ctx.x_shape)  # noqa: E731
-        return as_x(dx), as_x(dx_a), d_weight, d_lora_a, d_lora_b, None
-
-
-def adapter_grads(dy, x_a, lora_a, lora_b, u, scale):
-    """The adapter's share of a LoRA backward pass, dy (tokens, out) and u = x_a A^T (tokens, rank)
-    in the matmul dtype: du = scale dy B (tokens, rank), and the gradients of A and B."""
-    c = dy.dtype
-    du = (dy @ lora_b.to(c)).mul_(scale)  # (tokens, rank)
-    d_lora_b = (dy.t() @ u).mul_(scale).to(lora_b.dtype)  # (out, rank)
-    # its own scratch slot: dy may be in "in"
-    d_lora_a = (du.t() @ Scratch.upcast(flat(x_a), c, "x_a")).to(lora_a.dtype)  # (rank, in)
-    return du, d_lora_a, d_lora_b
-
-
-class LeanLoRALinear(llama.LoRALinear):
-    def forward(self, x):
-        x_a = self.dropout(x) if self.dropout.p and self.training else x
-        return LoRAProduct.apply(x, x_a, self.base.weight, self.lora_a, self.lora_b, self.scale)
-
-
-class QuantizedLoRAProduct(torch.autograd.Function):
-    """A LoRALinear over a quantized base (quantize.py's layers: base.product(x) and
-    base.input_grad(dy)), y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x), its backward
-    written out as LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
-    product, where autograd would keep a float32 copy of x for each adapter."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, x_a, lora_a, lora_b, base, scale):
-        c = matmul_dtype(x)
-        u = flat(x_a).to(c) @ lora_a.to(c).t()  # (tokens, rank)
-        y = flat(base.product(x))  # (tokens, out)
-        y.add_(u @ lora_b.to(c).t(), alpha=scale)
-        ctx.save_for_backward(x_a, lora_a, lora_b, u)
-        ctx.base, ctx.scale, ctx.dropout = base, scale, x_a is not x
-        return y.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x_a, lora_a, lora_b, u = ctx.saved_tensors
-        grads = adapter_grads(flat(dy).to(u.dtype), x_a, lora_a, lora_b, u, ctx.scale)
-        du, d_lora_a, d_lora_b = grads
-        if not any(ctx.needs_input_grad[:2]):  # e.g. layer 0's wq: frozen embedding and norm
-            return None, None, d_lora_a, d_lora_b, None, None
-        dx, dx_a = ctx.base.input_grad(dy), (du @ lora_a.to(du.dtype)).view(x_a.shape)
-        if not ctx.dropout:  # x_a is x: one gradient
-            return dx.add_(dx_a), None, d_lora_a, d_lora_b, None, None
-        return dx, dx_a.to(x_a.dtype), d_lora_a, d_lora_b, None, None
-
-
-class QuantizedLoRALinear(llama.LoRALinear):
-    def forward(self, x):
-        x_a = self.dropout(x) if self.dropout.p and self.training else x
-        return QuantizedLoRAProduct.apply(x, x_a, self.lora_a, self.lora_b, self.base, self.scale)
-
-
-class HeadCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of a frozen output layer's logits (LoRA, norm tuning). Token t's
-    loss depends on its own hidden state alone, so the forward pass computes d loss_t / d h_t right
-    away ((softmax - one-hot) W) and keeps only that (N, dim): the (N, vocab) float32 logits, their
-    softmax and gradient are never kept for backward, which scales it row by row. Tokens go a chunk
-    at a time, the weight a slice at a time, multiplied in matmul_dtype."""
-    # (tokens, vocab) float32 logits of at most 256 MB; weight slices
-    max_logits, weight_rows = 2**26, 8192
-
-    @staticmethod
-    def forward(ctx, h, weight, targets):  # h: (N, dim) final-normed hidden states, targets: (N,)
-        c, vocab = matmul_dtype(h), weight.shape[0]
-        # logits and losses: float32 (float64 in gradcheck)
-        acc = torch.promote_types(c, torch.float32)
-        losses = torch.empty(len(h), dtype=acc, device=h.device)
-        grad_h = torch.zeros(h.shape, dtype=c, device=h.device) if ctx.needs_input_grad[0] else None
-        rows, cols = max(1, HeadCrossEntropy.max_logits // vocab), HeadCrossEntropy.weight_rows
-        for i in range(0, len(h), rows):
-            hc, t = h[i:i + rows].to(c), targets[i:i + rows, None]
-            logits = torch.empty(len(hc), vocab, dtype=acc, device=h.device)  # (rows, vocab)
-            for j in range(0, vocab, cols):
-                logits[:, j:j + cols] = hc @ Scratch.upcast(weight[j:j + cols], c).t()
-            target_logit, top = logits.gather(1, t), logits.amax(1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # in place: one (rows, vocab) buffer throughout
-            total = probs.sum(1, keepdim=True)
-            losses[i:i + rows] = (total.log() + top - target_logit)[:, 0]
-            if grad_h is not None:
-                minus_one = torch.full(t.shape, -1.0, dtype=acc, device=h.device)
-                d_logits = probs.div_(total).scatter_add_(1, t, minus_one)
-                for j in range(0, vocab, cols):
-                    grad_h[i:i + rows].addmm_(d_logits[:, j:j + cols].to(c),
-                                              Scratch.upcast(weight[j:j + cols], c))
-        ctx.save_for_backward(grad_h)
-        ctx.dtype = h.dtype
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        grad_h, = ctx.saved_tensors
-        return (grad_h * grad_losses[:, None]).to(ctx.dtype), None, None
-
-
-class ChunkedCrossEntropy(llama.CrossEntropy):
-    def forward(self, h, output, targets):
-        if h.device.type == "cpu" and torch.is_grad_enabled():
-            release_freed_memory()  # the forward pass's temporaries, before the logits
-        if type(output) is not nn.Linear or needs_grad(output.weight):
-            return super().forward(h, output, targets)
-        return (HeadCrossEntropy.apply(h.flatten(0, 1), output.weight, targets.flatten())
-                .view(targets.shape))
-
-
-def for_training(model):
-    """Swap in the lean training modules: each is a subclass of the module it replaces, with the
-    same parameters and the same forward arithmetic (only the backward is written out), so the
-    class is swapped in place. Call after apply_lora and set_trainable."""
-    lean = {llama.RMSNorm: LeanRMSNorm, llama.FeedForward: LeanFeedForward,
-            llama.LoRALinear: LeanLoRALinear, llama.CrossEntropy: ChunkedCrossEntropy}
-    for module in model.modules():
-        if type(module) is llama.LoRALinear and hasattr(module.base, "input_grad"):
-            module.__class__ = QuantizedLoRALinear  # over quantize.py's layers
-        elif type(module) in lean and (type(module) is not llama.LoRALinear
-                                       or type(module.base) is nn.Linear):
-            module.__class__ = lean[type(module)]
-    if next(model.parameters()).device.type == "cpu":
-        # hand back what the last backward pass freed, before each step
-        model.register_forward_pre_hook(
-            lambda module, args: release_freed_memory() if module.training else None)
-    return model
-
-
-# -----------------------------------------------------------------------------
-# GPU training: flex attention skips the masked-out blocks of packed documents (compiled: GPUs only)
-
-class FlexAttention(llama.Attention):
-    """Attention through flex_attention, from the same masks (same weights: its class is swapped
-    in). self.flex, shared by every layer: the kernel and the BlockMasks made so far (causal ones
-    by shape, and the last document mask's: every layer of one forward pass gets the same mask,
-    converted once)."""
-
-    def attend(self, q, k, v, mask):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        # q: (B, T, heads, head_dim); mask: (B, 1, T, S) booleans or None: causal
-        B, T, S, flex = q.shape[0], q.shape[1], k.shape[1], self.flex
-        if mask is None:
-            if (B, T, S) not in flex["causal"]:
-                flex["causal"][B, T, S] = create_block_mask(lambda b, h, i, j: i >= j, B, None, T,
-                                                            S, device=q.device)
-            block = flex["causal"][B, T, S]
-        else:
-            if flex.get("mask") is not mask:
-                flex.update(mask=mask, block=create_block_mask(
-                    lambda b, h, i, j: mask[b, 0, i, j], B, None, T, S, device=q.device))
-            block = flex["block"]
-        y = flex["kernel"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                           block_mask=block, enable_gqa=q.shape[2] != k.shape[2])
-        return y.transpose(1, 2)
-
-
-def use_flex_attention(model):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    kernel = (torch.compile(flex_attention, dynamic=False) if model.freqs_cis.is_cuda
-              else flex_attention)
-    shared = {"kernel": kernel, "causal": {}}
-    for layer in model.layers:
-        layer.attention.flex = shared
-        layer.attention.__class__ = FlexAttention
-    return model

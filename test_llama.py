@@ -29,6 +29,7 @@ import generate
 import llama
 import prepare
 import speed
+import train_speed
 from llama import InputError, ModelArgs
 
 HERE = Path(__file__).parent
@@ -986,7 +987,7 @@ def packed_example(tok):
 def test_packed_sequence_equals_documents_alone(ckpt_gqa, flex):
     model, tok = tiny_model(ckpt_gqa), checkpoints.read_tokenizer(META_TOKENIZER)
     if flex:  # flex attention (compiled on GPUs; here its eager reference) with the same masks
-        speed.use_flex_attention(model)
+        train_speed.use_flex_attention(model)
     cut, docs, packed = packed_example(tok)
     x, y = packed[:, :-1], packed[:, 1:]
     with torch.no_grad():
@@ -1060,7 +1061,7 @@ def test_lora_backward_against_numerical_gradients(dropout):
             for s in [(2, 5), (4, 2)])
     for trained in (False, True):
         w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=trained)
-        f = lambda x, w, a, b: speed.LoRAProduct.apply(  # noqa: E731
+        f = lambda x, w, a, b: train_speed.LoRAProduct.apply(  # noqa: E731
             x, x * keep if dropout else x, w, a, b, 1.5)
         assert torch.autograd.gradcheck(f, (x, w, a, b))
         x_a = x * keep if dropout else x
@@ -1084,7 +1085,7 @@ def test_bf16_lora_product_against_float32(dropout, amx, monkeypatch):
     a, b = (torch.randn(s, generator=g, requires_grad=True) for s in [(4, 16), (24, 4)])
     up = torch.randn(2, 9, 24, generator=g).bfloat16()
     x_a = x * keep if dropout else x
-    y = speed.LoRAProduct.apply(x, x_a, w, a, b, 2.0)
+    y = train_speed.LoRAProduct.apply(x, x_a, w, a, b, 2.0)
     grads = torch.autograd.grad(y, (x, a, b), up)
     x32 = x.detach().float().requires_grad_()
     x32_a = x32 * keep.float() if dropout else x32
@@ -1109,12 +1110,12 @@ def test_rms_norm_backward_against_numerical_gradients():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: speed.RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: train_speed.RMSNormFunction.apply(x, w, 1e-5), (x, w))
     # bf16 activations, float32 weight (norm tuning): autograd's gradients through
     # Meta's ops, to bf16 precision
     xb, up = x.detach().bfloat16().requires_grad_(), torch.randn(2, 3, 8, generator=g)
     ours = torch.autograd.grad(
-        speed.RMSNormFunction.apply(xb, w.detach().float().requires_grad_(), 1e-5), xb, up)
+        train_speed.RMSNormFunction.apply(xb, w.detach().float().requires_grad_(), 1e-5), xb, up)
     wf = w.detach().float().requires_grad_()
     ref = torch.autograd.grad(
         (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(xb)
@@ -1126,30 +1127,30 @@ def test_swiglu_backward_equals_autograd():
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
             for _ in range(2))
-    assert torch.autograd.gradcheck(speed.SwiGLU.apply, (a, b))
+    assert torch.autograd.gradcheck(train_speed.SwiGLU.apply, (a, b))
     # bf16: bit for bit what autograd computes
     a, b = (t.detach().bfloat16().requires_grad_() for t in (a, b))
     up = torch.randn(3, 7, generator=g).bfloat16()
-    ours = torch.autograd.grad(speed.SwiGLU.apply(a, b), (a, b), up)
+    ours = torch.autograd.grad(train_speed.SwiGLU.apply(a, b), (a, b), up)
     ref = torch.autograd.grad(torch.nn.functional.silu(a) * b, (a, b), up)
     assert all(torch.equal(x, y) for x, y in zip(ours, ref))
 
 
 def test_head_cross_entropy_against_full_logits(monkeypatch):
     # chunked over tokens and weight slices: the losses and gradients of the whole (N, vocab) logits
-    monkeypatch.setattr(speed.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
-    monkeypatch.setattr(speed.HeadCrossEntropy, "weight_rows", 64)
+    monkeypatch.setattr(train_speed.HeadCrossEntropy, "max_logits", 300 * 7)  # 7 tokens at a time
+    monkeypatch.setattr(train_speed.HeadCrossEntropy, "weight_rows", 64)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w, t = (torch.randn(300, 16, dtype=torch.float64, generator=g),
             torch.randint(0, 300, (37,), generator=g))
-    losses = speed.HeadCrossEntropy.apply(h, w, t)
+    losses = train_speed.HeadCrossEntropy.apply(h, w, t)
     ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="none")
     torch.testing.assert_close(losses, ref)
     up = torch.rand(37, dtype=torch.float64, generator=g)
     torch.testing.assert_close(torch.autograd.grad(losses, h, up)[0],
                                torch.autograd.grad(ref, h, up)[0])
-    assert torch.autograd.gradcheck(lambda h: speed.HeadCrossEntropy.apply(h, w, t), (h,))
+    assert torch.autograd.gradcheck(lambda h: train_speed.HeadCrossEntropy.apply(h, w, t), (h,))
 
 
 def lora_model(ckpt, targets, dtype=torch.float32, lean=True):
@@ -1163,7 +1164,7 @@ def lora_model(ckpt, targets, dtype=torch.float32, lean=True):
     for m in model.modules():
         if isinstance(m, llama.LoRALinear):
             m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    return speed.for_training(model) if lean else model
+    return train_speed.for_training(model) if lean else model
 
 
 def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa):
@@ -1180,8 +1181,8 @@ def test_lora_training_losses_and_gradients_equal_autograd(ckpt_gqa):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     # the lean modules are in place
-    assert isinstance(model.cross_entropy, speed.ChunkedCrossEntropy)
-    assert isinstance(model.layers[0].attention.wq, speed.LeanLoRALinear)
+    assert isinstance(model.cross_entropy, train_speed.ChunkedCrossEntropy)
+    assert isinstance(model.layers[0].attention.wq, train_speed.LeanLoRALinear)
     model = lora_model(ckpt_gqa, targets, lean=False)
     positions, mask = llama.document_mask(x, tok.bos_id)
     ref = F_cross_entropy(model(x, mask=mask, positions=positions)[0], y[0])

@@ -16,10 +16,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import int8dot
+import kernels
 import llama
 import quantize
 import speed
+import train_speed
 from llama import InputError
 
 MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -115,9 +116,10 @@ def test_layer_takes_strided_and_unaligned_inputs(mode, group_size):
 def test_cpu_int4_packing_is_read_back_exactly(monkeypatch):
     q = torch.randint(0, 16, (208, 256), dtype=torch.uint8)  # whole blocks of rows and a short one
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-    assert torch.equal(quantize.unpack_cpu_int4(whole, *quantize.cpu_int4_layout()), q)
+    assert torch.equal(kernels.unpack_cpu_int4(whole, *kernels.cpu_int4_layout()), q)
     monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
-    assert torch.equal(quantize.pack_int4(q), whole)  # packed a slice at a time: the same bytes
+    slices = quantize.row_slices(*q.shape)
+    assert len(slices) > 1 and torch.equal(kernels.pack_int4(q, slices), whole)  # the same bytes
     assert torch.equal(quantize.unpack_nibbles(quantize.pack_nibbles(q)), q)
 
 
@@ -159,15 +161,15 @@ def test_w8a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, portabl
     q, s = quantize.quantize_int8(torch.randn(out, n_in, generator=g))
     x = torch.randn(tokens, n_in, generator=g) * 4
     x[tokens // 2] = 0  # a row of zeros: scale 0, no division by it
-    w = int8dot.w8a8_layout(q)
-    assert torch.equal(int8dot.w8a8_unlayout(w), q)
+    w = kernels.w8a8_layout(q)
+    assert torch.equal(kernels.w8a8_unlayout(w), q)
     for xi in (x, x.bfloat16()):  # bf16 activations are read as they are
-        y = int8dot.w8a8_matmul(xi, w, s, portable)
+        y = kernels.w8a8_matmul(xi, w, s, portable)
         assert y.dtype == torch.float32 and y.shape == (tokens, out)
         ref = reference_w8a8(xi, q, s)
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
         # per token: each row on its own, bit for bit, whichever tile computed it
-        assert torch.equal(int8dot.w8a8_matmul(xi[-1:], w, s, portable), y[-1:])
+        assert torch.equal(kernels.w8a8_matmul(xi[-1:], w, s, portable), y[-1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -312,16 +314,16 @@ def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, group_s
     w, x = torch.randn(out, n_in, generator=g), torch.randn(tokens, n_in, generator=g) * 4
     x[-1, :n_in // 2] = 0  # groups of zeros: scale 0, no division by it
     q, s, z = quantize.quantize_int4(w, group_size)
-    packed = int8dot.w4a8_layout(q, s, z, group_size)
-    assert all(map(torch.equal, int8dot.w4a8_unlayout(packed, n_in, group_size), (q, s, z)))
-    dequantized = int8dot.w4a8_dequantize(packed[1:], n_in, group_size)  # rows 4 onwards, in C
+    packed = kernels.w4a8_layout(q, s, z, group_size)
+    assert all(map(torch.equal, kernels.w4a8_unlayout(packed, n_in, group_size), (q, s, z)))
+    dequantized = kernels.w4a8_dequantize(packed[1:], n_in, group_size)  # rows 4 onwards, in C
     assert torch.equal(dequantized, quantize.dequantize_int4(q, s, z)[4:])
-    y = int8dot.w4a8_matmul(x, packed, group_size, portable)
+    y = kernels.w4a8_matmul(x, packed, group_size, portable)
     assert y.dtype == torch.float32 and y.shape == (tokens, out)
     ref = w4a8_reference(x, q, s, z)
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     for t in range(tokens):  # each token on its own
-        alone = int8dot.w4a8_matmul(x[t:t + 1], packed, group_size, portable)
+        alone = kernels.w4a8_matmul(x[t:t + 1], packed, group_size, portable)
         assert torch.equal(alone, y[t:t + 1])
 
 
@@ -345,12 +347,63 @@ def test_one_query_attention_kernel_equals_softmax_attention_in_float64(shape, d
     cache_k, cache_v = (torch.randn(B, S + 9, kv, hd, generator=g).to(dtype) * 3 for _ in "kv")
     q = (torch.randn(B, 1, H, hd, generator=g) * 3).to(dtype)
     k, v = cache_k[:, :S], cache_v[:, :S]  # views of a cache, as in decoding
-    y = int8dot.attend_one(q, k, v, portable)
+    y = kernels.attend_one(q, k, v, portable)
     assert y.dtype == dtype and y.shape == q.shape
     ref = attention_reference(q, k, v)
     # float32 inside: float32's rounding; bf16 out: one rounding to bf16 (2^-9 relative)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+# (B, heads, kv heads, hd, position): 1B's, 3B's head_dim with few heads, multi-head, position 0
+@pytest.mark.parametrize("shape", [(1, 32, 8, 64, 150), (2, 6, 2, 128, 33), (2, 4, 4, 16, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_rope_attend_kernel_equals_rope_cache_write_and_attention(shape, dtype, portable):
+    """kernels.rope_attend_one against its steps done apart: llama.apply_rope (the model's RoPE,
+    here on one position), the cache written at pos, the float64 softmax attention of the rounded
+    query over positions 0..pos."""
+    B, H, kv, hd, pos = shape
+    g = torch.Generator().manual_seed(pos)
+    args = llama.ModelArgs(dim=H * hd, n_layers=1, n_heads=H, n_kv_heads=kv, vocab_size=256,
+                           ffn_hidden_dim=64, max_seq_len=pos + 9, use_scaled_rope=True)
+    freqs = llama.precompute_freqs_cis(args)[pos:pos + 1]  # (1, hd / 2)
+    qkv = (torch.randn(B, 1, (H + 2 * kv) * hd, generator=g) * 3).to(dtype)
+    caches = [(torch.randn(B, pos + 9, kv, hd, generator=g) * 3).to(dtype) for _ in "kv"]
+    k_cache, v_cache = (c.clone() for c in caches)
+    y = kernels.rope_attend_one(qkv, torch.view_as_real(freqs[0]), k_cache, v_cache, pos, H,
+                                portable)
+    q, k, v = qkv.split([H * hd, kv * hd, kv * hd], -1)
+    q, k = (llama.apply_rope(t.view(B, 1, -1, hd), freqs) for t in (q, k))
+    for cache, new, written in zip(caches, (k, v.view(B, 1, kv, hd)), (k_cache, v_cache)):
+        cache[:, pos:pos + 1] = new
+        assert (written.double() - cache.double()).abs().max() <= 2 ** -7 * cache.abs().max()
+    ref = attention_reference(q, caches[0][:, :pos + 1], caches[1][:, :pos + 1])
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: RoPE's rounding, then the output's
+    assert y.shape == (B, 1, H, hd) and (y.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_norm_and_swiglu_kernels_equal_the_models_torch_ops(dtype, portable):
+    """kernels.rms_norm and swiglu against llama.RMSNorm and FeedForward's silu(a) * b: the same
+    roundings; only the order of a sum, and exp's last bit, may differ (within one bf16 step)."""
+    g = torch.Generator().manual_seed(3)
+    norm = llama.RMSNorm(2048, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(2048, generator=g) + 0.5)
+    x = (torch.randn(3, 2048, generator=g) * 4).to(dtype)
+    h = (torch.randn(3, 2 * 8200, generator=g) * 4).to(dtype)  # 8200: a tail past 16 at a time
+    a, b = h.split(8200, -1)
+    with torch.no_grad():
+        pairs = ((kernels.rms_norm(x, norm.weight, norm.eps, portable), norm(x)),
+                 (kernels.swiglu(h, portable), torch.nn.functional.silu(a) * b))
+    for out, ref in pairs:
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        assert out.dtype == dtype and (out.double() - ref.double()).abs().max() <= \
+            tol * ref.abs().max().double()
+        if dtype == torch.bfloat16:  # the same roundings: nearly every value the same bf16
+            assert (out != ref).float().mean() < 0.02
 
 
 def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
@@ -374,6 +427,34 @@ def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
             model(tokens[:, :8])
             steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
     assert relative_error(torch.cat(steps, 1), twin(tokens)[:, 8:12]) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decoding_kernels_equal_the_models_own_steps(dtype):
+    """--fast on CPUs (speed.for_inference): one-token steps through kernels.c (RoPE, the cache
+    writes and the attention in one call over the stacked wq|wk|wv; RMSNorm; SwiGLU over w1|w3)
+    against the same quantized weights in llama.py's own modules, step by step."""
+    model = tiny_model()
+    for p in model.parameters():  # (not .to(dtype): freqs_cis stays complex)
+        p.data = p.data.to(dtype)
+    model = quantize.quantize_model(model, "int8")
+    fast = copy.deepcopy(model)
+    fast.args = replace(fast.args, fused_attention=True)
+    speed.for_inference(fast, "cpu", dtype)
+    block = fast.layers[0]
+    assert (type(block.attention), type(block.attention_norm), type(block.feed_forward)) == (
+        speed.KernelAttention, speed.KernelRMSNorm, speed.KernelFeedForward)
+    assert hasattr(block.attention, "fused_products") and hasattr(block.feed_forward,
+                                                                 "fused_products")
+    tokens = torch.randint(0, 512, (2, 14), generator=torch.Generator().manual_seed(6))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad(), model.kv_cache(2, 14), fast.kv_cache(2, 14):
+        assert relative_error(fast(tokens[:, :8]), model(tokens[:, :8])) < tol
+        for t in range(8, 14):
+            step = [m(tokens[:, t:t + 1], start_pos=t) for m in (fast, model)]
+            assert relative_error(*step) < tol
+        written = [m.layers[1].attention.cache.k for m in (fast, model)]
+        assert relative_error(*written) < tol  # the C wrote the cache as KVCache.update does
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -454,7 +535,7 @@ class FloatLinear(nn.Linear):  # a float32 weight, multiplied in the input's dty
 @pytest.mark.parametrize("fast_bf16", [True, False])  # bf16 products, or float32 ones
 def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
         mode, group_size, dropout, fast_bf16, monkeypatch):
-    # speed.QuantizedLoRALinear (its backward written out) against llama.LoRALinear over an
+    # train_speed.QuantizedLoRALinear (its backward written out) against llama.LoRALinear over an
     # nn.Linear holding the dequantized weight (autograd); the same dropout mask from one seed
     monkeypatch.setattr(quantize, "SLICE_ELEMENTS", 64 * 256)
     monkeypatch.setattr(speed, "bf16_products_fast", lambda: fast_bf16)
@@ -462,8 +543,8 @@ def test_lean_qlora_layer_equals_plain_lora_over_the_dequantized_weight(
     ref = FloatLinear(256, 208, bias=False)
     ref.weight = nn.Parameter(w, requires_grad=False)
     lean, plain = (llama.LoRALinear(base, 8, 16, dropout) for base in (layer, ref))
-    speed.for_training(nn.Sequential(lean))
-    assert type(lean) is speed.QuantizedLoRALinear and type(plain) is llama.LoRALinear
+    train_speed.for_training(nn.Sequential(lean))
+    assert type(lean) is train_speed.QuantizedLoRALinear and type(plain) is llama.LoRALinear
     gen = torch.Generator().manual_seed(5)
     lean.lora_b.data = torch.randn(208, 8, generator=gen) / 10
     plain.lora_a.data, plain.lora_b.data = lean.lora_a.data.clone(), lean.lora_b.data.clone()
@@ -646,6 +727,9 @@ def test_bench_profile_parts_are_disjoint_and_timers_come_off(tiny_ckpt):
             step = time.perf_counter() - t
             remove()
         parts = bench_profile.parts(spent)
+        attention = g.model.layers[0].attention  # RoPE inside kernels.c's one call, or apart
+        one_call = type(attention) is speed.KernelAttention and hasattr(attention, "fused_products")
+        assert (parts.pop("rope") == 0) == one_call
         assert all(v > 0 for v in parts.values()) and sum(parts.values()) <= step, parts
         assert llama.apply_rope is rope and llama.sample is sample
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in g.model.modules())
@@ -702,8 +786,8 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
             if isinstance(m, llama.LoRALinear):
                 m.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         if lean:
-            speed.for_training(model)
-            assert type(model.layers[0].attention.wq) is speed.QuantizedLoRALinear
+            train_speed.for_training(model)
+            assert type(model.layers[0].attention.wq) is train_speed.QuantizedLoRALinear
         losses, weights = llama.token_losses(model.train(), x[:, :-1], x[:, 1:], 128000)
         (losses * weights).sum().backward()
         results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()

@@ -1,41 +1,4 @@
-"""C kernels for CPU decoding, compiled at first use: integer dot products for x86 CPUs (int8
-activations times int4 or int8 weights), and the attention of one query.
-
-torch's int4 CPU product converts each weight to float and multiplies in float, and oneDNN's int8
-one (which w8a8 used) reads its weights at two thirds of the memory's speed in decoding.
-llama.cpp's Q4_0 and Q8_0 are faster because they multiply 4- or 8-bit weights by 8-bit
-activations with the CPU's integer dot products (AVX-512 VNNI's vpdpbusd: 64 u8 x s8 products
-summed into 16 int32 per instruction), converting nothing but one sum per block. This file does
-the same for quantize.py's weights: --quantize w4a8 reads the int4 file, w8a8 the int8 one.
-
-w4a8: each token's x is rounded per block of 32 inputs (the weight's groups) to int8 on its own
-scale d. With w = (q - 8) s + z in a group, and x ~ d qx there:
-    sum w x = s d (sum q qx - 8 sum qx) + z sum x
-where q qx is the integer dot product, and sum x is the block's exact float sum.
-w8a8: each token's x is rounded to int8 on one scale, the weight is int8 per row (below).
-attend_one: a decoding step's attention (speed.KernelAttention), in one call instead of about ten
-torch ops, each of which costs more than the arithmetic for a single query.
-
-The C has each loop twice: with AVX-512 (VNNI) intrinsics, and as plain C (any CPU; the tests run
-both against the arithmetic written out in float64). It is built with the system's C compiler
-(cc, -O3 -march=native -fopenmp: OpenMP is torch's own runtime, already loaded, so it shares
-torch's threads) into ~/.cache/nano-llama3, keyed by the source and the CPU, and called through
-ctypes. Without a compiler, quantize.check_device says so in one line, before anything is loaded
-(and --fast's attention stays torch's, speed.DecodeAttention).
-"""
-import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-from functools import cache
-from pathlib import Path
-
-import torch
-
-import llama
-
-SOURCE = r"""
+/* C kernels for CPU decoding, built and called by kernels.py (its docstring says what and why). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,7 +11,7 @@ SOURCE = r"""
 #define VNNI 1
 #endif
 
-int int8dot_vnni(void) {
+int kernels_vnni(void) {
 #ifdef VNNI
     return 1;
 #else
@@ -66,11 +29,13 @@ static float bf16(uint16_t v) {
 /* ---- w4a8 ----
    The weight is stored for the kernel in blocks of 4 rows (one memory stream) and 16 groups of
    G inputs (w4a8_layout): 4 x 8G bytes of nibbles, then the 4 rows' 16 scales and 16 zeros
-   (bf16), 32G + 256 bytes. In a row's 8G bytes, int32 lane g of each 64 bytes holds 4 bytes of
-   group g: so one vpdpbusd adds 8 products to each of 16 groups, and a group's integer sum is
-   complete after G / 4 of them, with no shuffle; its scales then apply once. Chunk c of 4
-   inputs of group g (inputs 4c .. 4c + 3) is in the low nibbles of 64-byte vector c / 2 when c is
-   even, the high ones when odd. The rounded activations (w4a8_quantize) are in the same order:
+   (bf16), 32G + 256 bytes. A row's nibbles are G / 8 vectors of 64 bytes, and vector v of the 4
+   rows is stored side by side (bytes 256 v + 64 r), so the kernel reads the block in order: a
+   stream the CPU's prefetchers follow. Int32 lane g of each vector holds 4 bytes of group g: so
+   one vpdpbusd adds 8 products to each of 16 groups, and a group's integer sum is complete after
+   G / 4 of them, with no shuffle; its scales then apply once. Chunk c of 4 inputs of group g
+   (inputs 4c .. 4c + 3) is in the low nibbles of vector c / 2 when c is even, the high ones when
+   odd. The rounded activations (w4a8_quantize) are in the same order:
    per block, chunk c of all 16 groups is 64 bytes. Inputs past the last group are padding: zero
    scales and zeros, zero activations. */
 
@@ -126,7 +91,7 @@ static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8
             __m512i x0 = _mm512_load_si512(xb + v * 128), x1 = _mm512_load_si512(xb + v * 128 + 64);
             #pragma GCC unroll 4
             for (int r = 0; r < 4; r++) {
-                __m512i w = _mm512_loadu_si512(p + r * 8 * G + v * 64);
+                __m512i w = _mm512_loadu_si512(p + (v * 4 + r) * 64);
                 a[r] = _mm512_dpbusd_epi32(a[r], _mm512_and_si512(w, low), x0);
                 a[r] = _mm512_dpbusd_epi32(a[r], _mm512_and_si512(_mm512_srli_epi16(w, 4), low),
                                            x1);
@@ -171,7 +136,7 @@ static void w4a8_matmul(const int8_t *qx, const float *d, const int32_t *c8, con
                         int32_t dot = 0;
                         for (int c = 0; c < G / 4; c++)
                             for (int k = 0; k < 4; k++) {
-                                uint8_t byte = p[r * 8 * G + (c / 2) * 64 + g * 4 + k];
+                                uint8_t byte = p[((c / 2) * 4 + r) * 64 + g * 4 + k];
                                 int q = c % 2 ? byte >> 4 : byte & 15;
                                 dot += q * xt[b * 16 * G + c * 64 + g * 4 + k];
                             }
@@ -213,7 +178,7 @@ void w4a8_dequantize(const uint8_t *w, int64_t row_blocks, int64_t n, int G, flo
                     float *o = out + (rb * 4 + r) * n + (b * 16 + g) * G;
                     for (int c = 0; c < G / 4; c++)
                         for (int k = 0; k < 4; k++) {
-                            uint8_t byte = p[r * 8 * G + (c / 2) * 64 + g * 4 + k];
+                            uint8_t byte = p[((c / 2) * 4 + r) * 64 + g * 4 + k];
                             o[c * 4 + k] = (float)(c % 2 ? byte >> 4 : byte & 15) * sc + zr;
                         }
                 }
@@ -352,7 +317,7 @@ static inline __m512 load16(const void *p, int bf) {  /* 16 floats, from bf16 if
               : _mm512_loadu_ps(p);
 }
 
-/* e^x (x <= 0): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (relative error
+/* e^x (x < 88): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (relative error
    under 2e-7), times 2^n exactly (vscalefps) */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
@@ -371,7 +336,7 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
                int64_t KV, int64_t hd, int64_t S, int64_t bs, void *y) {
     int64_t rep = H / KV, S16 = (S + 15) / 16 * 16, esize = bf ? 2 : 4;
     int fail = 0;
-    #pragma omp parallel for schedule(static) reduction(|:fail) if (B * KV * S > 2048)
+    #pragma omp parallel for schedule(static) reduction(|:fail)
     for (int64_t bk = 0; bk < B * KV; bk++) {
         int64_t b = bk / KV, kv = bk % KV, h0 = (b * H + kv * rep) * hd;
         /* scores then probabilities (rep, S16), the scaled queries, the outputs, one K/V row */
@@ -385,23 +350,32 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
         }
         const char *kb = (const char *)k + (b * bs + kv * hd) * esize;
         const char *vb = (const char *)v + (b * bs + kv * hd) * esize;
+        int64_t step = KV * hd * esize;  /* bytes from one position's row to the next */
         for (int64_t s = 0; s < S; s++) {  /* scores */
-            for (int64_t c = 0; c < hd; c++)
-                row[c] = bf ? bf16(((const uint16_t *)kb)[s * KV * hd + c])
-                            : ((const float *)kb)[s * KV * hd + c];
-            for (int64_t r = 0; r < rep; r++) {
 #ifdef AVX512
+            /* a cached row is a few lines a KV-row apart, and cold (the weights streamed since
+               this layer's last step): fetched ahead, as no prefetcher follows the stride */
+            for (int64_t c = 0; c < hd * esize; c += 64)
+                _mm_prefetch(kb + (s + 8) * step + c, _MM_HINT_T0);
+            for (int64_t c = 0; c < hd; c += 16)
+                _mm512_store_ps(row + c, load16(kb + s * step + c * esize, bf));
+            for (int64_t r = 0; r < rep; r++) {
                 __m512 a = _mm512_setzero_ps();
                 for (int64_t c = 0; c < hd; c += 16)
                     a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * hd + c), _mm512_load_ps(row + c),
                                         a);
                 p[r * S16 + s] = _mm512_reduce_add_ps(a);
+            }
 #else
+            for (int64_t c = 0; c < hd; c++)
+                row[c] = bf ? bf16(((const uint16_t *)kb)[s * KV * hd + c])
+                            : ((const float *)kb)[s * KV * hd + c];
+            for (int64_t r = 0; r < rep; r++) {
                 float a = 0.f;
                 for (int64_t c = 0; c < hd; c++) a += qf[r * hd + c] * row[c];
                 p[r * S16 + s] = a;
-#endif
             }
+#endif
         }
         for (int64_t r = 0; r < rep; r++) {  /* softmax */
             float *pr = p + r * S16, m = -INFINITY, sum = 0.f;
@@ -421,11 +395,22 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
             for (int64_t s = 0; s < S; s++) pr[s] /= sum;
         }
         for (int64_t s = 0; s < S; s++) {  /* values */
+#ifdef AVX512
+            for (int64_t c = 0; c < hd * esize; c += 64)
+                _mm_prefetch(vb + (s + 8) * step + c, _MM_HINT_T0);
+            for (int64_t c = 0; c < hd; c += 16) {
+                __m512 x = load16(vb + s * step + c * esize, bf);
+                for (int64_t r = 0; r < rep; r++)
+                    _mm512_store_ps(acc + r * hd + c, _mm512_fmadd_ps(
+                        _mm512_set1_ps(p[r * S16 + s]), x, _mm512_load_ps(acc + r * hd + c)));
+            }
+#else
             for (int64_t c = 0; c < hd; c++)
                 row[c] = bf ? bf16(((const uint16_t *)vb)[s * KV * hd + c])
                             : ((const float *)vb)[s * KV * hd + c];
             for (int64_t r = 0; r < rep; r++)
                 for (int64_t c = 0; c < hd; c++) acc[r * hd + c] += p[r * S16 + s] * row[c];
+#endif
         }
         for (int64_t i = 0; i < rep * hd; i++) {
             if (bf) ((uint16_t *)y)[h0 + i] = to_bf16(acc[i]);
@@ -435,186 +420,94 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
     }
     return fail;
 }
-"""
 
+/* ---- the rest of a decoding step's attention, around attend_one ----
+   qkv (B, (H + 2 KV) hd): one token's q, k and v from the stacked product. RoPE rotates each pair
+   (x0, x1) of q and k by (cos, sin) of this position, in float32 as llama.apply_rope does, and
+   rounds to the model's dtype; k and v go into the cache at position pos, and q attends to the
+   cache's first pos + 1 positions. cs (hd / 2, 2) float32; kc, vc (B, .., KV, hd), batch
+   stride bs; q_out (B, H, hd) receives the rotated queries; y (B, H, hd). */
 
-def cache_dir():
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nano-llama3"
+static inline float load1(const void *p, int64_t i, int bf) {
+    return bf ? bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
 
+static inline void store1(void *p, int64_t i, float f, int bf) {
+    if (bf) ((uint16_t *)p)[i] = to_bf16(f);
+    else ((float *)p)[i] = f;
+}
 
-@cache
-def library(portable=False):
-    """The compiled kernel (portable=True: the plain C loop only, for tests on any CPU)."""
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"] + (
-        ["-DPORTABLE"] if portable else [])
-    key = hashlib.sha256((SOURCE + " ".join(flags) + platform.processor() +
-                          cpu_flags()).encode()).hexdigest()[:16]
-    path = cache_dir() / f"int8dot-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # per process: another may be building it at the same time
-        src, tmp = (path.with_suffix(f".{os.getpid()}{ext}") for ext in (".c", ".tmp"))
-        src.write_text(SOURCE)
-        try:
-            r = subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(tmp)],
-                               capture_output=True, text=True)
-        except FileNotFoundError:
-            raise llama.InputError("w4a8 and w8a8 compile a C kernel at first use and found no "
-                                   "C compiler: install gcc, or use --quantize int4 or int8"
-                                   ) from None
-        finally:
-            src.unlink()
-        if r.returncode:
-            last = r.stderr.strip().splitlines()[-1:] or ["?"]
-            raise llama.InputError(f"int8dot.py's C kernel did not compile ({last[0]}); use "
-                                   "--quantize int4 or int8")
-        os.replace(tmp, path)  # whole or absent (not llama.atomic_file: its temporary name is
-        # shared, and two processes may be building at once)
-    lib = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p]
-    lib.w8a8_linear.argtypes = [p, ctypes.c_int, i64, i64, p, p, i64, p]
-    lib.w4a8_dequantize.argtypes = [p, i64, i64, ctypes.c_int, p]
-    lib.attend_one.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, i64, i64, i64, p]
-    return lib
+int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, int64_t hd,
+                    const float *cs, void *kc, void *vc, int64_t bs, int64_t pos, void *q_out,
+                    void *y) {
+    int64_t width = (H + 2 * KV) * hd;
+    for (int64_t b = 0; b < B; b++) {
+        const char *row = (const char *)qkv;
+        int64_t base = b * width;
+        for (int64_t h = 0; h < H + KV; h++) {  /* q heads, then k heads */
+            void *dst = h < H ? q_out : kc;
+            int64_t out = h < H ? (b * H + h) * hd : b * bs + pos * KV * hd + (h - H) * hd;
+            for (int64_t j = 0; j < hd / 2; j++) {
+                float x0 = load1(row, base + h * hd + 2 * j, bf);
+                float x1 = load1(row, base + h * hd + 2 * j + 1, bf);
+                float c = cs[2 * j], s = cs[2 * j + 1];
+                store1(dst, out + 2 * j, x0 * c - x1 * s, bf);
+                store1(dst, out + 2 * j + 1, x0 * s + x1 * c, bf);
+            }
+        }
+        for (int64_t i = 0; i < KV * hd; i++)  /* v as it is */
+            store1(vc, b * bs + pos * KV * hd + i, load1(row, base + (H + KV) * hd + i, bf), bf);
+    }
+    return attend_one(q_out, kc, vc, bf, B, H, KV, hd, pos + 1, bs, y);
+}
 
+/* ---- RMSNorm and SwiGLU of inference, one pass each (llama.RMSNorm, llama.FeedForward) ----
+   rms_norm: each row of x (rows, n) in float32, times rsqrt(mean of squares + eps), rounded to
+   the dtype, then times the weight (n,) and rounded again, as torch's two ops round.
+   swiglu: h (rows, 2 m) = [a | b] -> silu(a) rounded, times b, rounded: (rows, m). */
 
-def cpu_flags():
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return ""
+void rms_norm(const void *x, const void *w, int bf, int64_t rows, int64_t n, float eps,
+              void *y) {
+    #pragma omp parallel for schedule(static) if (rows * n > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            float v = load1(x, r * n + i, bf);
+            ss += v * v;
+        }
+        float scale = 1.f / sqrtf((float)(ss / n) + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float v = load1(x, r * n + i, bf) * scale;
+            if (bf) v = bf16(to_bf16(v));
+            store1(y, r * n + i, v * load1(w, i, bf), bf);
+        }
+    }
+}
 
-
-@cache
-def available():
-    """Whether the C kernels build on this machine (a C compiler)."""
-    try:
-        return bool(library())
-    except llama.InputError:
-        return False
-
-
-def has_vnni():
-    return bool(library().int8dot_vnni())
-
-
-def w4a8_layout(q, scales, zeros, group_size=32):
-    """q (out, in) uint8 in [0, 15], scales and zeros (out, in / group_size) bf16 -> the kernel's
-    (out / 4, blocks * (32 group_size + 256)) uint8: see the C above. in is padded up to whole
-    blocks of 16 groups."""
-    out, n = q.shape
-    G = group_size
-    nb = -(-n // (16 * G))
-    pad = nb * 16 * G - n
-    q = torch.nn.functional.pad(q, (0, pad))  # (padding: weights of zero scale and zero)
-    s, z = (torch.nn.functional.pad(t, (0, pad // G)) for t in (scales, zeros))
-    # input i of group g is chunk c = i // 4, k = i % 4; chunks 2v and 2v + 1 share vector v
-    chunks = q.view(out // 4, 4, nb, 16, G // 8, 2, 4)  # (blocks of rows, row, block, g, v, 2, k)
-    nibbles = (chunks[..., 0, :] | chunks[..., 1, :] << 4).permute(0, 2, 1, 4, 3, 5)
-    sz = [t.view(out // 4, 4, nb, 16).transpose(1, 2).reshape(out // 4, nb, 64).contiguous()
-          .view(torch.uint8) for t in (s, z)]  # (blocks of rows, block, 4 rows x 16 x 2 bytes)
-    return torch.cat([nibbles.reshape(out // 4, nb, 32 * G), *sz], 2).view(out // 4, -1)
-
-
-def w4a8_unlayout(w, in_features, group_size=32):
-    """w4a8_layout undone: -> q (out, in) uint8, scales and zeros (out, in / group_size) bf16."""
-    G, rows = group_size, len(w)
-    nb = w.shape[1] // (32 * G + 256)
-    blocks = w.view(rows, nb, 32 * G + 256)
-    nibbles = blocks[..., :32 * G].reshape(rows, nb, 4, G // 8, 16, 1, 4)
-    chunks = torch.cat([nibbles & 15, nibbles >> 4], 5)  # (blocks of rows, block, row, v, g, 2, k)
-    q = chunks.permute(0, 2, 1, 4, 3, 5, 6).reshape(rows * 4, nb * 16 * G)[:, :in_features]
-    s, z = (blocks[..., a:a + 128].contiguous().view(torch.bfloat16).view(rows, nb, 4, 16)
-            .transpose(1, 2).reshape(rows * 4, nb * 16)[:, :in_features // G]
-            for a in (32 * G, 32 * G + 128))
-    return q.contiguous(), s.contiguous(), z.contiguous()
-
-
-def check_w4a8_layout(w, n, G):  # the C reads raw memory: the layout it assumes, checked
-    if not (w.dtype == torch.uint8 and n % G == 0 and G in (32, 64, 128) and
-            w.shape[1] == -(-n // (16 * G)) * (32 * G + 256) and w.is_contiguous() and
-            w.device.type == "cpu"):
-        raise ValueError("w4a8's kernels take w4a8_layout's uint8 (out / 4, blocks * (32 G + 256))"
-                         " on the CPU for the layer's inputs, in groups of 32, 64 or 128")
-
-
-def w4a8_dequantize(w, in_features, group_size=32, out=None):
-    """Blocks of rows w (rows / 4, ...) of w4a8_layout -> (rows, in) float32 (q - 8) s + z, into
-    out if given: one pass in C (prefill's and backward's slices)."""
-    check_w4a8_layout(w, in_features, group_size)
-    out = torch.empty(4 * len(w), in_features) if out is None else out
-    if not (out.shape == (4 * len(w), in_features) and out.dtype == torch.float32 and
-            out.is_contiguous()):
-        raise ValueError("w4a8_dequantize writes a contiguous float32 (rows, in) out")
-    library().w4a8_dequantize(w.data_ptr(), len(w), in_features, group_size, out.data_ptr())
-    return out
-
-
-def w4a8_matmul(x, w, group_size=32, portable=False):
-    """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out), with w from w4a8_layout."""
-    tokens, n = x.shape
-    G = group_size
-    check_w4a8_layout(w, n, G)
-    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
-    y = torch.empty(tokens, 4 * len(w))
-    if library(portable).w4a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n, G,
-                                     w.data_ptr(), 4 * len(w), y.data_ptr()):
-        raise MemoryError("w4a8: no memory for the rounded activations")
-    return y
-
-
-def w8a8_layout(q):
-    """q (out, in) int8 in [-127, 127] -> (out / 4, in * 4) uint8 q + 128: for each block of 4 rows
-    and each 64 inputs, the 4 rows' 64 bytes side by side."""
-    out, n = q.shape
-    u = (q.view(out // 4, 4, n // 64, 64).transpose(1, 2).to(torch.int16) + 128).to(torch.uint8)
-    return u.reshape(out // 4, n * 4).contiguous()
-
-
-def w8a8_unlayout(w):
-    """w8a8_layout undone: (out / 4, in * 4) uint8 -> q (out, in) int8."""
-    blocks, n = len(w), w.shape[1] // 4
-    q = (w.view(blocks, n // 64, 4, 64).to(torch.int16) - 128).to(torch.int8)
-    return q.transpose(1, 2).reshape(blocks * 4, n)
-
-
-def w8a8_matmul(x, w, scales, portable=False):
-    """x (tokens, in) float32 or bfloat16 -> float32 (tokens, out): each token rounded to int8 on
-    its own scale, times w from w8a8_layout and its rows' scales (out,) float32."""
-    tokens, n = x.shape
-    if not (w.dtype == torch.uint8 and w.shape[1] == 4 * n and n % 64 == 0 and
-            scales.dtype == torch.float32 and scales.shape == (4 * len(w),) and
-            all(t.is_contiguous() and t.device.type == "cpu" for t in (w, scales))):
-        raise ValueError("w8a8_matmul takes w8a8_layout's uint8 (out / 4, in * 4) and contiguous "
-                         "float32 (out,) scales on the CPU, in a multiple of 64")
-    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
-    y = torch.empty(tokens, len(scales))
-    if library(portable).w8a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n,
-                                     w.data_ptr(), scales.data_ptr(), len(scales), y.data_ptr()):
-        raise MemoryError("w8a8: no memory for the rounded activations")
-    return y
-
-
-def attend_one(q, k, v, portable=False):
-    """Decoding's attention for one query a row: q (B, 1, heads, hd); k, v (B, S, kv_heads, hd),
-    views of a KV cache (rows of kv_heads * hd contiguous elements) -> (B, 1, heads, hd), in
-    float32 inside, q's dtype out (bfloat16 or float32; hd a multiple of 16)."""
-    B, T, H, hd = q.shape
-    _, S, KV, _ = k.shape
-    if not (T == 1 and q.dtype == k.dtype == v.dtype and q.dtype in ATTEND_DTYPES and
-            hd % 16 == 0 and H % KV == 0 and k.shape == v.shape and q.is_contiguous() and
-            k.stride()[1:] == v.stride()[1:] == (KV * hd, hd, 1) and k.stride(0) == v.stride(0)
-            and all(t.device.type == "cpu" for t in (q, k, v))):
-        raise ValueError("attend_one takes one bfloat16 or float32 query (B, 1, heads, hd) and "
-                         "K/V cache views (B, S, kv_heads, hd) on the CPU, hd a multiple of 16")
-    y = torch.empty_like(q)
-    if library(portable).attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                    q.dtype == torch.bfloat16, B, H, KV, hd, S, k.stride(0),
-                                    y.data_ptr()):
-        raise MemoryError("attend_one: no memory for the scores")
-    return y
-
-
-ATTEND_DTYPES = (torch.bfloat16, torch.float32)
+void swiglu(const void *h, int bf, int64_t rows, int64_t m, void *y) {
+    #pragma omp parallel for schedule(static) if (rows * m > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = 0;
+#ifdef AVX512
+        const char *hr = (const char *)h + r * 2 * m * (bf ? 2 : 4);
+        for (; i + 16 <= m; i += 16) {  /* the same arithmetic, 16 at a time */
+            __m512 a = load16(hr + i * (bf ? 2 : 4), bf), b = load16(hr + (m + i) * (bf ? 2 : 4), bf);
+            __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                      exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+            float sf[16], bfv[16];
+            _mm512_storeu_ps(sf, s);
+            _mm512_storeu_ps(bfv, b);
+            for (int k = 0; k < 16; k++) {
+                float v = bf ? bf16(to_bf16(sf[k])) : sf[k];
+                store1(y, r * m + i + k, v * bfv[k], bf);
+            }
+        }
+#endif
+        for (; i < m; i++) {
+            float a = load1(h, r * 2 * m + i, bf), b = load1(h, r * 2 * m + m + i, bf);
+            float s = a / (1.f + expf(-a));
+            if (bf) s = bf16(to_bf16(s));
+            store1(y, r * m + i, s * b, bf);
+        }
+    }
+}
