@@ -1,7 +1,8 @@
 """The kernels quantize.py's and speed.py's layers call, and the byte layouts each one takes:
 torch's int8 and int4 products (private aten ops, whose layouts depend on the device and the CPU),
 and C kernels of our own for CPU decoding (kernels.c, compiled at first use): integer dot products
-(int8 activations times int4 or int8 weights) and the attention of one query. quantize.py holds
+(int8 activations times int4 or int8 weights), bf16 products (AVX-512 BF16), the attention of one
+query with RoPE and the cache writes, RMSNorm and SwiGLU. quantize.py holds
 the numbers (what a weight rounds to); this file holds where its bytes go.
 
 torch's int4 CPU product converts each weight to float and multiplies in float, and oneDNN's int8
@@ -184,6 +185,7 @@ def library(portable=False):
                                     p]
     lib.rms_norm.argtypes = [p, p, ctypes.c_int, i64, i64, ctypes.c_float, p]
     lib.swiglu.argtypes = [p, ctypes.c_int, i64, i64, p]
+    lib.bf16_linear.argtypes = [p, i64, i64, p, i64, p]
     return lib
 
 
@@ -206,6 +208,10 @@ def available():
 
 def has_vnni():
     return bool(library().kernels_vnni())
+
+
+def has_bf16dot():  # AVX-512 BF16: bf16_matmul at the memory's speed
+    return bool(library().kernels_bf16dot())
 
 
 def w4a8_layout(q, scales, zeros, group_size=32):
@@ -302,6 +308,32 @@ def w8a8_matmul(x, w, scales, portable=False):
     if library(portable).w8a8_linear(x.data_ptr(), x.dtype == torch.bfloat16, tokens, n,
                                      w.data_ptr(), scales.data_ptr(), len(scales), y.data_ptr()):
         raise MemoryError("w8a8: no memory for the rounded activations")
+    return y
+
+
+def bf16_layout(w):
+    """w (out, in) bfloat16 -> (out / 4, in * 4): for each block of 4 rows and each 32 inputs, the
+    4 rows' 32 values side by side."""
+    out, n = w.shape
+    return w.view(out // 4, 4, n // 32, 32).transpose(1, 2).reshape(out // 4, n * 4).contiguous()
+
+
+def bf16_unlayout(w):
+    """bf16_layout undone: (out / 4, in * 4) -> (out, in)."""
+    blocks, n = len(w), w.shape[1] // 4
+    return w.view(blocks, n // 32, 4, 32).transpose(1, 2).reshape(blocks * 4, n)
+
+
+def bf16_matmul(x, w, portable=False):
+    """x (tokens, in) bfloat16 -> float32 (tokens, out), with w from bf16_layout."""
+    tokens, n = x.shape
+    if not (x.dtype == w.dtype == torch.bfloat16 and w.shape[1] == 4 * n and n % 32 == 0 and
+            w.is_contiguous() and x.device.type == w.device.type == "cpu"):
+        raise ValueError("bf16_matmul takes bfloat16 x (tokens, in) and bf16_layout's contiguous "
+                         "(out / 4, in * 4) on the CPU, in a multiple of 32")
+    x = x.contiguous()
+    y = torch.empty(tokens, 4 * len(w))
+    library(portable).bf16_linear(x.data_ptr(), tokens, n, w.data_ptr(), 4 * len(w), y.data_ptr())
     return y
 
 

@@ -167,6 +167,31 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class KernelLinear(nn.Module):
+    """A frozen bf16 Linear for --fast CPU decoding where the CPU has AVX-512 BF16: its rows
+    interleaved by 4 (kernels.bf16_layout, on huge pages), so that kernels.c's product reads one
+    stream per block of rows; oneDNN's packed matrix-vector product reads well below the memory's
+    speed. Up to kernel_max_rows rows per call; longer products (prefill) multiply slices of the
+    rows put back in order, with torch.mm. Sums in float32 in another order than F.linear's."""
+    kernel_max_rows = 16
+
+    def __init__(self, weight):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", kernels.on_huge_pages(kernels.bf16_layout(weight.detach())))
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        if len(x2) <= self.kernel_max_rows:
+            return kernels.bf16_matmul(x2, self.weight).to(x.dtype).view(*x.shape[:-1], -1)
+        y = torch.empty(len(x2), self.out_features, dtype=x.dtype)
+        rows = max(4, 2 ** 20 // self.in_features // 4 * 4)  # slices of ~2 MB
+        for a in range(0, self.out_features, rows):
+            w = kernels.bf16_unlayout(self.weight[a // 4:(a + rows) // 4])  # (rows, in)
+            torch.mm(x2, w.t(), out=y[:, a:a + len(w)])
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class FusedProducts(nn.Module):
     """Several Linears that read the same input (wq, wk, wv; w1, w3) as one product of their
     weights stacked (linear: a PackedLinear, or a quantized layer's concat): one pass over the
@@ -232,12 +257,12 @@ def fuse_products(model, fuse):
     return model
 
 
-def packed_stack(linears):
-    """fuse_products' fuse for bf16 Linears: their weights stacked and packed. Not for quantized
-    layers (they stack with their own concat), nor for small weights: fused, one would be
-    multiplied by oneDNN where F.linear is not."""
+def packed_stack(linears, linear=PackedLinear):
+    """fuse_products' fuse for bf16 Linears: their weights stacked and packed (in a PackedLinear or
+    a KernelLinear). Not for quantized layers (they stack with their own concat), nor for small
+    weights: fused, one would be multiplied by oneDNN where F.linear is not."""
     if all(type(m) is nn.Linear and packs_like_linear(m.weight) for m in linears):
-        return PackedLinear(torch.cat([m.weight for m in linears]))
+        return linear(torch.cat([m.weight for m in linears]))
     return None
 
 
@@ -250,14 +275,14 @@ def quantized_stack(linears):
     return None
 
 
-def pack_for_cpu_inference(model):
+def pack_for_cpu_inference(model, linear=PackedLinear):
     """Every projection (and the output, a packed copy when tied to the embedding) as packed
-    products, wq|wk|wv and w1|w3 each as one."""
-    fuse_products(model, packed_stack)
+    products (linear: PackedLinear or KernelLinear), wq|wk|wv and w1|w3 each as one."""
+    fuse_products(model, functools.partial(packed_stack, linear=linear))
     for module, name in llama.projections(model):
         child = getattr(module, name)
         if isinstance(child, nn.Linear) and packs_like_linear(child.weight):
-            setattr(module, name, PackedLinear(child.weight))
+            setattr(module, name, linear(child.weight))
             if child.weight is not model.tok_embeddings.weight:
                 release_pages(child.weight)
     return model
@@ -380,9 +405,10 @@ def for_inference(model, device, dtype, compile=False):
     """The inference speed paths that apply on this device: on CPUs, packed weights for bf16 (not
     with compile: torch.compile cannot trace oneDNN's packed layout), wq|wk|wv and w1|w3 of
     quantized layers each as one product, and one-token attention without the fused kernel where
-    the model uses it (--fast)."""
+    the model uses it (--fast), with kernels.c's bf16 product where the CPU has AVX-512 BF16."""
     if can_pack(torch.device(device), dtype) and not compile:
-        pack_for_cpu_inference(model)
+        fast = model.args.fused_attention and kernels.available() and kernels.has_bf16dot()
+        pack_for_cpu_inference(model, KernelLinear if fast else PackedLinear)
     if torch.device(device).type == "cpu" and not compile:
         fuse_products(model, quantized_stack)
         for module in model.modules():  # quantized weights (buffers), each read once a step

@@ -429,6 +429,48 @@ def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
     assert relative_error(torch.cat(steps, 1), twin(tokens)[:, 8:12]) < 0.05
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_bf16_kernel_equals_the_product_in_float64_and_prefill_equals_f_linear(portable):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 320, generator=g).bfloat16()
+    x = torch.randn(3, 320, generator=g).bfloat16()
+    packed = kernels.bf16_layout(w)
+    assert torch.equal(kernels.bf16_unlayout(packed), w)
+    y, ref = kernels.bf16_matmul(x, packed, portable), x.double() @ w.double().t()
+    assert y.dtype == torch.float32 and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for i in range(3):  # each token alone: the same sums
+        assert torch.equal(kernels.bf16_matmul(x[i:i + 1], packed, portable), y[i:i + 1])
+    layer = speed.KernelLinear(w)
+    long = torch.randn(2, 20, 320, generator=g).bfloat16()  # past kernel_max_rows: torch.mm
+    assert torch.equal(layer(long), torch.nn.functional.linear(long, w))
+    assert relative_error(layer(x[:1]), x[:1].float() @ w.float().t()) < 1e-2
+
+
+def test_fast_bf16_decoding_uses_the_kernel_where_the_cpu_has_avx512_bf16(monkeypatch):
+    """for_inference's choice forced both ways (it depends on the CPU): with AVX-512 BF16 (and
+    oneDNN's bf16, forced too), --fast bf16 projections are KernelLinears, and the model decodes
+    as its own F.linear products do; without, no KernelLinear."""
+    args = llama.ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512,
+                           ffn_hidden_dim=256, fused_attention=True)
+    torch.manual_seed(0)
+    model = llama.Transformer(args)
+    for p in model.parameters():
+        p.data = (p.data / 4).bfloat16()
+    monkeypatch.setattr(kernels, "has_bf16dot", lambda: False)
+    plain = speed.for_inference(copy.deepcopy(model), "cpu", torch.bfloat16)
+    assert not any(isinstance(m, speed.KernelLinear) for m in plain.modules())
+    monkeypatch.setattr(kernels, "has_bf16dot", lambda: True)
+    monkeypatch.setattr(speed, "can_pack", lambda device, dtype: True)
+    fast = speed.for_inference(copy.deepcopy(model), "cpu", torch.bfloat16)
+    assert {type(fast.output), type(fast.layers[0].attention.wo),
+            type(fast.layers[0].feed_forward.fused_products.linear)} == {speed.KernelLinear}
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), fast.kv_cache(2, 10), model.kv_cache(2, 10):
+        for t0, t1 in ((0, 6), *((t, t + 1) for t in range(6, 10))):  # prefill, then steps
+            y = [m(tokens[:, t0:t1], start_pos=t0) for m in (fast, model)]
+            assert relative_error(*y) < 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_decoding_kernels_equal_the_models_own_steps(dtype):
     """--fast on CPUs (speed.for_inference): one-token steps through kernels.c (RoPE, the cache
