@@ -117,9 +117,8 @@ def settings(a):
     if not 2 <= c.seq_len <= context:
         raise llama.InputError(f"--seq_len {c.seq_len} must be in [2, the context: {context}]")
     prepare.check_source(c.data)
-    if speed.resolve_device(c.device).type == "cuda" and c.quantize == "int4":
-        raise llama.InputError("int4 on CUDA runs forward only (its packed layout is not read back "
-                               "for the backward pass): use --quantize int8 to train on a GPU")
+    if c.quantize:
+        quantize.check_device(c.quantize, speed.resolve_device(c.device), training=True)
     return c
 
 

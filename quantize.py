@@ -473,8 +473,12 @@ def quantize_model(model, mode, group_size=32, release=None, output=True, absmax
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear, "w4a8": W4A8Linear}
 
 
-def check_device(mode, device, compile=False):
-    """w8a8 and w4a8 run eagerly on CPUs: a C kernel."""
+def check_device(mode, device, compile=False, training=False):
+    """Where each mode runs: w8a8 and w4a8 eagerly on CPUs (a C kernel); int4 trains on CPUs only
+    (its CUDA layout is not read back for the backward pass)."""
+    if mode == "int4" and training and torch.device(device).type == "cuda":
+        raise llama.InputError("int4 on CUDA runs forward only (its packed layout is not read back "
+                               "for the backward pass): use --quantize int8 to train on a GPU")
     if mode in ("w8a8", "w4a8") and torch.device(device).type != "cpu":
         raise llama.InputError(f"{mode} runs on CPUs (integer dot products); on a GPU use "
                                "--quantize int8 or int4")

@@ -915,3 +915,13 @@ def test_finetune_refuses_int4_training_on_cuda_before_loading(tiny_ckpt, tmp_pa
     with pytest.raises(InputError, match="use --quantize int8 to train on a GPU"):
         finetune.main(["--ckpt_dir", str(tiny_ckpt), "--data", str(corpus), "--device", "cuda",
                        "--quantize", "int4", "--out_dir", str(tmp_path / "run")])
+
+
+def test_device_limits_of_each_mode_are_one_line_errors():
+    # quantize.check_device holds them all (finetune.py and generate.py ask it before loading)
+    with pytest.raises(InputError, match="use --quantize int8 to train on a GPU"):
+        quantize.check_device("int4", "cuda", training=True)
+    quantize.check_device("int4", "cuda")  # forward only: generation is allowed
+    quantize.check_device("int8", "cuda", training=True)
+    with pytest.raises(InputError, match="runs on CPUs"):
+        quantize.check_device("w4a8", "cuda")
