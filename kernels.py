@@ -127,9 +127,10 @@ def on_huge_pages(t):
     """A copy of t in memory the kernel reads from 2 MB pages (Linux's transparent huge pages,
     asked for before the first write, in a fresh mapping: freed heap memory that malloc hands out
     again has its small pages already): a decoding step streams every weight once, and with 4 KB
-    pages each 4 KB costs a TLB miss. Where the OS gives no huge pages, a plain copy."""
+    pages each 4 KB costs a TLB miss. Where the OS gives no huge pages, a plain copy. t may be a
+    view in any order: it is laid out as it is copied."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or t.nbytes < 2 * HUGE_PAGE:
-        return t
+        return t.contiguous()
     raw = mmap.mmap(-1, t.nbytes + HUGE_PAGE, mmap.MAP_PRIVATE)  # untouched; freed with t
     buffer = torch.frombuffer(raw, dtype=torch.uint8)
     offset = -buffer.data_ptr() % HUGE_PAGE
@@ -311,11 +312,11 @@ def w8a8_matmul(x, w, scales, portable=False):
     return y
 
 
-def bf16_layout(w):
+def bf16_layout(w, copy=torch.Tensor.contiguous):
     """w (out, in) bfloat16 -> (out / 4, in * 4): for each block of 4 rows and each 32 inputs, the
-    4 rows' 32 values side by side."""
+    4 rows' 32 values side by side, written by copy (on_huge_pages: straight into its pages)."""
     out, n = w.shape
-    return w.view(out // 4, 4, n // 32, 32).transpose(1, 2).reshape(out // 4, n * 4).contiguous()
+    return copy(w.view(out // 4, 4, n // 32, 32).transpose(1, 2)).view(out // 4, n * 4)
 
 
 def bf16_unlayout(w):

@@ -178,7 +178,7 @@ class KernelLinear(nn.Module):
     def __init__(self, weight):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", kernels.on_huge_pages(kernels.bf16_layout(weight.detach())))
+        self.register_buffer("weight", kernels.bf16_layout(weight.detach(), kernels.on_huge_pages))
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
