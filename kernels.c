@@ -310,6 +310,16 @@ static uint16_t to_bf16(float f) {  /* round to nearest even */
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+/* element i of a bf16 (bf) or float32 array, as float32; and back, rounded */
+static inline float load1(const void *p, int64_t i, int bf) {
+    return bf ? bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(void *p, int64_t i, float f, int bf) {
+    if (bf) ((uint16_t *)p)[i] = to_bf16(f);
+    else ((float *)p)[i] = f;
+}
+
 #ifdef AVX512
 static inline __m512 load16(const void *p, int bf) {  /* 16 floats, from bf16 if bf */
     return bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
@@ -345,7 +355,7 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
         float *qf = p + rep * S16, *acc = qf + rep * hd, *row = acc + rep * hd;
         float scale = 1.f / sqrtf((float)hd);
         for (int64_t i = 0; i < rep * hd; i++) {
-            qf[i] = (bf ? bf16(((const uint16_t *)q)[h0 + i]) : ((const float *)q)[h0 + i]) * scale;
+            qf[i] = load1(q, h0 + i, bf) * scale;
             acc[i] = 0.f;
         }
         const char *kb = (const char *)k + (b * bs + kv * hd) * esize;
@@ -368,8 +378,7 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
             }
 #else
             for (int64_t c = 0; c < hd; c++)
-                row[c] = bf ? bf16(((const uint16_t *)kb)[s * KV * hd + c])
-                            : ((const float *)kb)[s * KV * hd + c];
+                row[c] = load1(kb, s * KV * hd + c, bf);
             for (int64_t r = 0; r < rep; r++) {
                 float a = 0.f;
                 for (int64_t c = 0; c < hd; c++) a += qf[r * hd + c] * row[c];
@@ -406,16 +415,12 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
             }
 #else
             for (int64_t c = 0; c < hd; c++)
-                row[c] = bf ? bf16(((const uint16_t *)vb)[s * KV * hd + c])
-                            : ((const float *)vb)[s * KV * hd + c];
+                row[c] = load1(vb, s * KV * hd + c, bf);
             for (int64_t r = 0; r < rep; r++)
                 for (int64_t c = 0; c < hd; c++) acc[r * hd + c] += p[r * S16 + s] * row[c];
 #endif
         }
-        for (int64_t i = 0; i < rep * hd; i++) {
-            if (bf) ((uint16_t *)y)[h0 + i] = to_bf16(acc[i]);
-            else ((float *)y)[h0 + i] = acc[i];
-        }
+        for (int64_t i = 0; i < rep * hd; i++) store1(y, h0 + i, acc[i], bf);
         free(p);
     }
     return fail;
@@ -427,15 +432,6 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
    rounds to the model's dtype; k and v go into the cache at position pos, and q attends to the
    cache's first pos + 1 positions. cs (hd / 2, 2) float32; kc, vc (B, .., KV, hd), batch
    stride bs; q_out (B, H, hd) receives the rotated queries; y (B, H, hd). */
-
-static inline float load1(const void *p, int64_t i, int bf) {
-    return bf ? bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store1(void *p, int64_t i, float f, int bf) {
-    if (bf) ((uint16_t *)p)[i] = to_bf16(f);
-    else ((float *)p)[i] = f;
-}
 
 int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, int64_t hd,
                     const float *cs, void *kc, void *vc, int64_t bs, int64_t pos, void *q_out,

@@ -413,7 +413,7 @@ def for_inference(model, device, dtype, compile=False):
         fuse_products(model, quantized_stack)
         for module in model.modules():  # quantized weights (buffers), each read once a step
             for name, b in module.named_buffers(recurse=False):
-                if b.dtype in (torch.uint8, torch.int8, torch.int32):
+                if b.dtype in (torch.uint8, torch.int8):
                     setattr(module, name, kernels.on_huge_pages(b))
         release_freed_memory()  # the copies' originals
         if model.args.fused_attention:  # --fast (the C is built only then)
