@@ -509,9 +509,10 @@ void swiglu(const void *h, int bf, int64_t rows, int64_t m, void *y) {
 }
 
 /* ---- bf16: bf16 weights times bf16 activations, float32 sums (--fast CPU decoding) ----
-   Rows interleaved by 4 (bf16_layout): for each 32 inputs, the 4 rows' 64 bytes side by side, one
-   memory stream a block of rows, as w8a8's. AVX-512 BF16's vdpbf16ps adds 32 products into 16
-   float32 lanes per instruction; without it, the plain C loop. y (tokens, out) float32. */
+   Blocks of 32 rows (bf16_layout): for each pair of inputs, the 32 rows' two values side by side
+   (128 bytes), one memory stream a block. AVX-512 BF16's vdpbf16ps multiplies 16 rows' pairs by
+   one pair of a token broadcast, into 16 float32 sums: the sums are rows, so no horizontal add.
+   Without it, the plain C loop. */
 #if defined(__AVX512BF16__) && !defined(PORTABLE)
 #define BF16DOT 1
 #endif
@@ -524,32 +525,72 @@ int kernels_bf16dot(void) {
 #endif
 }
 
-void bf16_linear(const uint16_t *x, int64_t tokens, int64_t n, const uint16_t *w, int64_t out,
-                 float *y) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < out; r0 += 4) {
-        const uint16_t *wb = w + r0 * n;  /* this block of 4 rows: 4 n values */
-        for (int64_t t = 0; t < tokens; t++) {
-            const uint16_t *xt = x + t * n;
+/* One tile: a block of 32 rows times nt <= 12 tokens, 24 float32 accumulators: each weight load
+   serves nt tokens, so prefill's long products run at the dot products' speed, not the loads';
+   decoding (nt = 1) streams the block once. Every token's sums in the same order for any nt. */
+static inline __attribute__((always_inline)) void bf16_tile(
+        const int32_t *xp, int64_t n, const uint16_t *wb, const int nt, int64_t out, float *y,
+        uint16_t *yb) {
 #ifdef BF16DOT
-            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                           _mm512_setzero_ps()};
-            for (int64_t c = 0; c < n; c += 32) {
-                __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + c);
-                #pragma GCC unroll 4
-                for (int r = 0; r < 4; r++)
-                    a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(wb + 4 * c + 32 * r),
-                                            xv);
-            }
-            for (int r = 0; r < 4; r++) y[t * out + r0 + r] = _mm512_reduce_add_ps(a[r]);
-#else
-            for (int r = 0; r < 4; r++) {
-                float s = 0.f;
-                for (int64_t c = 0; c < n; c++)
-                    s += bf16(wb[4 * (c / 32 * 32) + 32 * r + c % 32]) * bf16(xt[c]);
-                y[t * out + r0 + r] = s;
-            }
-#endif
+    __m512 a[12][2];
+    for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n / 2; p++) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + 64 * p),
+                 w1 = (__m512bh)_mm512_loadu_si512(wb + 64 * p + 32);
+        for (int t = 0; t < nt; t++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[nt * p + t]);
+            a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, xv);
+            a[t][1] = _mm512_dpbf16_ps(a[t][1], w1, xv);
         }
     }
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2; h++) {
+            if (yb) _mm256_storeu_si256((__m256i *)(yb + t * out + 16 * h),
+                                        (__m256i)_mm512_cvtneps_pbh(a[t][h]));
+            else _mm512_storeu_ps(y + t * out + 16 * h, a[t][h]);
+        }
+#else
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 32; r++) {
+            float s = 0.f;
+            for (int64_t c = 0; c < n; c++)
+                s += bf16(wb[64 * (c / 2) + 2 * r + c % 2]) *
+                     bf16(((const uint16_t *)(xp + nt * (c / 2) + t))[c % 2]);
+            if (yb) yb[t * out + r] = to_bf16(s); else y[t * out + r] = s;
+        }
+#endif
+}
+
+/* y (tokens, out): float32, or bfloat16 if bf16_out. x is first copied pair-major a tile of tokens
+   (pairs of tile t at xp + t * 12 * n / 2: its tokens' pair p side by side), so that a tile reads
+   its broadcasts from one stream. The blocks of rows are split over the threads; each stays in
+   its core's cache while every token passes through it. Returns 0 without memory for the copy. */
+int bf16_linear(const uint16_t *x, int64_t tokens, int64_t n, const uint16_t *w, int64_t out,
+                void *y, int bf16_out) {
+    int64_t half = n / 2;
+    int32_t *xp = malloc(sizeof(int32_t) * half * tokens);
+    if (!xp) return 0;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t0 = 0; t0 < tokens; t0 += 12) {
+        int nt = tokens - t0 < 12 ? tokens - t0 : 12;
+        for (int t = 0; t < nt; t++)
+            for (int64_t p = 0; p < half; p++)
+                memcpy(xp + t0 * half + nt * p + t, x + (t0 + t) * n + 2 * p, 4);
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < out; r0 += 32)
+        for (int64_t t = 0; t < tokens; t += 12) {
+            const int32_t *xt = xp + t * half;
+            const uint16_t *wb = w + r0 * n;
+            float *yt = bf16_out ? NULL : (float *)y + t * out + r0;
+            uint16_t *ybt = bf16_out ? (uint16_t *)y + t * out + r0 : NULL;
+            switch (tokens - t < 12 ? tokens - t : 12) {  /* nt a constant: kept in registers */
+#define TILE(k) case k: bf16_tile(xt, n, wb, k, out, yt, ybt); break;
+                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+                TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+#undef TILE
+            }
+        }
+    free(xp);
+    return 1;
 }

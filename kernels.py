@@ -1,9 +1,10 @@
 """The kernels quantize.py's and speed.py's layers call, and the byte layouts each one takes:
 torch's int8 and int4 products (private aten ops, whose layouts depend on the device and the CPU),
 and C kernels of our own for CPU decoding (kernels.c, compiled at first use): integer dot products
-(int8 activations times int4 or int8 weights), bf16 products (AVX-512 BF16), the attention of one
-query with RoPE and the cache writes, RMSNorm and SwiGLU. quantize.py holds
-the numbers (what a weight rounds to); this file holds where its bytes go.
+(int8 activations times int4 or int8 weights), bf16 products (AVX-512 BF16, for decoding and
+prefill alike: tiles of 32 rows by up to 12 tokens), the attention of one query with RoPE and the
+cache writes, RMSNorm and SwiGLU. quantize.py holds the numbers (what a weight rounds to); this
+file holds where its bytes go.
 
 torch's int4 CPU product converts each weight to float and multiplies in float, and oneDNN's int8
 one (which w8a8 used) reads its weights at two thirds of the memory's speed in decoding.
@@ -186,7 +187,8 @@ def library(portable=False):
                                     p]
     lib.rms_norm.argtypes = [p, p, ctypes.c_int, i64, i64, ctypes.c_float, p]
     lib.swiglu.argtypes = [p, ctypes.c_int, i64, i64, p]
-    lib.bf16_linear.argtypes = [p, i64, i64, p, i64, p]
+    lib.bf16_linear.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.bf16_linear.restype = ctypes.c_int
     return lib
 
 
@@ -313,28 +315,32 @@ def w8a8_matmul(x, w, scales, portable=False):
 
 
 def bf16_layout(w, copy=torch.Tensor.contiguous):
-    """w (out, in) bfloat16 -> (out / 4, in * 4): for each block of 4 rows and each 32 inputs, the
-    4 rows' 32 values side by side, written by copy (on_huge_pages: straight into its pages)."""
+    """w (out, in) bfloat16 -> (out / 32, in * 32): for each block of 32 rows and each pair of
+    inputs, the 32 rows' two values side by side, written by copy (on_huge_pages: straight into
+    its pages)."""
     out, n = w.shape
-    return copy(w.view(out // 4, 4, n // 32, 32).transpose(1, 2)).view(out // 4, n * 4)
+    return copy(w.view(out // 32, 32, n // 2, 2).transpose(1, 2)).view(out // 32, n * 32)
 
 
 def bf16_unlayout(w):
-    """bf16_layout undone: (out / 4, in * 4) -> (out, in)."""
-    blocks, n = len(w), w.shape[1] // 4
-    return w.view(blocks, n // 32, 4, 32).transpose(1, 2).reshape(blocks * 4, n)
+    """bf16_layout undone: (out / 32, in * 32) -> (out, in)."""
+    blocks, n = len(w), w.shape[1] // 32
+    return w.view(blocks, n // 2, 32, 2).transpose(1, 2).reshape(blocks * 32, n)
 
 
-def bf16_matmul(x, w, portable=False):
-    """x (tokens, in) bfloat16 -> float32 (tokens, out), with w from bf16_layout."""
+def bf16_matmul(x, w, out_dtype=torch.float32, portable=False):
+    """x (tokens, in) bfloat16 -> (tokens, out) float32 or bfloat16, with w from bf16_layout."""
     tokens, n = x.shape
-    if not (x.dtype == w.dtype == torch.bfloat16 and w.shape[1] == 4 * n and n % 32 == 0 and
-            w.is_contiguous() and x.device.type == w.device.type == "cpu"):
+    if not (x.dtype == w.dtype == torch.bfloat16 and w.shape[1] == 32 * n and n % 2 == 0 and
+            w.is_contiguous() and x.device.type == w.device.type == "cpu" and
+            out_dtype in (torch.float32, torch.bfloat16)):
         raise ValueError("bf16_matmul takes bfloat16 x (tokens, in) and bf16_layout's contiguous "
-                         "(out / 4, in * 4) on the CPU, in a multiple of 32")
+                         "(out / 32, in * 32) on the CPU")
     x = x.contiguous()
-    y = torch.empty(tokens, 4 * len(w))
-    library(portable).bf16_linear(x.data_ptr(), tokens, n, w.data_ptr(), 4 * len(w), y.data_ptr())
+    y = torch.empty(tokens, 32 * len(w), dtype=out_dtype)
+    if not library(portable).bf16_linear(x.data_ptr(), tokens, n, w.data_ptr(), 32 * len(w),
+                                         y.data_ptr(), out_dtype == torch.bfloat16):
+        raise MemoryError("bf16_matmul: no memory for the activations' copy")
     return y
 
 

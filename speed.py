@@ -168,12 +168,11 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """A frozen bf16 Linear for --fast CPU decoding where the CPU has AVX-512 BF16: its rows
-    interleaved by 4 (kernels.bf16_layout, on huge pages), so that kernels.c's product reads one
-    stream per block of rows; oneDNN's packed matrix-vector product reads well below the memory's
-    speed. Up to kernel_max_rows rows per call; longer products (prefill) multiply slices of the
-    rows put back in order, with torch.mm. Sums in float32 in another order than F.linear's."""
-    kernel_max_rows = 16
+    """A frozen bf16 Linear for --fast CPU inference where the CPU has AVX-512 BF16 but no AMX:
+    its rows in blocks of 32 (kernels.bf16_layout, on huge pages), so that kernels.c's product
+    reads one stream per block in decoding, where oneDNN's packed matrix-vector product reads well
+    below the memory's speed, and keeps up with oneDNN's GEMM in prefill. Sums in float32 in
+    another order than F.linear's."""
 
     def __init__(self, weight):
         super().__init__()
@@ -181,15 +180,15 @@ class KernelLinear(nn.Module):
         self.register_buffer("weight", kernels.bf16_layout(weight.detach(), kernels.on_huge_pages))
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        if len(x2) <= self.kernel_max_rows:
-            return kernels.bf16_matmul(x2, self.weight).to(x.dtype).view(*x.shape[:-1], -1)
-        y = torch.empty(len(x2), self.out_features, dtype=x.dtype)
-        rows = max(4, 2 ** 20 // self.in_features // 4 * 4)  # slices of ~2 MB
-        for a in range(0, self.out_features, rows):
-            w = kernels.bf16_unlayout(self.weight[a // 4:(a + rows) // 4])  # (rows, in)
-            torch.mm(x2, w.t(), out=y[:, a:a + len(w)])
+        y = kernels.bf16_matmul(x.reshape(-1, self.in_features), self.weight, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def kernel_linear(weight):
+    """A KernelLinear where the weight comes in whole blocks of 32 rows (every Llama 3 shape
+    does), else a PackedLinear."""
+    out, n = weight.shape
+    return (KernelLinear if out % 32 == 0 and n % 2 == 0 else PackedLinear)(weight)
 
 
 class FusedProducts(nn.Module):
@@ -258,8 +257,8 @@ def fuse_products(model, fuse):
 
 
 def packed_stack(linears, linear=PackedLinear):
-    """fuse_products' fuse for bf16 Linears: their weights stacked and packed (in a PackedLinear or
-    a KernelLinear). Not for quantized layers (they stack with their own concat), nor for small
+    """fuse_products' fuse for bf16 Linears: their weights stacked and packed (linear: PackedLinear
+    or kernel_linear). Not for quantized layers (they stack with their own concat), nor for small
     weights: fused, one would be multiplied by oneDNN where F.linear is not."""
     if all(type(m) is nn.Linear and packs_like_linear(m.weight) for m in linears):
         return linear(torch.cat([m.weight for m in linears]))
@@ -277,7 +276,7 @@ def quantized_stack(linears):
 
 def pack_for_cpu_inference(model, linear=PackedLinear):
     """Every projection (and the output, a packed copy when tied to the embedding) as packed
-    products (linear: PackedLinear or KernelLinear), wq|wk|wv and w1|w3 each as one."""
+    products (linear: PackedLinear or kernel_linear), wq|wk|wv and w1|w3 each as one."""
     fuse_products(model, functools.partial(packed_stack, linear=linear))
     for module, name in llama.projections(model):
         child = getattr(module, name)
@@ -405,10 +404,13 @@ def for_inference(model, device, dtype, compile=False):
     """The inference speed paths that apply on this device: on CPUs, packed weights for bf16 (not
     with compile: torch.compile cannot trace oneDNN's packed layout), wq|wk|wv and w1|w3 of
     quantized layers each as one product, and one-token attention without the fused kernel where
-    the model uses it (--fast), with kernels.c's bf16 product where the CPU has AVX-512 BF16."""
+    the model uses it (--fast), with kernels.c's bf16 product where the CPU has AVX-512 BF16 and
+    no AMX."""
     if can_pack(torch.device(device), dtype) and not compile:
-        fast = model.args.fused_attention and kernels.available() and kernels.has_bf16dot()
-        pack_for_cpu_inference(model, KernelLinear if fast else PackedLinear)
+        # AMX's tiles multiply far faster than AVX-512: with them, oneDNN's product for prefill
+        fast = (model.args.fused_attention and kernels.available() and kernels.has_bf16dot() and
+                not cpu_has_amx())
+        pack_for_cpu_inference(model, kernel_linear if fast else PackedLinear)
     if torch.device(device).type == "cpu" and not compile:
         fuse_products(model, quantized_stack)
         for module in model.modules():  # quantized weights (buffers), each read once a step

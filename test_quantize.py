@@ -430,26 +430,25 @@ def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
 
 
 @pytest.mark.parametrize("portable", [False, True])
-def test_bf16_kernel_equals_the_product_in_float64_and_prefill_equals_f_linear(portable):
+def test_bf16_kernel_equals_the_product_in_float64_for_any_number_of_tokens(portable):
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(96, 320, generator=g).bfloat16()
-    x = torch.randn(3, 320, generator=g).bfloat16()
+    w = torch.randn(96, 322, generator=g).bfloat16()
+    x = torch.randn(29, 322, generator=g).bfloat16()  # two whole tiles of 12 tokens and a part
     packed = kernels.bf16_layout(w)
     assert torch.equal(kernels.bf16_unlayout(packed), w)
-    y, ref = kernels.bf16_matmul(x, packed, portable), x.double() @ w.double().t()
+    y, ref = kernels.bf16_matmul(x, packed, portable=portable), x.double() @ w.double().t()
     assert y.dtype == torch.float32 and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    for i in range(3):  # each token alone: the same sums
-        assert torch.equal(kernels.bf16_matmul(x[i:i + 1], packed, portable), y[i:i + 1])
-    layer = speed.KernelLinear(w)
-    long = torch.randn(2, 20, 320, generator=g).bfloat16()  # past kernel_max_rows: torch.mm
-    assert torch.equal(layer(long), torch.nn.functional.linear(long, w))
-    assert relative_error(layer(x[:1]), x[:1].float() @ w.float().t()) < 1e-2
+    for i in (0, 5, 28):  # each token alone, and in any tile: the same sums
+        assert torch.equal(kernels.bf16_matmul(x[i:i + 1], packed, portable=portable), y[i:i + 1])
+    assert torch.equal(kernels.bf16_matmul(x[3:10], packed, portable=portable), y[3:10])
+    rounded = kernels.bf16_matmul(x, packed, torch.bfloat16, portable)
+    assert torch.equal(rounded, y.bfloat16())  # rounded to nearest even, as torch rounds
 
 
 def test_fast_bf16_decoding_uses_the_kernel_where_the_cpu_has_avx512_bf16(monkeypatch):
-    """for_inference's choice forced both ways (it depends on the CPU): with AVX-512 BF16 (and
-    oneDNN's bf16, forced too), --fast bf16 projections are KernelLinears, and the model decodes
-    as its own F.linear products do; without, no KernelLinear."""
+    """for_inference's choice forced both ways (it depends on the CPU): with AVX-512 BF16 and no
+    AMX (and oneDNN's bf16, forced too), --fast bf16 projections are KernelLinears, and the model
+    decodes as its own F.linear products do; without, no KernelLinear."""
     args = llama.ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512,
                            ffn_hidden_dim=256, fused_attention=True)
     torch.manual_seed(0)
@@ -460,6 +459,7 @@ def test_fast_bf16_decoding_uses_the_kernel_where_the_cpu_has_avx512_bf16(monkey
     plain = speed.for_inference(copy.deepcopy(model), "cpu", torch.bfloat16)
     assert not any(isinstance(m, speed.KernelLinear) for m in plain.modules())
     monkeypatch.setattr(kernels, "has_bf16dot", lambda: True)
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(speed, "can_pack", lambda device, dtype: True)
     fast = speed.for_inference(copy.deepcopy(model), "cpu", torch.bfloat16)
     assert {type(fast.output), type(fast.layers[0].attention.wo),
