@@ -185,14 +185,15 @@ def lora_step_child(impl, ckpt, dtype, a):
         args, sd = checkpoints.load_checkpoint(ckpt)
         args = replace(args, max_seq_len=a.prefill_len)
         args = replace(args, fused_attention=True)
-        model = llama.build_model(args, speed.convert(sd, "cpu", dtype), "cpu", dtype)
+        model = llama.build_model(args, speed.to_device(sd, "cpu", dtype), "cpu", dtype)
         if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
             quantize.quantize_model(model, QUANTIZED[impl], a.group_size,
                                     release=speed.release_pages, output=False)  # as finetune.py
         model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
         llama.set_trainable(model, "lora")
+        if a.activation_checkpointing:
+            train_speed.checkpoint_activations(model)
         train_speed.for_training(model)
-        model.activation_checkpointing = a.activation_checkpointing
 
         def loss_fn():
             losses, weights = llama.token_losses(model, x, y, 128000)
@@ -295,7 +296,7 @@ def child(impl, ckpt, dtype_name, a):
                 hf(ids, logits_to_keep=1)
             else:
                 with g.model.kv_cache(1, a.prefill_len):
-                    g.model(ids, 0, last_only=g.fast)
+                    g.model(ids, 0, last_only=g.last_only)
             out["prefill_tok_s"] = a.prefill_len / (time.perf_counter() - t)
     out["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(out))

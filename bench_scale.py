@@ -74,7 +74,7 @@ def train_step_child(kind, ckpt, a):
     if "lora" in a.scale_mode:
         llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
     params = llama.set_trainable(model, a.scale_mode)
-    model.activation_checkpointing = True
+    train_speed.checkpoint_activations(model)
     step_model = model
     if kind == "fsdp":
         parallel.shard_for_training(model, device)

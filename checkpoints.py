@@ -43,28 +43,24 @@ META_REQUIRED = {"dim": int, "n_layers": int, "n_heads": int, "vocab_size": int,
 META_OPTIONAL = {"n_kv_heads": int, "ffn_dim_multiplier": float, "use_scaled_rope": bool}
 
 
-def check_types(cfg, types, where):
-    for key, want in types.items():
-        value = cfg.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = isinstance(value, bool) if want is bool else (
-            number and (want is float or float(value).is_integer()))
-        if value is not None and not ok:
-            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {value!r}; "
-                             f"fix the file")
+def check_types(cfg, required, optional, where):
+    """A config's keys and their values' types, before anything reads them: one-line errors."""
+    if missing := [k for k in required if k not in cfg]:
+        raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
+    for key, want in {**required, **optional}.items():
+        v = cfg.get(key)  # (an int is a float too; True is no number)
+        if v is not None and not (type(v) is want if want is bool else type(v) in (int, float)
+                                  and (want is float or float(v).is_integer())):
+            raise InputError(f"{where}: '{key}' should be {want.__name__}, got {v!r}; fix the file")
 
 
-def check_meta_params(params, where="params.json"):
-    """params.json's keys and types, before llama.args_from_meta_params reads it."""
-    missing = [k for k in META_REQUIRED if k not in params]
-    if missing:
-        raise InputError(f"{where} is missing required keys {missing}; "
-                         f"is this a Llama 3 params.json?")
-    check_types(params, {**META_REQUIRED, **META_OPTIONAL}, where)
-    unknown = sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL))
-    if unknown:
+def read_meta_args(d):
+    """params.json -> ModelArgs: read once, its keys and types checked first."""
+    params, where = llama.read_json(d / "params.json"), str(d / "params.json")
+    check_types(params, META_REQUIRED, META_OPTIONAL, where)
+    if unknown := sorted(set(params) - set(META_REQUIRED) - set(META_OPTIONAL)):
         log(f"note: {where} has keys this text-only model does not use: {unknown}")
-    return params
+    return llama.args_from_meta_params(params, where)
 
 
 def args_from_hf_config(cfg, where="config.json"):
@@ -72,10 +68,7 @@ def args_from_hf_config(cfg, where="config.json"):
     if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in archs):
         raise InputError(f"{where} describes {archs or cfg.get('model_type')}, not a Llama model "
                          f"(LlamaForCausalLM); this code runs Llama 3.x only")
-    missing = [k for k in HF_REQUIRED if k not in cfg]
-    if missing:
-        raise InputError(f"{where} is missing required keys {missing}; is the file complete?")
-    check_types(cfg, {**HF_REQUIRED, **HF_OPTIONAL}, where)
+    check_types(cfg, HF_REQUIRED, HF_OPTIONAL, where)
     # transformers 4 writes rope_theta + rope_scaling; transformers 5, both inside rope_parameters
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
@@ -196,8 +189,7 @@ def read_args(ckpt_dir):
     layout, d = checkpoint_layout(ckpt_dir)
     if layout == "hf":
         return args_from_hf_config(llama.read_json(d / "config.json"), str(d / "config.json"))
-    params = check_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
-    return llama.args_from_meta_params(params, str(d / "params.json"))
+    return read_meta_args(d)
 
 
 def load_checkpoint(ckpt_dir):
@@ -209,8 +201,7 @@ def load_checkpoint(ckpt_dir):
         log(f"{d} has both layouts: using the safetensors (HF), not original/ (Meta)")
     if layout == "hf":
         return load_hf_checkpoint(d)
-    check_meta_params(llama.read_json(d / "params.json"), str(d / "params.json"))
-    args, state_dict = llama.load_meta_checkpoint(d)
+    args, state_dict = llama.load_meta_checkpoint(d, read_meta_args(d))
     return drop_kv_copies(args, state_dict, len(list(d.glob("consolidated.*.pth"))))
 
 
@@ -484,7 +475,7 @@ def peft_settings(adapter_dir):
                          f"adapter with peft (merge_and_unload) and load the merged model instead")
     if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
         raise InputError(f"{where} has no integer r and number lora_alpha; is the file complete?")
-    check_types(cfg, {"lora_dropout": float}, str(where))
+    check_types(cfg, {}, {"lora_dropout": float}, str(where))
     return cfg
 
 

@@ -140,19 +140,18 @@ def main(argv=None):
     # under FSDP the whole model never reaches a GPU: it is built in CPU memory (the checkpoint's
     # mapped pages) and fully_shard moves each block's 1/N to the device
     at = torch.device("cpu") if cfg.fsdp else device
-    model = llama.build_model(args, speed.convert(state_dict, at, dtype), device=at, dtype=dtype)
+    model = llama.build_model(args, speed.to_device(state_dict, at, dtype), device=at, dtype=dtype)
     if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
         quantize.quantize_model(model, cfg.quantize, cfg.group_size,
                                 release=speed.release_pages, output=False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
     checkpoints.apply_run_lora(model, run)
     llama.set_trainable(model, cfg.mode)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.activation_checkpointing:
+        train_speed.checkpoint_activations(model)
     if cfg.fsdp:
         parallel.shard_for_training(model, device)
-    train_speed.for_training(model)  # lean training modules
-    if device.type == "cuda":
-        train_speed.use_flex_attention(model)
+    train_speed.for_training(model)  # lean training modules; flex attention on GPUs
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")
@@ -162,7 +161,7 @@ def main(argv=None):
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
     def sample_text(model):  # a glimpse of the model while it trains
-        g = llama.Llama(model.eval(), tokenizer, max_batch_size=1, seed=cfg.seed, fast=True)
+        g = llama.Llama(model.eval(), tokenizer, max_batch_size=1, seed=cfg.seed, last_only=True)
         text = g.text_completion(["Once upon a time"], temperature=0.8, max_gen_len=48)[0]
         model.train()
         return text["generation"]
@@ -172,6 +171,8 @@ def main(argv=None):
         else (0, [])
     stopped = llama.train(model, optimizer, tokenizer, train_data, val_data, run, cfg.out_dir,
                           start, sample_text)
+    if stopped:
+        llama.log(f"continue with: python finetune.py --out_dir {cfg.out_dir} --resume")
     return model, stopped
 
 

@@ -42,46 +42,45 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
         quant.check_settings(quantize, group_size)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
+    # --fast, decoded once: fused attention in the model's config, last-position logits in Llama
+    settings = dict(max_seq_len=max_seq_len, fused_attention=fast,
+                    **({"rope_scaling_factor": rope_scaling_factor} if rope_scaling_factor else {}))
     if parallel.under_torchrun():  # tensor parallel: this process's shard, quantized here
         check_tensor_parallel(ckpt_dir, lora)
         device = parallel.init_processes(device)
-        model = parallel.load_tensor_parallel(ckpt_dir, device, dtype, fast, max_seq_len,
-                                              rope_scaling_factor)
+        model = parallel.load_tensor_parallel(ckpt_dir, device, dtype, settings)
         llama.check_vocab(tokenizer, model.args)
         if quantize:
             quant.quantize_model(model, quantize, group_size, absmax=parallel.row_absmax)
-        return finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize,
-                      max_batch_size, seed, fast, t0)
+    else:
+        model = load_model(ckpt_dir, device, dtype, settings, tokenizer, lora, quantize, group_size)
+    speed.for_inference(model, device, dtype, compile)
+    g = llama.Llama(model, tokenizer, max_batch_size, seed, last_only=fast)
+    llama.log(f"loaded {ckpt_dir} in {time.time() - t0:.1f}s ({device}, {quantize or dtype})")
+    return speed.static_decoding(g) if compile else g
+
+
+def load_model(ckpt_dir, device, dtype, settings, tokenizer, lora, quantize, group_size):
+    """One process's model: its config with settings (ModelArgs fields) replaced, a finetune run
+    merged in, quantized (or read as quantize.py saved it)."""
     saved = quantize and not lora and quant.saved_path(ckpt_dir, quantize, group_size).exists()
     args, state_dict = (checkpoints.read_args(ckpt_dir), None) if saved else \
         checkpoints.load_checkpoint(ckpt_dir)
-    args = replace(args, max_seq_len=max_seq_len, fused_attention=fast,
-                   rope_scaling_factor=rope_scaling_factor or args.rope_scaling_factor)
+    args = replace(args, **settings)
     llama.check_vocab(tokenizer, args)
     if saved:  # quantized before: skip the work
         with torch.device("meta"):
             model = llama.Transformer(args)
-        path = quant.saved_path(ckpt_dir, quantize, group_size)
-        model = quant.load_quantized(model, path, device, quantize)
-    else:
-        state_dict = speed.convert(state_dict, device, dtype)
-        model = llama.build_model(args, state_dict, device, dtype)
-        if lora:
-            model = checkpoints.load_finetuned(model, lora)
-        if quantize:
-            llama.log(f"quantizing to {quantize} (python quantize.py --ckpt_dir {ckpt_dir} --mode "
-                      f"{quant.weights_format(quantize)} saves the result, for the next start)")
-            quant.quantize_model(model, quantize, group_size, release=speed.release_pages)
-    return finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize, max_batch_size,
-                  seed, fast, t0)
-
-
-def finish(model, tokenizer, ckpt_dir, device, dtype, compile, quantize, max_batch_size, seed,
-           fast, t0):  # this device's speed paths, and the generator
-    speed.for_inference(model, device, dtype, compile)
-    g = llama.Llama(model, tokenizer, max_batch_size, seed, fast)
-    llama.log(f"loaded {ckpt_dir} in {time.time() - t0:.1f}s ({device}, {quantize or dtype})")
-    return speed.static_decoding(g) if compile else g
+        return quant.load_quantized(model, quant.saved_path(ckpt_dir, quantize, group_size),
+                                    device, quantize)
+    model = llama.build_model(args, speed.to_device(state_dict, device, dtype), device, dtype)
+    if lora:
+        model = checkpoints.load_finetuned(model, lora)
+    if quantize:
+        llama.log(f"quantizing to {quantize} (python quantize.py --ckpt_dir {ckpt_dir} --mode "
+                  f"{quant.weights_format(quantize)} saves the result, for the next start)")
+        quant.quantize_model(model, quantize, group_size, release=speed.release_pages)
+    return model
 
 
 def check_tensor_parallel(ckpt_dir, lora):

@@ -159,24 +159,22 @@ def library(portable=False):
     path = cache_dir() / f"kernels-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        # per process: another may be building it at the same time
-        src, tmp = (path.with_suffix(f".{os.getpid()}{ext}") for ext in (".c", ".tmp"))
+        src = path.with_suffix(f".{os.getpid()}.c")  # per process: another may be building too
         src.write_text(SOURCE)
         try:
-            r = subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(tmp)],
-                               capture_output=True, text=True)
+            with llama.atomic_file(path) as tmp:  # whole or absent
+                r = subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(tmp)],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    last = r.stderr.strip().splitlines()[-1:] or ["?"]
+                    raise llama.InputError(f"kernels.c did not compile ({last[0]}); use "
+                                           "--quantize int4 or int8")
         except FileNotFoundError:
             raise llama.InputError("w4a8 and w8a8 compile a C kernel at first use and found no "
                                    "C compiler: install gcc, or use --quantize int4 or int8"
                                    ) from None
         finally:
             src.unlink()
-        if r.returncode:
-            last = r.stderr.strip().splitlines()[-1:] or ["?"]
-            raise llama.InputError(f"kernels.c did not compile ({last[0]}); use "
-                                   "--quantize int4 or int8")
-        os.replace(tmp, path)  # whole or absent (not llama.atomic_file: its temporary name is
-        # shared, and two processes may be building at once)
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.w4a8_linear.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p]

@@ -86,7 +86,7 @@ def meta_ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
-def args_from_meta_params(params, where="params.json"):
+def args_from_meta_params(params, where="params.json"):  # Meta's keys, numbers of the right type
     dim, n_heads = int(params["dim"]), int(params["n_heads"])
     n_kv_heads = int(params.get("n_kv_heads") or n_heads)
     if dim % n_heads or n_heads % n_kv_heads:
@@ -127,11 +127,10 @@ class Tokenizer:
         self.model = tiktoken.Encoding(name=name, pat_str=LLAMA3_SPLIT_PATTERN,
                                        mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.n_words = len(ranks) + len(SPECIAL_TOKENS)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        ids = self.special_tokens
+        self.bos_id, self.eos_id = ids["<|begin_of_text|>"], ids["<|end_of_text|>"]
+        self.eot_id, self.eom_id = ids["<|eot_id|>"], ids["<|eom_id|>"]
+        self.pad_id = ids["<|finetune_right_pad_id|>"]
         self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
 
     def encode(self, s, bos=False, eos=False):
@@ -347,7 +346,6 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight  # one matrix, used both ways
         self.cross_entropy = CrossEntropy()
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
-        self.activation_checkpointing = False
 
     def forward(self, tokens, start_pos=0, mask=None, positions=None, targets=None,
                 last_only=False):
@@ -364,11 +362,7 @@ class Transformer(nn.Module):
                      else self.freqs_cis[positions])
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training:  # recompute in backward: less mem
-                h = torch.utils.checkpoint.checkpoint(layer, h, freqs_cis, start_pos, mask,
-                                                      use_reentrant=False)
-            else:
-                h = layer(h, freqs_cis, start_pos, mask)
+            h = layer(h, freqs_cis, start_pos, mask)
         h = self.norm(h[:, -1:] if last_only else h)
         if targets is not None:
             return self.cross_entropy(h, self.output, targets)
@@ -390,7 +384,7 @@ class Transformer(nn.Module):
 # 4. Checkpoints
 # Meta's layout: params.json, consolidated.NN.pth (one per model-parallel rank), tokenizer.model.
 # Weights are memory-mapped and assigned into a model built on the meta device: no second copy, so
-# peak memory stays near the weights' size. (checkpoints.py reads the rest: HF's, tokenizer files.)
+# peak memory stays near the weights' size. Other layouts are renamed to Meta's keys before this.
 
 def read_json(path):
     try:
@@ -424,14 +418,15 @@ def tie_output(args, state_dict):
     state_dict = {k: v for k, v in state_dict.items() if not (tied and k == "output.weight")}
     return replace(args, tie_embeddings=tied), state_dict
 
-def load_meta_checkpoint(ckpt_dir):
-    """params.json + consolidated.*.pth -> (ModelArgs, state_dict in Meta's names)."""
+def load_meta_checkpoint(ckpt_dir, args=None):
+    """params.json (or args read from it) + consolidated.*.pth -> (ModelArgs, state_dict in Meta's
+    names)."""
     ckpt_dir = Path(ckpt_dir)
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise InputError(f"no consolidated.*.pth in {ckpt_dir}; point --ckpt_dir at a Llama 3 "
                          f"checkpoint directory")
-    args = args_from_meta_params(read_json(ckpt_dir / "params.json"), str(ckpt_dir / "params.json"))
+    args = args or args_from_meta_params(read_json(ckpt_dir / "params.json"))
     log(f"loading {len(paths)} shard(s) from {ckpt_dir}")
     shards = []
     for i, p in enumerate(paths):
@@ -486,9 +481,10 @@ def atomic_directory(out_dir):
 
 @contextmanager
 def atomic_file(path):
-    """Like atomic_directory, for one file: a reader sees the old file or the new, never a part."""
+    """Like atomic_directory, for one file: a reader sees the old file or the new, never a part.
+    The temporary name is the process's own: two writing at once each write whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -540,15 +536,19 @@ def check_vocab(tokenizer, args):
 
 class Llama:
     """Generation: with Meta's arithmetic, bit-identical to Meta's (float32, bf16, sampled too)."""
-    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, fast=False):
-        # fast: compute only the last position's logits (Meta computes all of them)
+    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, last_only=False):
+        # last_only: compute only the last position's logits (Meta computes all of them)
         check_vocab(tokenizer, model.args)
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
-        self.args, self.fast = model.args, fast
+        self.args, self.last_only = model.args, last_only
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)  # as Meta's global seed
-        # what one decoding step calls, and the cache it runs in (speed.py swaps in compiled ones)
-        self.step, self.kv_cache = model, model.kv_cache
+
+    def kv_cache(self, batch_size, max_len):  # the cache one generation runs in
+        return self.model.kv_cache(batch_size, max_len)
+
+    def step(self, tokens, start_pos, last_only=False):  # one decoding step's logits
+        return self.model(tokens, start_pos, last_only=last_only)
 
     def check_prompts(self, prompt_tokens, max_gen_len):
         longest = max(map(len, prompt_tokens), default=0)
@@ -578,7 +578,7 @@ class Llama:
         token_logprobs = torch.zeros(tokens.shape, device=self.device) if logprobs else None
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        last_only = self.fast and not logprobs
+        last_only = self.last_only and not logprobs
         with self.kv_cache(bsz, total_len):
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
@@ -655,7 +655,7 @@ MODES = ("lora", "norm", "lora+norm", "full")
 class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        self.base, self.scale = base, alpha / rank  # base: an nn.Linear, or quantize.py's modules
+        self.base, self.scale = base, alpha / rank  # base: any module with in/out_features
         device = next(iter(base.state_dict().values())).device
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))  # float32
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
@@ -738,7 +738,7 @@ def token_weights(y, bos_id, loss_mask=None):
 def get_batch(data, step, batch_size, seq_len, seed, rank=0, world=1, device="cpu"):
     """One step's (inputs, targets, their loss mask or None), drawn from (seed, step) alone: resume
     needs only the step, and DDP ranks take disjoint slices of the same global batch."""
-    tokens, mask = data  # (finetune.py checks that they are longer than seq_len)
+    tokens, mask = data  # 1-D, longer than seq_len + 1 (and mask None or as long)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size * world,), generator=g)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
@@ -893,7 +893,6 @@ def train(model, optimizer, tokenizer, train_data, val_data, run, out_dir, start
                 save_training_state(out_dir, model, optimizer, step, run, log_lines)
                 log(f"saved step {step} to {out_dir / 'checkpoint'}")
             if stopping:
-                log(f"stopped at step {step}; continue with: "
-                    f"finetune.py --out_dir {out_dir} --resume")
+                log(f"stopped at step {step}, saved in {out_dir} to resume from")
                 return stop["signal"] or "stop_at"
     return None

@@ -248,13 +248,12 @@ def read_hf_shard(d, args, rank, n):
     return args, out
 
 
-def load_tensor_parallel(ckpt_dir, device, dtype, fused_attention, max_seq_len,
-                         rope_scaling_factor=None):
-    """This process's shard of the model, built on the meta device, its slices loaded."""
+def load_tensor_parallel(ckpt_dir, device, dtype, settings):
+    """This process's shard of the model, built on the meta device, its slices loaded, its config
+    with settings (ModelArgs fields) replaced."""
     rank, n = world()
     args, state_dict = load_shard(ckpt_dir, rank, n)
-    args = replace(args, max_seq_len=max_seq_len, fused_attention=fused_attention,
-                   rope_scaling_factor=rope_scaling_factor or args.rope_scaling_factor)
+    args = replace(args, **settings)
     state_dict = {k: t.to(device=device, dtype=dtype).contiguous() for k, t in state_dict.items()}
     model = llama.build_model(args, state_dict, device, dtype,
                               shard=lambda m: tensor_parallel(m, rank, n))

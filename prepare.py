@@ -197,7 +197,8 @@ def prepare_data(data, tokenizer, data_dir):
         n_val = max(1, len(docs) // 20) if len(docs) > 1 else 0
         splits = [docs[:len(docs) - n_val] or docs, docs[len(docs) - n_val:] or docs]
     result = [tokenize_to_bin(docs, tokenizer, p) for docs, p in zip(splits, out)]
-    stamp_path.write_text(json.dumps(stamp))
+    with llama.atomic_file(stamp_path) as tmp:  # written whole, or the next run tokenizes again
+        tmp.write_text(json.dumps(stamp))
     log(f"tokenized data saved in {data_dir}")
     return result
 

@@ -605,7 +605,7 @@ def main(argv=None):
     check_settings(a.mode, a.group_size)
     args, state_dict = checkpoints.load_checkpoint(a.ckpt_dir)
     dtype = torch.bfloat16  # the kernels' dtype; Meta ships bf16, so nothing is lost
-    model = llama.build_model(args, speed.convert(state_dict, "cpu", dtype), "cpu", dtype)
+    model = llama.build_model(args, speed.to_device(state_dict, "cpu", dtype), "cpu", dtype)
     llama.log(f"quantizing to {a.mode} ...")
     quantize_model(model, a.mode, a.group_size, release=speed.release_pages)
     save_quantized(model, saved_path(a.ckpt_dir, a.mode, a.group_size))

@@ -2,14 +2,17 @@
 Speed paths for inference beside llama.py, applied by swapping modules in at one assembly point
 (generate.load calls for_inference; train_speed.py holds training's); llama.py itself keeps one
 plain path. Each swapped-in module computes what the module it replaces computes (the tests compare
-them). One rule for how: a module that keeps its weights becomes a subclass in place (its
-__class__: another forward), a module with state of its own (packed or stacked weights) replaces
-the old one in its parent.
+them). One rule for how: an object that keeps its state becomes a subclass in place (its
+__class__: other methods; llama.Llama's step and kv_cache too, in StaticDecoding), a module with
+state of its own (packed or stacked weights) replaces the old one in its parent. Hooks only add
+work beside a module and change none: parallel.py's collectives (as torch's parallelize_module
+adds its own) and train_speed.py's hand-back of freed memory.
 
 - Devices and dtypes: the best the machine has unless asked (bf16 on GPUs, float32 on CPUs);
   memory handed back to the OS as weights are converted.
 - CPU, bf16 generation (where oneDNN has native bf16 kernels): weights packed once into oneDNN's
-  blocked layout (PackedLinear), wq|wk|wv and w1|w3 as one product each; the memory-mapped
+  blocked layout (PackedLinear), or with --fast and AVX-512 BF16 without AMX into kernels.c's
+  (KernelLinear), wq|wk|wv and w1|w3 as one product each; the memory-mapped
   originals are handed back to the OS as they are packed. Quantized weights are stacked the same
   way and copied onto huge pages.
 - CPU, --fast decoding: a one-token step's RoPE, cache writes and attention, its RMSNorms and its
@@ -99,7 +102,7 @@ def release_pages(t):
         ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)
 
 
-def convert(state_dict, device, dtype):
+def to_device(state_dict, device, dtype):
     """Each weight in dtype on device, dropping the source's pages as soon as it is converted:
     loading bf16 weights as float32 then peaks near the float32 copy alone, not both. Consumes
     state_dict."""
@@ -301,15 +304,14 @@ class StaticKVCache(llama.KVCache):
         return self.k, self.v
 
 
-def static_decoding(generator, compile=True):
-    """Swap a llama.Llama's decoding step and KV cache for static-shape ones (compiled with
-    torch.compile unless compile=False). The cache is kept between generations of the same batch
+class StaticDecoding(llama.Llama):
+    """A llama.Llama whose decoding step and KV cache have static shapes, the step compiled
+    (static_decoding swaps the class in). The cache is kept between generations of the same batch
     size: a new one would mean a new compilation."""
-    model, a = generator.model, generator.model.args
-    compiled = torch.compile(model, dynamic=False) if compile else model
 
     @contextmanager
-    def kv_cache(batch_size, max_len):
+    def kv_cache(self, batch_size, max_len):
+        model, a = self.model, self.model.args
         w, cache = model.tok_embeddings.weight, model.layers[0].attention.cache
         if cache is None or cache.k.shape[0] != batch_size:
             for layer in model.layers:
@@ -318,17 +320,27 @@ def static_decoding(generator, compile=True):
                                                       w.dtype, w.device)
         yield
 
-    def step(tokens, start_pos, last_only=False):
-        T, device = tokens.shape[1], tokens.device
+    def step(self, tokens, start_pos, last_only=False):
+        T, device, S = tokens.shape[1], tokens.device, self.args.max_seq_len
         positions = start_pos + torch.arange(T, device=device)  # (T,)
-        mask = torch.arange(a.max_seq_len, device=device)[None, :] <= positions[:, None]  # (T, S)
-        forward = compiled if T == 1 else model  # prompts are prefilled eagerly: their lengths vary
+        mask = torch.arange(S, device=device)[None, :] <= positions[:, None]  # (T, S)
+        # prompts are prefilled eagerly: their lengths vary
+        forward = self.compiled if T == 1 else self.model
         return forward(tokens, torch.tensor(start_pos, device=device), mask=mask,
                        positions=positions, last_only=last_only)
 
-    generator.step, generator.kv_cache = step, kv_cache
+
+def static_decoding(generator, compile=True):
+    """A llama.Llama as a StaticDecoding, its one-token step compiled with torch.compile (unless
+    compile=False: the same static shapes, eager)."""
+    model = generator.model
+    generator.compiled = torch.compile(model, dynamic=False) if compile else model
+    generator.__class__ = StaticDecoding
     return generator
 
+
+# -----------------------------------------------------------------------------
+# CPU --fast decoding: one-token attention, and kernels.c's RoPE, attention, RMSNorm and SwiGLU
 
 class DecodeAttention(llama.Attention):
     """For one-token steps on CPUs (--fast): torch's fused attention kernel takes 0.1-0.7 ms for a

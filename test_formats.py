@@ -7,6 +7,7 @@ independent readers and writers.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -398,9 +399,27 @@ def test_gguf_holds_the_model_and_the_llama3_tokenizer(meta_ckpt, tmp_path):
     assert set(tensors) == {convert.gguf_name(k) for k in sd} | {"rope_freqs.weight"}
     check_gguf_tensors(sd, tensors, "f32")
     factors = dequantized(tensors["rope_freqs.weight"])
-    assert torch.equal(factors, convert.rope_freq_factors(args))
-    base = llama.rope_frequencies(llama.ModelArgs(**{**vars(args), "use_scaled_rope": False}))
-    torch.testing.assert_close(base / factors, llama.rope_frequencies(args), rtol=1e-6, atol=0)
+    torch.testing.assert_close(factors, llama_cpp_rope_factors(args), rtol=1e-6, atol=0)
+
+
+def llama_cpp_rope_factors(args):
+    """rope_freqs as llama.cpp's convert_hf_to_gguf.py computes it for llama3 scaling, written out
+    independently of llama.rope_frequencies (which the export divides): 1 for short wavelengths,
+    factor for long ones, interpolated between."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    low, high, old_ctx = (args.rope_low_freq_factor, args.rope_high_freq_factor,
+                          args.rope_original_context)
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(args.rope_scaling_factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / args.rope_scaling_factor + smooth))
+    return torch.tensor(factors)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "q8_0"])

@@ -1,14 +1,14 @@
 """
 Speed paths for training, beside llama.py, swapped in at one assembly point (finetune.py calls
-for_training, and use_flex_attention on GPUs) as speed.py's are for inference: each module keeps
-its parameters and its forward arithmetic, and only the backward is written out (the tests compare
-them with llama.py's modules).
+for_training) as speed.py's are for inference: each module keeps its parameters and its forward
+arithmetic, and only the backward is written out (the tests compare them with llama.py's modules).
 
 - CPU: products with frozen bf16 weights run in float32 where bf16 products are slow (no AMX,
   speed.matmul_dtype); RMSNorm, SwiGLU and LoRA backwards written out so that no float32 copy of
   an activation is kept; LoRA over quantize.py's layers through their product and input_grad; the
   output layer's cross-entropy a chunk at a time, never holding the (tokens, vocab) logits; freed
   memory handed back to the OS before each step.
+- Anywhere: activation checkpointing, a block at a time (CheckpointedBlock).
 - GPU: compiled flex attention for packed documents skips their masked-out blocks.
 """
 
@@ -139,8 +139,11 @@ class LeanLoRALinear(llama.LoRALinear):
 class QuantizedLoRAProduct(torch.autograd.Function):
     """A LoRALinear over a quantized base (quantize.py's layers: base.product(x) and
     base.input_grad(dy)), y = base(x) + scale (x_a A^T) B^T with x_a = dropout(x), its backward
-    written out as LoRAProduct's is: it keeps x_a and the thin (tokens, rank)
-    product, where autograd would keep a float32 copy of x for each adapter."""
+    written out as LoRAProduct's is: it keeps x_a and the thin (tokens, rank) product, where
+    autograd would keep a float32 copy of x for each adapter. LoRAProduct's sibling rather than
+    one Function with it: a bf16 base can be trained too (its weight's gradient) and multiplies
+    from scratch buffers; a quantized base only multiplies, in its own product and input_grad.
+    Both share adapter_grads, and for_training picks one per layer."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -228,7 +231,7 @@ class ChunkedCrossEntropy(llama.CrossEntropy):
 def for_training(model):
     """Swap in the lean training modules: each is a subclass of the module it replaces, with the
     same parameters and the same forward arithmetic (only the backward is written out), so the
-    class is swapped in place. Call after apply_lora and set_trainable."""
+    class is swapped in place; on GPUs, flex attention. Call after apply_lora and set_trainable."""
     lean = {llama.RMSNorm: LeanRMSNorm, llama.FeedForward: LeanFeedForward,
             llama.LoRALinear: LeanLoRALinear, llama.CrossEntropy: ChunkedCrossEntropy}
     for module in model.modules():
@@ -237,10 +240,33 @@ def for_training(model):
         elif type(module) in lean and (type(module) is not llama.LoRALinear
                                        or type(module.base) is nn.Linear):
             module.__class__ = lean[type(module)]
-    if next(model.parameters()).device.type == "cpu":
+    device = next(model.parameters()).device
+    if device.type == "cpu":
         # hand back what the last backward pass freed, before each step
         model.register_forward_pre_hook(
             lambda module, args: release_freed_memory() if module.training else None)
+    elif device.type == "cuda":
+        use_flex_attention(model)
+    return model
+
+
+class CheckpointedBlock(llama.TransformerBlock):
+    """A block whose activations are recomputed in backward rather than kept (same weights: its
+    class is swapped in): training holds one block's activations at a time, for a second forward
+    pass."""
+
+    def forward(self, x, freqs_cis, start_pos, mask):
+        if not self.training:
+            return super().forward(x, freqs_cis, start_pos, mask)
+        return torch.utils.checkpoint.checkpoint(super().forward, x, freqs_cis, start_pos, mask,
+                                                 use_reentrant=False)
+
+
+def checkpoint_activations(model):
+    """Every block a CheckpointedBlock. Before FSDP's fully_shard, which wraps each block as it
+    is (the recomputation then runs inside the block's gathered weights)."""
+    for layer in model.layers:
+        layer.__class__ = CheckpointedBlock
     return model
 
 
