@@ -29,11 +29,11 @@ import torch
 
 import checkpoints
 import convert
+import finetune
 import generate
 import llama
 import quantize
 import speed
-import train_speed
 import kernels
 
 HERE = Path(__file__).parent
@@ -186,14 +186,10 @@ def lora_step_child(impl, ckpt, dtype, a):
         args = replace(args, max_seq_len=a.prefill_len)
         args = replace(args, fused_attention=True)
         model = llama.build_model(args, speed.to_device(sd, "cpu", dtype), "cpu", dtype)
-        if impl in QUANTIZED:  # QLoRA: LoRA over the quantized base
-            quantize.quantize_model(model, QUANTIZED[impl], a.group_size,
-                                    release=speed.release_pages, output=False)  # as finetune.py
-        model = llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
-        llama.set_trainable(model, "lora")
-        if a.activation_checkpointing:
-            train_speed.checkpoint_activations(model)
-        train_speed.for_training(model)
+        # finetune.py's LoRA (rank 8, alpha 16, every projection; QLoRA over a quantized base)
+        finetune.assemble(model, {**finetune.DEFAULTS, "quantize": QUANTIZED.get(impl),
+                                  "group_size": a.group_size,
+                                  "activation_checkpointing": a.activation_checkpointing}, "cpu")
 
         def loss_fn():
             losses, weights = llama.token_losses(model, x, y, 128000)

@@ -24,11 +24,11 @@ import torch
 
 import bench
 import checkpoints
+import finetune
 import generate
 import llama
 import parallel
 import speed
-import train_speed
 
 SCALE_RUNS = (("decode", 1), ("decode", 2), ("ddp", 2), ("fsdp", 2))
 
@@ -71,17 +71,11 @@ def train_step_child(kind, ckpt, a):
     sd = {k: t.to(torch.bfloat16, copy=True) for k, t in sd.items()}
     model = llama.build_model(args, sd, device, torch.bfloat16)
     del sd
-    if "lora" in a.scale_mode:
-        llama.apply_lora(model, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], 8, 16)
-    params = llama.set_trainable(model, a.scale_mode)
-    train_speed.checkpoint_activations(model)
-    step_model = model
-    if kind == "fsdp":
-        parallel.shard_for_training(model, device)
-        params = [p for p in model.parameters() if p.requires_grad]  # the shards
-    else:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    train_speed.for_training(model)
+    finetune.assemble(model, {**finetune.DEFAULTS, "mode": a.scale_mode, "fsdp": kind == "fsdp",
+                              "activation_checkpointing": True}, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP's: the shards
+    step_model = model if kind == "fsdp" else \
+        torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = bench.prompt_ids(a.prefill_len + 1)
     speed.release_freed_memory()

@@ -122,6 +122,22 @@ def settings(a):
     return c
 
 
+def assemble(model, run, device):
+    """The assembly point of training (bench.py's and bench_scale.py's steps use it too): a built
+    model made ready to train as run says (DEFAULTS' keys): QLoRA's quantized base, the run's
+    LoRA, what trains, activation checkpointing, FSDP's shards on device, the lean modules."""
+    if run["quantize"]:  # the output stays: the chunked loss streams it, tied it costs nothing
+        quantize.quantize_model(model, run["quantize"], run["group_size"],
+                                release=speed.release_pages, output=False)
+    checkpoints.apply_run_lora(model, run)
+    llama.set_trainable(model, run["mode"])
+    if run["activation_checkpointing"]:  # before fully_shard, which wraps each block as it is
+        train_speed.checkpoint_activations(model)
+    if run["fsdp"]:
+        parallel.shard_for_training(model, device)
+    return train_speed.for_training(model)  # lean training modules; flex attention on GPUs
+
+
 def main(argv=None):
     cfg = settings(parse_args(argv))
     rank, world = parallel.world()
@@ -141,17 +157,8 @@ def main(argv=None):
     # mapped pages) and fully_shard moves each block's 1/N to the device
     at = torch.device("cpu") if cfg.fsdp else device
     model = llama.build_model(args, speed.to_device(state_dict, at, dtype), device=at, dtype=dtype)
-    if cfg.quantize:  # QLoRA; the output stays: the chunked loss streams it, tied it costs nothing
-        quantize.quantize_model(model, cfg.quantize, cfg.group_size,
-                                release=speed.release_pages, output=False)
     run = {k: getattr(cfg, k) for k in DEFAULTS}
-    checkpoints.apply_run_lora(model, run)
-    llama.set_trainable(model, cfg.mode)
-    if cfg.activation_checkpointing:
-        train_speed.checkpoint_activations(model)
-    if cfg.fsdp:
-        parallel.shard_for_training(model, device)
-    train_speed.for_training(model)  # lean training modules; flex attention on GPUs
+    assemble(model, run, device)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     llama.log(f"training {n_trained:,} parameters ({cfg.mode}); "
               f"{len(train_data[0]):,} tokens; {world} process(es) on {device}")

@@ -344,6 +344,12 @@ def planning_table(kv_tokens=8192):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description="Prints the planning table: GB per process of Llama 3.1 "
+                            "8B, 70B and 405B over 1-16 processes (python parallel.py). Tensor-"
+                            "parallel generation: torchrun --nproc_per_node N generate.py ...; "
+                            "FSDP2 finetuning: torchrun --nproc_per_node N finetune.py --fsdp "
+                            "...").parse_args()
     print(f"GB per process, weights + a bf16 KV cache of 8,192 tokens (the smallest GPU that "
           f"holds it with {OVERHEAD_GB} GB to spare):")
     print(planning_table())

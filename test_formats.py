@@ -8,7 +8,6 @@ independent readers and writers.
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -809,8 +809,6 @@ def test_w8a8_refuses_what_it_cannot_do_before_loading(tiny_ckpt, monkeypatch):
 def test_qlora_gradients_equal_lora_over_the_dequantized_base(tiny_ckpt):
     # LoRA over an int4 base (with speed.py's training modules) against llama.py's plain LoRA over a
     # float base holding the dequantized weights: the same losses and adapter gradients
-    import speed
-
     def build():
         args, sd = checkpoints.load_checkpoint(tiny_ckpt)
         return llama.build_model(replace(args, fused_attention=True), sd, "cpu", torch.float32)
