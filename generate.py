@@ -42,7 +42,8 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
         quant.check_settings(quantize, group_size)
     dtype = speed.resolve_dtype(dtype or ("bfloat16" if quantize else None), device)  # the kernels'
     tokenizer = checkpoints.load_tokenizer(ckpt_dir)
-    # --fast, decoded once: fused attention in the model's config, last-position logits in Llama
+    # --fast, decoded once: fused attention in the model's config; last-position logits and top-p
+    # among the likeliest tokens (speed.top_p_sample: Meta's distribution, not its draws) in Llama
     settings = dict(max_seq_len=max_seq_len, fused_attention=fast,
                     **({"rope_scaling_factor": rope_scaling_factor} if rope_scaling_factor else {}))
     if parallel.under_torchrun():  # tensor parallel: this process's shard, quantized here
@@ -55,7 +56,8 @@ def load(ckpt_dir, max_seq_len=2048, max_batch_size=4, device=None, dtype=None, 
     else:
         model = load_model(ckpt_dir, device, dtype, settings, tokenizer, lora, quantize, group_size)
     speed.for_inference(model, device, dtype, compile)
-    g = llama.Llama(model, tokenizer, max_batch_size, seed, last_only=fast)
+    g = llama.Llama(model, tokenizer, max_batch_size, seed, last_only=fast,
+                    sampler=speed.top_p_sample if fast else llama.sample)
     llama.log(f"loaded {ckpt_dir} in {time.time() - t0:.1f}s ({device}, {quantize or dtype})")
     return speed.static_decoding(g) if compile else g
 
@@ -119,8 +121,8 @@ def parse_args(argv=None):
     add("--group_size", type=int, default=32, choices=quant.GROUP_SIZES,
         help="inputs per int4 scale (default 32)")
     add("--compile", action="store_true", help="torch.compile decoding, for GPUs (default off)")
-    add("--fast", action="store_true", help="fused attention, last-position logits (default off: "
-        "Meta's exact arithmetic)")
+    add("--fast", action="store_true", help="fused attention, last-position logits, top-p among "
+        "the likeliest tokens (default off: Meta's exact arithmetic and draws)")
     return p.parse_args(argv)
 
 

@@ -536,11 +536,11 @@ def check_vocab(tokenizer, args):
 
 class Llama:
     """Generation: with Meta's arithmetic, bit-identical to Meta's (float32, bf16, sampled too)."""
-    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, last_only=False):
-        # last_only: compute only the last position's logits (Meta computes all of them)
+    def __init__(self, model, tokenizer, max_batch_size=4, seed=1, last_only=False, sampler=sample):
+        # last_only: only the last position's logits (Meta computes all); sampler: sample's job
         check_vocab(tokenizer, model.args)
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
-        self.args, self.last_only = model.args, last_only
+        self.args, self.last_only, self.sampler = model.args, last_only, sampler
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)  # as Meta's global seed
 
@@ -583,7 +583,8 @@ class Llama:
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
                 logits = self.step(tokens[:, prev_pos:cur_pos], prev_pos, last_only=last_only)
-                next_token = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+                next_token = self.sampler(logits[:, -1], temperature, top_p, top_k,
+                                          self.generator)
                 next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
                 if logprobs:

@@ -18,6 +18,7 @@ adds its own) and train_speed.py's hand-back of freed memory.
 - CPU, --fast decoding: a one-token step's RoPE, cache writes and attention, its RMSNorms and its
   SwiGLU each one call of kernels.c (KernelAttention, KernelRMSNorm, KernelFeedForward), or torch's
   one-query attention (DecodeAttention) where the C does not build.
+- --fast sampling: top-p among the most likely tokens, not a sort of all 128k (top_p_sample).
 - GPUs: the one-token decoding step compiled with torch.compile over a static KV cache
   (static_decoding).
 - Prefill and training alike: the dtype frozen weights are multiplied in, and reused buffers.
@@ -411,6 +412,26 @@ def decode_kernels(model, dtype):
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
 
+
+# -----------------------------------------------------------------------------
+# --fast sampling: top-p without sorting the whole vocabulary
+
+def top_p_sample(logits, temperature, top_p, top_k=0, generator=None, candidates=1024):
+    """llama.sample's distribution, from other random draws: the nucleus (top-p) is looked for
+    among the most likely tokens (torch.topk), and all 128k are sorted, as Meta's code sorts them
+    on every step, only when some row's nucleus is wider than that. Greedy and top-k sampling are
+    llama.sample's own."""
+    if temperature == 0 or top_k:
+        return llama.sample(logits, temperature, top_p, top_k, generator)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, vocab)
+    top, idx = torch.topk(probs, min(candidates, probs.shape[-1]), dim=-1)  # (B, candidates)
+    if (top.sum(-1) <= top_p).any():  # the nucleus reaches past the candidates
+        return llama.sample_top_p(probs, top_p, generator).reshape(-1)
+    return torch.gather(idx, -1, llama.sample_top_p(top, top_p, generator)).reshape(-1)
+
+
+# -----------------------------------------------------------------------------
+# The assembly point: every inference speed path that applies on this device
 
 def for_inference(model, device, dtype, compile=False):
     """The inference speed paths that apply on this device: on CPUs, packed weights for bf16 (not

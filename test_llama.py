@@ -1867,3 +1867,26 @@ def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
     assert out.getvalue() == "  ours_w4a8 / llama.cpp Q4_0: decode b1 tok/s 0.80x\n"
     r = run_script("bench.py", "--llama_cpp", tmp_path)
     assert r.returncode == 2 and "has no build/bin/llama-bench and llama-quantize" in r.stderr
+
+
+def test_fast_top_p_sampling_draws_from_metas_nucleus():
+    """speed.top_p_sample (--fast) against the nucleus written out in float64: every draw inside
+    it, each token's share of the draws within 4 standard errors of its probability there; where
+    a row's nucleus is wider than the candidates, llama.sample itself (the same draws)."""
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3)) * 2.5
+    probs = torch.softmax(logits.double() / 0.7, -1)
+    g, n = torch.Generator().manual_seed(4), 3000
+    draws = torch.stack([speed.top_p_sample(logits, 0.7, 0.9, 0, g) for _ in range(n)])  # (n, 2)
+    for row in range(2):
+        p, order = probs[row].sort(descending=True)
+        kept = (p.cumsum(0) - p) <= 0.9  # Meta's rule: a token is in while the mass before it is
+        nucleus = dict(zip(order[kept].tolist(), (p[kept] / p[kept].sum()).tolist()))
+        assert len(nucleus) > 3 and set(draws[:, row].tolist()) <= set(nucleus)
+        for token, q in nucleus.items():
+            share = (draws[:, row] == token).double().mean().item()
+            assert abs(share - q) <= 4 * math.sqrt(q * (1 - q) / n) + 1e-3, (token, share, q)
+    flat = logits / 8  # a nucleus of thousands of tokens: past 16 candidates
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(speed.top_p_sample(flat, 0.7, 0.9, 0, g1, candidates=16),
+                       llama.sample(flat, 0.7, 0.9, 0, g2))
+    assert torch.equal(speed.top_p_sample(logits, 0, 0.9), logits.argmax(-1))
