@@ -563,20 +563,25 @@ static inline __attribute__((always_inline)) void bf16_tile(
 
 /* y (tokens, out): float32, or bfloat16 if bf16_out. x is first copied pair-major a tile of tokens
    (pairs of tile t at xp + t * 12 * n / 2: its tokens' pair p side by side), so that a tile reads
-   its broadcasts from one stream. The blocks of rows are split over the threads; each stays in
-   its core's cache while every token passes through it. Returns 0 without memory for the copy. */
+   its broadcasts from one stream; one token (decoding) is already in that order, and is read in
+   place. The blocks of rows are split over the threads; each stays in its core's cache while
+   every token passes through it. Returns 0 without memory for the copy. */
 int bf16_linear(const uint16_t *x, int64_t tokens, int64_t n, const uint16_t *w, int64_t out,
                 void *y, int bf16_out) {
     int64_t half = n / 2;
-    int32_t *xp = malloc(sizeof(int32_t) * half * tokens);
-    if (!xp) return 0;
-    #pragma omp parallel for schedule(static)
-    for (int64_t t0 = 0; t0 < tokens; t0 += 12) {
-        int nt = tokens - t0 < 12 ? tokens - t0 : 12;
-        for (int t = 0; t < nt; t++)
-            for (int64_t p = 0; p < half; p++)
-                memcpy(xp + t0 * half + nt * p + t, x + (t0 + t) * n + 2 * p, 4);
+    int32_t *copy = NULL;
+    if (tokens > 1) {
+        copy = malloc(sizeof(int32_t) * half * tokens);
+        if (!copy) return 0;
+        #pragma omp parallel for schedule(static)
+        for (int64_t t0 = 0; t0 < tokens; t0 += 12) {
+            int nt = tokens - t0 < 12 ? tokens - t0 : 12;
+            for (int t = 0; t < nt; t++)
+                for (int64_t p = 0; p < half; p++)
+                    memcpy(copy + t0 * half + nt * p + t, x + (t0 + t) * n + 2 * p, 4);
+        }
     }
+    const int32_t *xp = copy ? copy : (const int32_t *)x;
     #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < out; r0 += 32)
         for (int64_t t = 0; t < tokens; t += 12) {
@@ -591,6 +596,6 @@ int bf16_linear(const uint16_t *x, int64_t tokens, int64_t n, const uint16_t *w,
 #undef TILE
             }
         }
-    free(xp);
+    free(copy);
     return 1;
 }

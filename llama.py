@@ -426,7 +426,8 @@ def load_meta_checkpoint(ckpt_dir, args=None):
     if not paths:
         raise InputError(f"no consolidated.*.pth in {ckpt_dir}; point --ckpt_dir at a Llama 3 "
                          f"checkpoint directory")
-    args = args or args_from_meta_params(read_json(ckpt_dir / "params.json"))
+    args = args or args_from_meta_params(read_json(ckpt_dir / "params.json"),
+                                         str(ckpt_dir / "params.json"))
     log(f"loading {len(paths)} shard(s) from {ckpt_dir}")
     shards = []
     for i, p in enumerate(paths):
