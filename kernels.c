@@ -240,13 +240,13 @@ static void w8a8_tile6(const int8_t *qx, const float *d, const float *sq, int64_
     W8A8_STORE(0) W8A8_STORE(1) W8A8_STORE(2) W8A8_STORE(3) W8A8_STORE(4) W8A8_STORE(5)
 }
 
-/* 4 rows times one token (decoding): the next block's bytes prefetched */
+/* 4 rows times one token (decoding). No prefetch: the block's rows are one stream the CPU's
+   prefetchers follow, and fetching the next block ahead read slower (a block is 4n bytes) */
 static void w8a8_tile1(const int8_t *qx, const float *d, const float *sq, int64_t t0, int64_t n,
                        const uint8_t *wb, const float *sc, int64_t r0, int64_t out, float *y) {
     W8A8_ZERO(0)
     for (int64_t k = 0; k < n; k += 64) {
         __m512i xv = _mm512_loadu_si512(qx + t0 * n + k);
-        _mm_prefetch((const char *)(wb + 4 * n + k * 4), _MM_HINT_T0);
         a00 = _mm512_dpbusd_epi32(a00, _mm512_loadu_si512(wb + k * 4), xv);
         a10 = _mm512_dpbusd_epi32(a10, _mm512_loadu_si512(wb + k * 4 + 64), xv);
         a20 = _mm512_dpbusd_epi32(a20, _mm512_loadu_si512(wb + k * 4 + 128), xv);
