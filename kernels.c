@@ -40,6 +40,9 @@ static float bf16(uint16_t v) {
    scales and zeros, zero activations. */
 
 #define W4A8_BLOCK(G) (32 * (G) + 256)
+/* blocks a row's sums take at a time (2048 inputs): each chunk's float sums are added up
+   across their 16 lanes, then to the row's, in the same order for one token or many */
+#define W4A8_CHUNK(G) (128 / (G))
 
 /* x (tokens, n) float32, or bfloat16 if bf16 -> per block of 16 groups: qx (16 G int8, in
    chunk order), and per group d (the scale), c8 = 8 * sum qx, sx = sum x (exact). */
@@ -77,11 +80,11 @@ static inline __m512 bf16x16(const uint16_t *p) {
 
 /* 4 rows times one token: y[0..3] */
 static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
-                             const uint8_t *wb, int64_t nb, const int G, float *y) {
+                             const uint8_t *wb, int64_t b0, int64_t b1, const int G, float *y) {
     const __m512i low = _mm512_set1_epi8(15);
     __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const uint8_t *p = wb + b * W4A8_BLOCK(G);
         const int8_t *xb = qx + b * 16 * G;
         _mm_prefetch((const char *)(p + 2 * W4A8_BLOCK(G)), _MM_HINT_T0);
@@ -107,47 +110,120 @@ static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8
             f[r] = _mm512_fmadd_ps(bf16x16(z + 16 * r), sxv, f[r]);
         }
     }
-    for (int r = 0; r < 4; r++) y[r] = _mm512_reduce_add_ps(f[r]);
+    for (int r = 0; r < 4; r++) y[r] += _mm512_reduce_add_ps(f[r]);
+}
+
+/* one row (r of the block) times 8 tokens (prefill), blocks b0..b1, added to y: each 64 bytes
+   of the row's nibbles unpacked once for all 8 tokens, not once a token; 16 accumulators */
+static inline void w4a8_tile8(const int8_t *qx, const float *d, const int32_t *c8,
+                              const float *sx, const uint8_t *wb, int64_t nb, int64_t b0,
+                              int64_t b1, const int G, int r, float *y, int64_t out) {
+    const __m512i low = _mm512_set1_epi8(15);
+    const int64_t xs = nb * 16 * G, fs = nb * 16;  /* one token's strides in qx, and d c8 sx */
+    __m512 f[8];
+    for (int j = 0; j < 8; j++) f[j] = _mm512_setzero_ps();
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *p = wb + b * W4A8_BLOCK(G);
+        const int8_t *xb = qx + b * 16 * G;
+        __m512i a[8];
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_si512();
+        for (int v = 0; v < G / 8; v++) {
+            __m512i w = _mm512_loadu_si512(p + (v * 4 + r) * 64);
+            __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+            #pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                a[j] = _mm512_dpbusd_epi32(a[j], lo, _mm512_load_si512(xb + j * xs + v * 128));
+                a[j] = _mm512_dpbusd_epi32(a[j], hi, _mm512_load_si512(xb + j * xs + v * 128 + 64));
+            }
+        }
+        const uint16_t *sc = (const uint16_t *)(p + 32 * G) + 16 * r, *z = sc + 64;
+        __m512 sv = bf16x16(sc), zv = bf16x16(z);
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            int64_t i = j * fs + b * 16;
+            __m512 m = _mm512_mul_ps(sv, _mm512_loadu_ps(d + i));
+            __m512i dot = _mm512_sub_epi32(a[j], _mm512_loadu_si512(c8 + i));
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), m, f[j]);
+            f[j] = _mm512_fmadd_ps(zv, _mm512_loadu_ps(sx + i), f[j]);
+        }
+    }
+    for (int j = 0; j < 8; j++) y[j * out] += _mm512_reduce_add_ps(f[j]);
 }
 #endif
+
+/* the 4 rows of block wb times token t: acc[0..3] */
+static void w4a8_rows(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
+                      int64_t t, const uint8_t *wb, int64_t nb, int G, float *acc) {
+    const int8_t *xt = qx + t * nb * 16 * G;
+    const float *dt = d + t * nb * 16, *sxt = sx + t * nb * 16;
+    const int32_t *ct = c8 + t * nb * 16;
+    for (int r = 0; r < 4; r++) acc[r] = 0.f;
+#ifdef VNNI  /* G a constant in each call: the loops unrolled for it */
+    for (int64_t b0 = 0; b0 < nb; b0 += W4A8_CHUNK(G)) {
+        int64_t b1 = b0 + W4A8_CHUNK(G) < nb ? b0 + W4A8_CHUNK(G) : nb;
+        if (G == 32) w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 32, acc);
+        else if (G == 64) w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 64, acc);
+        else w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 128, acc);
+    }
+#else
+    for (int64_t b = 0; b < nb; b++) {  /* plain C: the same sums */
+        const uint8_t *p = wb + b * W4A8_BLOCK(G);
+        const uint16_t *s = (const uint16_t *)(p + 32 * G), *z = s + 64;
+        for (int r = 0; r < 4; r++)
+            for (int g = 0; g < 16; g++) {
+                int32_t dot = 0;
+                for (int c = 0; c < G / 4; c++)
+                    for (int k = 0; k < 4; k++) {
+                        uint8_t byte = p[((c / 2) * 4 + r) * 64 + g * 4 + k];
+                        int q = c % 2 ? byte >> 4 : byte & 15;
+                        dot += q * xt[b * 16 * G + c * 64 + g * 4 + k];
+                    }
+                int64_t i = b * 16 + g;
+                acc[r] += (float)(dot - ct[i]) * (bf16(s[16 * r + g]) * dt[i]) +
+                          bf16(z[16 * r + g]) * sxt[i];
+            }
+    }
+#endif
+}
 
 /* y (tokens, out) = x W^T, w from w4a8_layout: out / 4 blocks of rows */
 static void w4a8_matmul(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
                         int64_t tokens, const uint8_t *w, int64_t out, int64_t nb, int G,
                         float *y) {
+    /* prefill: panels of rows that stay in L2 while 8 tokens at a time pass over them */
+    int64_t panel = tokens < 8 ? 4 : 4 * (262144 / (nb * W4A8_BLOCK(G)));
+    panel = panel < 4 ? 4 : panel;
     #pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < out; r0 += 4) {
-        const uint8_t *wb = w + (r0 / 4) * nb * W4A8_BLOCK(G);
-        for (int64_t t = 0; t < tokens; t++) {
-            const int8_t *xt = qx + t * nb * 16 * G;
-            const float *dt = d + t * nb * 16, *sxt = sx + t * nb * 16;
-            const int32_t *ct = c8 + t * nb * 16;
-            float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#ifdef VNNI  /* G a constant in each call: the loops unrolled for it */
-            if (G == 32) w4a8_tile(xt, dt, ct, sxt, wb, nb, 32, acc);
-            else if (G == 64) w4a8_tile(xt, dt, ct, sxt, wb, nb, 64, acc);
-            else w4a8_tile(xt, dt, ct, sxt, wb, nb, 128, acc);
-#else
-            for (int64_t b = 0; b < nb; b++) {  /* plain C: the same sums */
-                const uint8_t *p = wb + b * W4A8_BLOCK(G);
-                const uint16_t *s = (const uint16_t *)(p + 32 * G), *z = s + 64;
-                for (int r = 0; r < 4; r++)
-                    for (int g = 0; g < 16; g++) {
-                        int32_t dot = 0;
-                        for (int c = 0; c < G / 4; c++)
-                            for (int k = 0; k < 4; k++) {
-                                uint8_t byte = p[((c / 2) * 4 + r) * 64 + g * 4 + k];
-                                int q = c % 2 ? byte >> 4 : byte & 15;
-                                dot += q * xt[b * 16 * G + c * 64 + g * 4 + k];
-                            }
-                        int64_t i = b * 16 + g;
-                        acc[r] += (float)(dot - ct[i]) * (bf16(s[16 * r + g]) * dt[i]) +
-                                  bf16(z[16 * r + g]) * sxt[i];
+    for (int64_t p0 = 0; p0 < out; p0 += panel) {
+        int64_t p1 = p0 + panel < out ? p0 + panel : out, t = 0;
+#ifdef VNNI
+        for (; t + 8 <= tokens; t += 8) {
+            for (int64_t j = t; j < t + 8; j++)
+                for (int64_t r = p0; r < p1; r++) y[j * out + r] = 0.f;
+            for (int64_t b0 = 0; b0 < nb; b0 += W4A8_CHUNK(G)) {  /* 8 tokens' chunk: in L1 */
+                int64_t b1 = b0 + W4A8_CHUNK(G) < nb ? b0 + W4A8_CHUNK(G) : nb, i = t * nb * 16;
+                for (int64_t r0 = p0; r0 < p1; r0 += 4)
+                    for (int r = 0; r < 4; r++) {
+                        const uint8_t *wb = w + (r0 / 4) * nb * W4A8_BLOCK(G);
+                        const int8_t *xt = qx + i * G;
+                        float *yt = y + t * out + r0 + r;
+                        if (G == 32)
+                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 32, r, yt, out);
+                        else if (G == 64)
+                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 64, r, yt, out);
+                        else
+                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 128, r, yt, out);
                     }
             }
-#endif
-            for (int r = 0; r < 4; r++) y[t * out + r0 + r] = acc[r];
         }
+#endif
+        for (int64_t r0 = p0; r0 < p1; r0 += 4)
+            for (int64_t u = t; u < tokens; u++) {
+                float acc[4];
+                w4a8_rows(qx, d, c8, sx, u, w + (r0 / 4) * nb * W4A8_BLOCK(G), nb, G, acc);
+                for (int r = 0; r < 4; r++) y[u * out + r0 + r] = acc[r];
+            }
     }
 }
 

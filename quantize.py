@@ -307,8 +307,21 @@ class Int4Linear(QuantizedLinear):
 
 
 @cache
-def w8a8_kernel_max_rows():  # once: the CPU's flags do not change
+def vnni_kernel_max_rows():  # once: the CPU's flags do not change
+    """w8a8's and w4a8's kernels multiply every row (prefill too) on AVX-512 VNNI CPUs, unless
+    AMX's bf16 products of dequantized slices beat them; else only decoding's few rows."""
     return 16 if speed.cpu_has_amx() or not kernels.has_vnni() else 1 << 62
+
+
+def _kernel_rows(layer):
+    return layer.__dict__.get("max_rows", vnni_kernel_max_rows())
+
+
+def _set_kernel_rows(layer, rows):  # (bench.py measures the kernel's rounding on every row)
+    layer.__dict__["max_rows"] = rows
+
+
+KERNEL_ROWS = property(_kernel_rows, _set_kernel_rows)  # kernel_max_rows of w8a8 and w4a8
 
 
 class W8A8Linear(Int8Linear):
@@ -319,21 +332,13 @@ class W8A8Linear(Int8Linear):
     weight-only int8 in decoding and in prefill; the activations lose precision (as llama.cpp's
     Q8_0 and torchao's int8dq do). Built from int8 weights as Int8Linear is (from_float,
     from_portable); the file it saves is the int8 one."""
-    mode = "w8a8"
+    mode, kernel_max_rows = "w8a8", KERNEL_ROWS
 
     def __init__(self, qweight, scales):
         nn.Module.__init__(self)
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", kernels.w8a8_layout(qweight))  # (out / 4, in * 4)
         self.register_buffer("scales", scales.float().contiguous())  # (out,)
-
-    @property
-    def kernel_max_rows(self):  # prefill too, unless AMX's bf16 products (or no VNNI) beat it
-        return self.__dict__.get("max_rows", w8a8_kernel_max_rows())
-
-    @kernel_max_rows.setter
-    def kernel_max_rows(self, rows):  # (bench.py measures the kernel's rounding on every row)
-        self.__dict__["max_rows"] = rows
 
     @classmethod
     def row_dims(cls, layers):  # each block of 4 rows on its own
@@ -354,11 +359,11 @@ class W8A8Linear(Int8Linear):
 class W4A8Linear(Int4Linear):
     """An int4 weight (Int4Linear's groups, scale and zero) times int8 activations, rounded per
     group of inputs, by kernels.c's kernel: integer dot products (AVX-512 VNNI) where torch's
-    int4 kernel converts weights to float. For CPU decoding (up to 16 rows); more rows (prefill)
-    and backward passes dequantize slices as every QuantizedLinear does, from the same bytes: one
-    buffer, blocks of 4 rows with their scales and zeros inline (kernels.w4a8_layout). Built from
-    int4 weights as Int4Linear is (from_float, from_portable)."""
-    mode, kernel_max_rows = "w4a8", 16
+    int4 kernel converts weights to float. Backward passes, and prefill where the kernel does not
+    take it (KERNEL_ROWS), dequantize slices as every QuantizedLinear does, from the same bytes:
+    one buffer, blocks of 4 rows with their scales and zeros inline (kernels.w4a8_layout). Built
+    from int4 weights as Int4Linear is (from_float, from_portable)."""
+    mode, kernel_max_rows = "w4a8", KERNEL_ROWS
 
     def __init__(self, q, scales, zeros, group_size=32):
         nn.Module.__init__(self)

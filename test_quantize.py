@@ -304,8 +304,9 @@ def w4a8_reference(x, q, scales, zeros):
             torch.einsum("og,tg->to", zeros.double(), xg.sum(-1)))
 
 
-# in: 2 groups (a block of 16 mostly padding), 18 (a block and a padded one), 64; tokens 1 and 3
-@pytest.mark.parametrize("out,n_in,tokens", [(48, 64, 3), (96, 576, 1), (256, 2048, 3)])
+# in: 2 groups (a block of 16 mostly padding), 18 (a block and a padded one), 64; tokens 1, 3
+# and 19 (prefill: two tiles of 8 tokens, then 3 on their own)
+@pytest.mark.parametrize("out,n_in,tokens", [(48, 64, 3), (96, 576, 1), (256, 2048, 19)])
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("portable", [False, True])
 def test_w4a8_kernel_equals_its_arithmetic_in_float64(out, n_in, tokens, group_size, portable):
@@ -419,14 +420,35 @@ def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
     assert torch.allclose(layer(x).double(), w4a8_reference(x.float(), *layer.unpacked()),
                           atol=1e-2, rtol=1e-2)  # (the kernel's float32, rounded to bf16)
     twin = dequantized_twin(int4)  # float layers holding the int4 model's weights
-    # 48 rows a layer, more than the kernel's: dequantized products
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
+        for m in layers:  # 48 rows a layer, more than the kernel takes: dequantized products
+            m.kernel_max_rows = 16
         assert relative_error(model(tokens), twin(tokens)) < 1e-5
+        for m in layers:  # the kernel on every row (prefill on VNNI CPUs without AMX)
+            m.kernel_max_rows = 48
+        assert relative_error(model(tokens), twin(tokens)) < 0.05
         with model.kv_cache(2, 12):  # two rows a step: the kernel, int8 activations
             model(tokens[:, :8])
             steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]
     assert relative_error(torch.cat(steps, 1), twin(tokens)[:, 8:12]) < 0.05
+
+
+@pytest.mark.parametrize("amx,vnni,every_row", [(False, True, True), (True, True, False),
+                                                (False, False, False)])
+def test_w8a8_and_w4a8_kernels_take_prefill_only_on_vnni_cpus_without_amx(amx, vnni, every_row,
+                                                                         monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(kernels, "has_vnni", lambda: vnni)
+    quantize.vnni_kernel_max_rows.cache_clear()
+    try:
+        for layer in (quantize.W8A8Linear.from_float(random_weight(16, 64)),
+                      quantize.W4A8Linear.from_float(random_weight(16, 64), 32)):
+            assert (layer.kernel_max_rows >= 4096) == every_row and layer.kernel_max_rows >= 1
+            layer.kernel_max_rows = 3  # one layer's own setting
+            assert layer.kernel_max_rows == 3
+    finally:
+        quantize.vnni_kernel_max_rows.cache_clear()
 
 
 @pytest.mark.parametrize("portable", [False, True])
