@@ -78,7 +78,7 @@ static inline __m512 bf16x16(const uint16_t *p) {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* 4 rows times one token: y[0..3] */
+/* 4 rows times one token, blocks b0..b1: added to y[0..3] */
 static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
                              const uint8_t *wb, int64_t b0, int64_t b1, const int G, float *y) {
     const __m512i low = _mm512_set1_epi8(15);

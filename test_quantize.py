@@ -407,7 +407,7 @@ def test_norm_and_swiglu_kernels_equal_the_models_torch_ops(dtype, portable):
             assert (out != ref).float().mean() < 0.02
 
 
-def test_w4a8_model_decodes_with_the_kernel_and_prefills_as_int4():
+def test_w4a8_model_decodes_with_the_kernel_and_prefills_with_it_or_as_int4():
     int4 = quantize.quantize_model(tiny_model(), "int4")
     model = quantize.quantize_model(tiny_model(), "w4a8")
     layers = [m for m in model.modules() if isinstance(m, quantize.W4A8Linear)]
