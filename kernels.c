@@ -538,48 +538,83 @@ int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, i
    the dtype, then times the weight (n,) and rounded again, as torch's two ops round.
    swiglu: h (rows, 2 m) = [a | b] -> silu(a) rounded, times b, rounded: (rows, m). */
 
+#ifdef AVX512
+static inline __m512 round_bf16x16(__m512 f) {  /* to_bf16 then back, 16 at a time */
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(
+        _mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline void store16(void *p, __m512 f, int bf) {  /* f rounded to bf16 if bf */
+    if (bf) _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                _mm512_castps_si512(round_bf16x16(f)), 16)));
+    else _mm512_storeu_ps(p, f);
+}
+#endif
+
 void rms_norm(const void *x, const void *w, int bf, int64_t rows, int64_t n, float eps,
               void *y) {
+    int64_t es = bf ? 2 : 4;
     #pragma omp parallel for schedule(static) if (rows * n > 65536)
     for (int64_t r = 0; r < rows; r++) {
-        double ss = 0.0;
-        for (int64_t i = 0; i < n; i++) {
-            float v = load1(x, r * n + i, bf);
+        const char *xr = (const char *)x + r * n * es;
+        char *yr = (char *)y + r * n * es;
+        float ss = 0.f;
+        int64_t i = 0;
+#ifdef AVX512
+        __m512 a = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            __m512 v = load16(xr + i * es, bf);
+            a = _mm512_fmadd_ps(v, v, a);
+        }
+        ss = _mm512_reduce_add_ps(a);
+#endif
+        for (; i < n; i++) {
+            float v = load1(xr, i, bf);
             ss += v * v;
         }
-        float scale = 1.f / sqrtf((float)(ss / n) + eps);
-        for (int64_t i = 0; i < n; i++) {
-            float v = load1(x, r * n + i, bf) * scale;
+        float scale = 1.f / sqrtf(ss / n + eps);
+        i = 0;
+#ifdef AVX512
+        for (; i + 16 <= n; i += 16) {  /* the same roundings, 16 at a time */
+            __m512 v = _mm512_mul_ps(load16(xr + i * es, bf), _mm512_set1_ps(scale));
+            if (bf) v = round_bf16x16(v);
+            store16(yr + i * es, _mm512_mul_ps(v, load16((const char *)w + i * es, bf)), bf);
+        }
+#endif
+        for (; i < n; i++) {
+            float v = load1(xr, i, bf) * scale;
             if (bf) v = bf16(to_bf16(v));
-            store1(y, r * n + i, v * load1(w, i, bf), bf);
+            store1(yr, i, v * load1(w, i, bf), bf);
         }
     }
 }
 
+/* in pieces of 2048 outputs, so that decoding's one row is shared among the threads */
+#define SWIGLU_PIECE 2048
+
 void swiglu(const void *h, int bf, int64_t rows, int64_t m, void *y) {
-    #pragma omp parallel for schedule(static) if (rows * m > 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t i = 0;
+    int64_t es = bf ? 2 : 4, pieces = (m + SWIGLU_PIECE - 1) / SWIGLU_PIECE;
+    #pragma omp parallel for schedule(static) if (rows * m > 4096)
+    for (int64_t rp = 0; rp < rows * pieces; rp++) {
+        int64_t r = rp / pieces, i = rp % pieces * SWIGLU_PIECE;
+        int64_t end = i + SWIGLU_PIECE < m ? i + SWIGLU_PIECE : m;
+        const char *ha = (const char *)h + r * 2 * m * es, *hb = ha + m * es;
+        char *yr = (char *)y + r * m * es;
 #ifdef AVX512
-        const char *hr = (const char *)h + r * 2 * m * (bf ? 2 : 4);
-        for (; i + 16 <= m; i += 16) {  /* the same arithmetic, 16 at a time */
-            __m512 a = load16(hr + i * (bf ? 2 : 4), bf), b = load16(hr + (m + i) * (bf ? 2 : 4), bf);
+        for (; i + 16 <= end; i += 16) {  /* the same arithmetic, 16 at a time */
+            __m512 a = load16(ha + i * es, bf), b = load16(hb + i * es, bf);
             __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f),
                                                       exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-            float sf[16], bfv[16];
-            _mm512_storeu_ps(sf, s);
-            _mm512_storeu_ps(bfv, b);
-            for (int k = 0; k < 16; k++) {
-                float v = bf ? bf16(to_bf16(sf[k])) : sf[k];
-                store1(y, r * m + i + k, v * bfv[k], bf);
-            }
+            store16(yr + i * es, _mm512_mul_ps(bf ? round_bf16x16(s) : s, b), bf);
         }
 #endif
-        for (; i < m; i++) {
-            float a = load1(h, r * 2 * m + i, bf), b = load1(h, r * 2 * m + m + i, bf);
+        for (; i < end; i++) {
+            float a = load1(ha, i, bf), b = load1(hb, i, bf);
             float s = a / (1.f + expf(-a));
             if (bf) s = bf16(to_bf16(s));
-            store1(y, r * m + i, s * b, bf);
+            store1(yr, i, s * b, bf);
         }
     }
 }

@@ -390,10 +390,10 @@ def test_norm_and_swiglu_kernels_equal_the_models_torch_ops(dtype, portable):
     """kernels.rms_norm and swiglu against llama.RMSNorm and FeedForward's silu(a) * b: the same
     roundings; only the order of a sum, and exp's last bit, may differ (within one bf16 step)."""
     g = torch.Generator().manual_seed(3)
-    norm = llama.RMSNorm(2048, 1e-5).to(dtype)
+    norm = llama.RMSNorm(2053, 1e-5).to(dtype)  # 2053: a tail past 16 at a time
     with torch.no_grad():
-        norm.weight.copy_(torch.rand(2048, generator=g) + 0.5)
-    x = (torch.randn(3, 2048, generator=g) * 4).to(dtype)
+        norm.weight.copy_(torch.rand(2053, generator=g) + 0.5)
+    x = (torch.randn(3, 2053, generator=g) * 4).to(dtype)
     h = (torch.randn(3, 2 * 8200, generator=g) * 4).to(dtype)  # 8200: a tail past 16 at a time
     a, b = h.split(8200, -1)
     with torch.no_grad():
