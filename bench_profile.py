@@ -45,8 +45,8 @@ TIMED = ("attn_proj", "ffn_proj", "attn_all", "ffn_all", "rope", "norms", "outpu
 
 def part_timers(model, spent):
     """Adds each part's seconds into spent (TIMED keys): forward hooks on the modules
-    (perf_counter; CPU ops are synchronous) and wrappers of llama.apply_rope and llama.sample.
-    -> a function that removes them all."""
+    (perf_counter; CPU ops are synchronous) and wrappers of llama.apply_rope and llama.sample,
+    with speed.KernelBlock's one call off while they are on. -> a function that removes them all."""
     def timed(fn, key):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
@@ -77,11 +77,13 @@ def part_timers(model, spent):
         for cls, key in ((llama.RMSNorm, "norms"), (llama.Attention, "attn_all"),
                          (llama.FeedForward, "ffn_all")):
             handles += hook(m, key) if isinstance(m, cls) else []
-    rope, sample = llama.apply_rope, llama.sample
+    rope, sample, one_call = llama.apply_rope, llama.sample, speed.KernelBlock.one_call
     llama.apply_rope, llama.sample = timed(rope, "rope"), timed(sample, "sampling")
+    speed.KernelBlock.one_call = False  # the timers are on the modules: KernelBlock uses them
 
     def remove():
         llama.apply_rope, llama.sample = rope, sample
+        speed.KernelBlock.one_call = one_call
         for h in handles:
             h.remove()
     return remove
@@ -97,30 +99,44 @@ def parts(spent):
             "sampling": spent["sampling"]}
 
 
+STEPS = ("modules", "timed", "one call")  # the kinds of step profile_decode takes in turn
+
+
 def profile_decode(g, prompt_len, new_tokens):
-    """One decoded token (batch 1, greedy, as bench's decode) split into PARTS. Steps alternate
-    between plain ones and ones with timers on every part (put on and taken off between steps,
-    outside the clock), so a slow spell of a shared machine hits both alike: each part is its
-    median over the timed steps, the total the median of the plain ones, and 'rest' the total less
-    the parts (the timers' own cost is in no part). -> ms and bytes read per part, and totals."""
-    spent, steps, remove, t = dict.fromkeys(TIMED, 0.0), {False: [], True: []}, None, None
-    for _, _, pos, _ in g.generate_steps(bench.prompt_ids(prompt_len).tolist(), 5 + 2 * new_tokens,
-                                         temperature=0):
-        now = time.perf_counter()
-        if t is not None and pos > prompt_len + 4:  # the prompt and 4 warm-up steps uncounted
-            steps[remove is not None].append({"total": now - t, "pos": pos, **spent})
-        remove = remove() if remove else part_timers(g.model, spent)  # on every other step
-        spent.update(dict.fromkeys(TIMED, 0.0))
-        t = time.perf_counter()
-    if remove:
-        remove()
-    timed = {k: 1e3 * statistics.median(s[k] for s in steps[True]) for k in TIMED}
-    total = 1e3 * statistics.median(s["total"] for s in steps[False])
+    """One decoded token (batch 1, greedy, as bench's decode) split into PARTS. The timers sit on
+    the modules, so the split is of the modules' path (speed.KernelBlock.one_call off). Steps
+    take turns: plain ones, ones with timers on every part (put on and taken off between steps,
+    outside the clock), and plain ones through KernelBlock's one call a layer, so a slow spell of
+    a shared machine hits all alike: each part is its median over the timed steps, the total the
+    median of the plain ones, and 'rest' the total less the parts (the timers' own cost is in no
+    part). -> ms and bytes read per part, and totals."""
+    steps, remove, t, kind = {k: [] for k in STEPS}, None, None, None
+    spent = dict.fromkeys(TIMED, 0.0)
+    try:
+        for i, (_, _, pos, _) in enumerate(g.generate_steps(
+                bench.prompt_ids(prompt_len).tolist(), 6 + 3 * new_tokens, temperature=0)):
+            now = time.perf_counter()
+            if t is not None and pos > prompt_len + 5:  # the prompt and 5 warm-up steps uncounted
+                steps[kind].append({"total": now - t, "pos": pos, **spent})
+            if remove:
+                remove = remove()
+            kind = STEPS[i % 3]
+            speed.KernelBlock.one_call = kind == "one call"
+            if kind == "timed":
+                remove = part_timers(g.model, spent)
+            spent.update(dict.fromkeys(TIMED, 0.0))
+            t = time.perf_counter()
+    finally:
+        if remove:
+            remove()
+        speed.KernelBlock.one_call = True
+    timed = {k: 1e3 * statistics.median(s[k] for s in steps["timed"]) for k in TIMED}
+    total = 1e3 * statistics.median(s["total"] for s in steps["modules"])
     ms = parts(timed)
     ms["rest"] = total - sum(ms.values())
     model, a = g.model, g.model.args
     kv = model.tok_embeddings.weight.element_size()  # the KV cache's dtype
-    positions = [s["pos"] for s in steps[False] + steps[True]]
+    positions = [s["pos"] for kind in STEPS for s in steps[kind]]
     nbytes = {"projections": sum(layer_bytes(getattr(m, n)) for m, n in llama.projections(model)
                                  if m is not model),
               "output": layer_bytes(model.output),
@@ -133,9 +149,12 @@ def profile_decode(g, prompt_len, new_tokens):
     logits = torch.randn(1, a.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
     top_p = {name: 1e3 * bench.best_time(lambda: f(logits, 0.6, 0.9, 0, g.generator))
              for name, f in (("sample", llama.sample), ("top_p_sample", speed.top_p_sample))}
-    timed_total = 1e3 * statistics.median(s["total"] for s in steps[True])
+    timed_total = 1e3 * statistics.median(s["total"] for s in steps["timed"])
+    one_call = any(m in speed.KERNEL_BLOCKS for m in model.modules())  # the "one call" steps
     return {"total_ms": total, "timed_total_ms": timed_total, "parts_ms": ms, "bytes": nbytes,
-            "tokens": len(steps[False]), "timed_tokens": len(steps[True]),
+            "one_call_ms": 1e3 * statistics.median(s["total"] for s in steps["one call"])
+            if one_call else None,
+            "tokens": len(steps["modules"]), "timed_tokens": len(steps["timed"]),
             "positions": [min(positions), max(positions)],
             "top_p_sampling_ms": top_p}
 
@@ -186,6 +205,10 @@ def print_profile(results):
                 if nbytes and ms > 0 else f"{'':>15}"
             mb = f"{nbytes / 1e6:>10.1f}" if nbytes else f"{'':>10}"
             print(f"  {part:12}{ms:>8.2f}{ms / total:>8.0%}{mb}{rate}  {what}")
+        if r.get("one_call_ms"):
+            print(f"  with kernels.c's one call a block (speed.KernelBlock, the default): "
+                  f"{r['one_call_ms']:.1f} ms a token ({1e3 / r['one_call_ms']:.1f} tok/s) "
+                  f"against the modules' {total:.1f} ms above")
         print(f"  (top-p sampling, generate.py's default 0.6 / 0.9, takes "
               f"{r['top_p_sampling_ms']['top_p_sample']:.1f} ms with --fast's top_p_sample, "
               f"{r['top_p_sampling_ms']['sample']:.1f} ms with Meta's sort, instead of "

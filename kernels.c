@@ -710,3 +710,66 @@ int bf16_linear(const uint16_t *x, int64_t tokens, int64_t n, const uint16_t *w,
     free(copy);
     return 1;
 }
+
+/* ---- one decoding block in one call (speed.KernelBlock) ----
+   llama.TransformerBlock's step for B tokens of bf16, through the kernels above in the order and
+   with the roundings of the modules' own path: each product's float32 sums rounded to bf16, as
+   .to(x.dtype) does, each residual added in float32 and rounded, as torch's bf16 add does. One call
+   instead of about forty Python calls a layer, each of which, after the weights have streamed
+   through the caches, costs more than its arithmetic. */
+
+struct product { int64_t kind, G, n, out; const void *w, *scales; };  /* kind: 0 bf16, 1 w8a8, 2 w4a8 */
+struct block {
+    const uint16_t *attention_norm, *ffn_norm;
+    float eps;
+    int64_t dim, H, KV, hd, hidden;
+    struct product qkv, wo, w13, w2;
+};
+
+/* y (tokens, p->out) bf16 = x p's weight^T; f: float32 scratch of the same size. 0 when done */
+static int product_bf16(const struct product *p, const uint16_t *x, int64_t tokens, float *f,
+                        uint16_t *y) {
+    if (p->kind == 0) return !bf16_linear(x, tokens, p->n, p->w, p->out, y, 1);
+    int fail = p->kind == 1 ? w8a8_linear(x, 1, tokens, p->n, p->w, p->scales, p->out, f)
+                            : w4a8_linear(x, 1, tokens, p->n, (int)p->G, p->w, p->out, f);
+    int64_t i = 0, m = tokens * p->out;
+#ifdef AVX512
+    for (; i + 16 <= m; i += 16) store16(y + i, _mm512_loadu_ps(f + i), 1);
+#endif
+    for (; i < m; i++) y[i] = to_bf16(f[i]);
+    return fail;
+}
+
+static void add_bf16(const uint16_t *a, const uint16_t *b, int64_t m, uint16_t *y) {
+    int64_t i = 0;
+#ifdef AVX512
+    for (; i + 16 <= m; i += 16)
+        store16(y + i, _mm512_add_ps(load16(a + i, 1), load16(b + i, 1)), 1);
+#endif
+    for (; i < m; i++) y[i] = to_bf16(bf16(a[i]) + bf16(b[i]));
+}
+
+/* x (B, dim) -> y (B, dim); k and v written into the caches (batch stride bs) at pos */
+int decode_block(const struct block *L, const uint16_t *x, int64_t B, const float *cs,
+                 void *kc, void *vc, int64_t bs, int64_t pos, uint16_t *y) {
+    int64_t dim = L->dim, qd = L->H * L->hd, width = L->qkv.out, wide = 2 * L->hidden;
+    int64_t most = width > wide ? width : wide;
+    float *f = malloc(B * most * sizeof(float));
+    uint16_t *a = malloc(B * (2 * dim + most + 2 * qd + L->hidden) * 2);
+    if (!f || !a) { free(f); free(a); return 1; }
+    uint16_t *h = a + B * dim, *wide_out = h + B * dim, *q = wide_out + B * most, *o = q + B * qd;
+    uint16_t *s = o + B * qd;
+    rms_norm(x, L->attention_norm, 1, B, dim, L->eps, a);
+    int fail = product_bf16(&L->qkv, a, B, f, wide_out);  /* q|k|v */
+    fail |= rope_attend_one(wide_out, 1, B, L->H, L->KV, L->hd, cs, kc, vc, bs, pos, q, o);
+    fail |= product_bf16(&L->wo, o, B, f, a);
+    add_bf16(x, a, B * dim, h);  /* h = x + attention */
+    rms_norm(h, L->ffn_norm, 1, B, dim, L->eps, a);
+    fail |= product_bf16(&L->w13, a, B, f, wide_out);  /* w1 x | w3 x */
+    swiglu(wide_out, 1, B, L->hidden, s);
+    fail |= product_bf16(&L->w2, s, B, f, a);
+    add_bf16(h, a, B * dim, y);  /* h + feed-forward */
+    free(f);
+    free(a);
+    return fail;
+}

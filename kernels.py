@@ -20,6 +20,8 @@ where q qx is the integer dot product, and sum x is the block's exact float sum.
 w8a8: each token's x is rounded to int8 on one scale, the weight is int8 per row (below).
 attend_one: a decoding step's attention (speed.KernelAttention), in one call instead of about ten
 torch ops, each of which costs more than the arithmetic for a single query.
+decode_block: a whole block's decoding step (the kernels here in the modules' order, with their
+roundings) in one call, for speed.KernelBlock.
 
 The C has each loop twice: with AVX-512 (VNNI) intrinsics, and as plain C (any CPU; the tests run
 both against the arithmetic written out in float64). It is built with the system's C compiler
@@ -187,6 +189,7 @@ def library(portable=False):
     lib.swiglu.argtypes = [p, ctypes.c_int, i64, i64, p]
     lib.bf16_linear.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.bf16_linear.restype = ctypes.c_int
+    lib.decode_block.argtypes = [p, p, i64, p, p, p, i64, i64, p]
     return lib
 
 
@@ -419,4 +422,81 @@ def swiglu(h, portable=False):
     y = h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
     library(portable).swiglu(h.data_ptr(), h.dtype == torch.bfloat16, h.numel() // h.shape[-1],
                              h.shape[-1] // 2, y.data_ptr())
+    return y
+
+
+# -----------------------------------------------------------------------------
+# 3. A decoding block in one call: the kernels above in the modules' order (speed.KernelBlock)
+
+class Product(ctypes.Structure):  # kernels.c's struct product: one weight in a kernel's layout
+    _fields_ = [("kind", ctypes.c_int64), ("G", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("out", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class Block(ctypes.Structure):  # kernels.c's struct block
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), *((k, ctypes.c_int64) for k in
+                                          ("dim", "H", "KV", "hd", "hidden")),
+                *((k, Product) for k in ("qkv", "wo", "w13", "w2"))]
+
+
+PRODUCT_KINDS = ("bf16", "w8a8", "w4a8")
+
+
+def check_product(kind, w, scales, G, n, out):
+    """One product's weight, as its own kernel checks it: (kind, weight, scales, G, in, out)."""
+    if kind == "w4a8":
+        check_w4a8_layout(w, n, G)
+        ok = 4 * len(w) == out
+    elif kind == "w8a8":
+        ok = (w.dtype == torch.uint8 and w.shape == (out // 4, 4 * n) and n % 64 == 0 and
+              scales.dtype == torch.float32 and scales.shape == (out,) and scales.is_contiguous())
+    else:
+        ok = kind == "bf16" and w.dtype == torch.bfloat16 and w.shape == (out // 32, 32 * n)
+    if not (ok and w.is_contiguous() and w.device.type == "cpu"):
+        raise ValueError(f"decode_block: a {kind} product's weight is not its kernel's layout")
+
+
+def block_spec(attention_norm, ffn_norm, eps, n_heads, n_kv_heads, head_dim, products):
+    """A Block for decode_block: the norms' bf16 weights (dim,), and products (kind, weight,
+    scales or None, G, in, out) of q|k|v, wo, w1|w3 and w2 (PRODUCT_KINDS; their modules'
+    kernel_product). It points into these tensors, and holds them while it lives."""
+    dim, hidden = attention_norm.shape[0], products[3][4]
+    shapes = ((dim, (n_heads + 2 * n_kv_heads) * head_dim), (n_heads * head_dim, dim),
+              (dim, 2 * hidden), (hidden, dim))
+    if not (all(w.dtype == torch.bfloat16 and w.shape == (dim,) and w.is_contiguous()
+                for w in (attention_norm, ffn_norm)) and head_dim % 16 == 0 and
+            n_heads % n_kv_heads == 0 and all(p[4:] == s for p, s in zip(products, shapes))):
+        raise ValueError("decode_block takes bfloat16 (dim,) norms and the products of one "
+                         "block, in order: q|k|v, wo, w1|w3, w2")
+    for p in products:
+        check_product(*p)
+    block = Block(attention_norm.data_ptr(), ffn_norm.data_ptr(), eps, dim, n_heads, n_kv_heads,
+                  head_dim, hidden, *(Product(PRODUCT_KINDS.index(kind), G, n, out, w.data_ptr(),
+                                              None if s is None else s.data_ptr())
+                                      for kind, w, s, G, n, out in products))
+    block.tensors = [attention_norm, ffn_norm, *(t for p in products for t in p[1:3])]
+    return block
+
+
+def decode_block(block, x, cs, k_cache, v_cache, pos, portable=False):
+    """llama.TransformerBlock's one-token step in one call: x (B, 1, dim) bfloat16, RoPE by cs
+    (hd / 2, 2) float32 of position pos, the caches (B, max_len, KV, hd) written at pos ->
+    (B, 1, dim), with the roundings of the modules' own path (rope_attend_one, rms_norm, swiglu,
+    and each product's sums rounded to bf16)."""
+    B, T, dim = x.shape
+    _, max_len, KV, hd = k_cache.shape
+    if not (T == 1 and dim == block.dim and x.dtype == k_cache.dtype == v_cache.dtype ==
+            torch.bfloat16 and (KV, hd) == (block.KV, block.hd) and cs.shape == (hd // 2, 2) and
+            cs.dtype == torch.float32 and v_cache.shape == k_cache.shape and
+            k_cache.shape[0] == B and 0 <= pos < max_len and
+            all(t.is_contiguous() and t.device.type == "cpu" for t in (x, cs, k_cache, v_cache))):
+        raise ValueError("decode_block takes one token's contiguous bfloat16 (B, 1, dim), (hd / 2,"
+                         " 2) float32 cos and sin, and the block's whole (B, max_len, KV, hd) "
+                         "caches on the CPU")
+    y = torch.empty_like(x)
+    if library(portable).decode_block(ctypes.addressof(block), x.data_ptr(), B, cs.data_ptr(),
+                                      k_cache.data_ptr(), v_cache.data_ptr(), max_len * KV * hd,
+                                      pos, y.data_ptr()):
+        raise MemoryError("decode_block: no memory for the activations")
     return y

@@ -347,6 +347,9 @@ class W8A8Linear(Int8Linear):
     def kernel(self, x):
         return kernels.w8a8_matmul(x, self.qweight, self.scales)
 
+    def kernel_product(self):  # for kernels.block_spec
+        return "w8a8", self.qweight, self.scales, 0, self.in_features, self.out_features
+
     def dequantize(self, start=0, end=None, dtype=torch.float32, out=None):  # start: rows of 4
         end = self.out_features if end is None else min(end, self.out_features)
         q = kernels.w8a8_unlayout(self.qweight[start // 4:end // 4])
@@ -377,6 +380,9 @@ class W4A8Linear(Int4Linear):
 
     def kernel(self, x):
         return kernels.w4a8_matmul(x, self.qweight, self.group_size)
+
+    def kernel_product(self):  # for kernels.block_spec
+        return "w4a8", self.qweight, None, self.group_size, self.in_features, self.out_features
 
     def unpacked(self, start=0, end=None):  # rows start:end (multiples of 4): q, scales, zeros
         end = self.out_features if end is None else min(end, self.out_features)

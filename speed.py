@@ -27,6 +27,7 @@ adds its own) and train_speed.py's hand-back of freed memory.
 import ctypes
 import functools
 import math
+import weakref
 import mmap
 import os
 import sys
@@ -186,6 +187,9 @@ class KernelLinear(nn.Module):
     def forward(self, x):
         y = kernels.bf16_matmul(x.reshape(-1, self.in_features), self.weight, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel_product(self):  # for kernels.block_spec
+        return "bf16", self.weight, None, 0, self.in_features, self.out_features
 
 
 def kernel_linear(weight):
@@ -400,6 +404,54 @@ class KernelFeedForward(llama.FeedForward):
         return self.w2(kernels.swiglu(fused.linear(x).to(x.dtype).contiguous()))
 
 
+# each KernelBlock's kernels.Block: raw pointers, so kept apart from the module (a deepcopy of
+# the model must not copy them)
+KERNEL_BLOCKS = weakref.WeakKeyDictionary()
+
+
+class KernelBlock(llama.TransformerBlock):
+    """A block's one-token step in one call of kernels.c (kernels.decode_block), where every part
+    of it is kernels.c's: bf16 activations, norms and KV cache, and products that multiply in a
+    kernel of kernels.c (kernel_product: w4a8, w8a8, bf16 KernelLinear), wq|wk|wv and w1|w3
+    stacked. Its roundings are the modules' own, so it gives their output bit for bit without
+    their forty-odd Python calls a layer. Any other step is the modules'; so are all while
+    one_call is False (bench_profile.py's timers sit on the modules)."""
+    one_call = True
+
+    def forward(self, x, freqs_cis, start_pos, mask):
+        block = self.kernel_block(x, freqs_cis, mask) if self.one_call else None
+        if block is None:
+            return super().forward(x, freqs_cis, start_pos, mask)
+        cache = self.attention.cache
+        return kernels.decode_block(block, x, torch.view_as_real(freqs_cis[0]), cache.k, cache.v,
+                                    start_pos)
+
+    def kernel_block(self, x, freqs_cis, mask):
+        """The kernels.Block of this block's weights (made once, again if a weight moved), or
+        None where the step is not one decode_block takes."""
+        a, f = self.attention, self.feed_forward
+        stacks = [getattr(m, "fused_products", None) for m in (a, f)]
+        if (x.shape[1] > 1 or mask is not None or x.dtype != torch.bfloat16 or None in stacks or
+                freqs_cis.dim() != 2 or type(a.cache) is not llama.KVCache):
+            return None
+        products, norms = (stacks[0].linear, a.wo, stacks[1].linear, f.w2), (
+            self.attention_norm, self.ffn_norm)
+        if not (all(hasattr(m, "kernel_product") and x.shape[0] <= getattr(
+                m, "kernel_max_rows", x.shape[0]) for m in products) and
+                all(type(m) in (llama.RMSNorm, KernelRMSNorm) for m in norms) and
+                norms[0].eps == norms[1].eps):
+            return None
+        key = [n.weight.data_ptr() for n in norms] + [m.kernel_product()[1].data_ptr()
+                                                      for m in products]
+        block = KERNEL_BLOCKS.get(self)
+        if block is None or block.key != key:
+            block = KERNEL_BLOCKS[self] = kernels.block_spec(
+                norms[0].weight, norms[1].weight, norms[0].eps, a.n_heads, a.n_kv_heads,
+                a.head_dim, [m.kernel_product() for m in products])
+            block.key = key
+        return block
+
+
 def decode_kernels(model, dtype):
     """--fast on CPUs: the modules of a decoding step as kernels.c's where it builds here (for
     bf16 and float32), else torch's one-query attention (DecodeAttention)."""
@@ -407,7 +459,8 @@ def decode_kernels(model, dtype):
               kernels.available())
     swaps = {llama.Attention: KernelAttention if kernel else DecodeAttention}
     if kernel:
-        swaps.update({llama.RMSNorm: KernelRMSNorm, llama.FeedForward: KernelFeedForward})
+        swaps.update({llama.RMSNorm: KernelRMSNorm, llama.FeedForward: KernelFeedForward,
+                      llama.TransformerBlock: KernelBlock})
     for module in model.modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]

@@ -7,6 +7,7 @@ a quantized tiny Transformer against its float twin, QLoRA gradients, and save/l
 """
 
 import copy
+import functools
 import math
 from dataclasses import replace
 
@@ -56,11 +57,11 @@ def quantized_layer(mode, group_size, w):
     return quantize.Int4Linear(q, s, z, group_size), reference_int4(q, s, z, group_size)
 
 
-def tiny_model(tie=False):
+def tiny_model(tie=False, **dims):
     """tie=True: tied as Llama 3.2 1B (no output module, or one that shares the embedding);
-    tie="shared": an output Linear whose weight is the embedding's."""
-    args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                           ffn_hidden_dim=192, tie_embeddings=tie is True)
+    tie="shared": an output Linear whose weight is the embedding's. dims: other ModelArgs."""
+    args = llama.ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                                     ffn_hidden_dim=192), **dims}, tie_embeddings=tie is True)
     torch.manual_seed(0)
     model = llama.Transformer(args)
     if tie == "shared":
@@ -519,6 +520,58 @@ def test_fast_decoding_kernels_equal_the_models_own_steps(dtype):
             assert relative_error(*step) < tol
         written = [m.layers[1].attention.cache.k for m in (fast, model)]
         assert relative_error(*written) < tol  # the C wrote the cache as KVCache.update does
+
+
+@pytest.mark.parametrize("mode", ["w4a8", "w8a8", "bf16"])
+def test_kernel_block_gives_the_modules_steps_bit_for_bit(mode, monkeypatch):
+    """speed.KernelBlock's one call of kernels.c a block (decode_block) against the same model's
+    modules (one_call off: each kernel called from Python, the products' sums rounded by torch),
+    step by step at batch 2: every logit and the cache it wrote the same bits; the plain C's
+    build within bf16's rounding."""
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: False)  # bf16: kernels.c's KernelLinear
+    monkeypatch.setattr(kernels, "has_bf16dot", lambda: True)  # (its plain C where no BF16 dot)
+    model = tiny_model(dim=128, ffn_hidden_dim=384)  # products past packs_like_linear's floor
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    model = model if mode == "bf16" else quantize.quantize_model(model, mode)
+    model.args = replace(model.args, fused_attention=True)
+    speed.for_inference(model, "cpu", torch.bfloat16)
+    kind = {"bf16": speed.KernelLinear, "w8a8": quantize.W8A8Linear, "w4a8": quantize.W4A8Linear}
+    assert type(model.layers[0].attention.wo) is kind[mode]
+    tokens = torch.randint(0, 512, (2, 14), generator=torch.Generator().manual_seed(6))
+
+    def steps():
+        with torch.no_grad(), model.kv_cache(2, 14):
+            model(tokens[:, :8])  # prefill: the modules
+            out = [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 14)]
+            return out + [model.layers[1].attention.cache.v.clone()]
+    one_call = steps()
+    assert all(type(b) is speed.KernelBlock and b in speed.KERNEL_BLOCKS for b in model.layers)
+    copy.deepcopy(model)  # (the blocks' raw pointers stay out of the modules)
+    monkeypatch.setattr(speed.KernelBlock, "one_call", False)
+    modules = steps()
+    assert all(torch.equal(a, b) for a, b in zip(one_call, modules))
+    monkeypatch.setattr(speed.KernelBlock, "one_call", True)
+    monkeypatch.setattr(kernels, "decode_block", functools.partial(kernels.decode_block,
+                                                                   portable=True))
+    assert all(relative_error(a, b) < 1e-2 for a, b in zip(steps(), modules))
+
+
+def test_decode_block_refuses_a_block_it_cannot_take():
+    """kernels.block_spec checks what the C will read as raw memory: shapes, dtypes, layouts."""
+    model = quantize.quantize_model(tiny_model(), "w4a8")
+    layer = speed.fuse_products(model, speed.quantized_stack).layers[0]
+    a, f = layer.attention, layer.feed_forward
+    products = [m.kernel_product() for m in (a.fused_products.linear, a.wo,
+                                             f.fused_products.linear, f.w2)]
+    norm = layer.attention_norm.weight.bfloat16()
+    assert kernels.block_spec(norm, norm, 1e-5, 4, 2, 16, products).hidden == 192
+    for bad in ([products[1], products[0], *products[2:]],  # wo where q|k|v goes
+                [*products[:3], products[3][:1] + (products[3][1][:, :-1],) + products[3][2:]]):
+        with pytest.raises(ValueError, match="decode_block|layout"):
+            kernels.block_spec(norm, norm, 1e-5, 4, 2, 16, bad)
+    with pytest.raises(ValueError, match="bfloat16 \\(dim,\\) norms"):
+        kernels.block_spec(norm.float(), norm, 1e-5, 4, 2, 16, products)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
