@@ -80,7 +80,7 @@ static inline __m512 bf16x16(const uint16_t *p) {
 
 /* 4 rows times one token, blocks b0..b1: added to y[0..3] */
 static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8, const float *sx,
-                             const uint8_t *wb, int64_t b0, int64_t b1, const int G, float *y) {
+                             const uint8_t *wb, int64_t b0, int64_t b1, float *y, const int G) {
     const __m512i low = _mm512_set1_epi8(15);
     __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
@@ -117,7 +117,7 @@ static inline void w4a8_tile(const int8_t *qx, const float *d, const int32_t *c8
    of the row's nibbles unpacked once for all 8 tokens, not once a token; 16 accumulators */
 static inline void w4a8_tile8(const int8_t *qx, const float *d, const int32_t *c8,
                               const float *sx, const uint8_t *wb, int64_t nb, int64_t b0,
-                              int64_t b1, const int G, int r, float *y, int64_t out) {
+                              int64_t b1, int r, float *y, int64_t out, const int G) {
     const __m512i low = _mm512_set1_epi8(15);
     const int64_t xs = nb * 16 * G, fs = nb * 16;  /* one token's strides in qx, and d c8 sx */
     __m512 f[8];
@@ -150,6 +150,10 @@ static inline void w4a8_tile8(const int8_t *qx, const float *d, const int32_t *c
     }
     for (int j = 0; j < 8; j++) y[j * out] += _mm512_reduce_add_ps(f[j]);
 }
+
+/* tile(..., G) with G a constant (32, 64 or 128), so that its loops unroll for it */
+#define W4A8_WITH_G(G, tile, ...) ((G) == 32 ? tile(__VA_ARGS__, 32) : (G) == 64 ? \
+                                   tile(__VA_ARGS__, 64) : tile(__VA_ARGS__, 128))
 #endif
 
 /* the 4 rows of block wb times token t: acc[0..3] */
@@ -159,12 +163,10 @@ static void w4a8_rows(const int8_t *qx, const float *d, const int32_t *c8, const
     const float *dt = d + t * nb * 16, *sxt = sx + t * nb * 16;
     const int32_t *ct = c8 + t * nb * 16;
     for (int r = 0; r < 4; r++) acc[r] = 0.f;
-#ifdef VNNI  /* G a constant in each call: the loops unrolled for it */
+#ifdef VNNI
     for (int64_t b0 = 0; b0 < nb; b0 += W4A8_CHUNK(G)) {
         int64_t b1 = b0 + W4A8_CHUNK(G) < nb ? b0 + W4A8_CHUNK(G) : nb;
-        if (G == 32) w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 32, acc);
-        else if (G == 64) w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 64, acc);
-        else w4a8_tile(xt, dt, ct, sxt, wb, b0, b1, 128, acc);
+        W4A8_WITH_G(G, w4a8_tile, xt, dt, ct, sxt, wb, b0, b1, acc);
     }
 #else
     for (int64_t b = 0; b < nb; b++) {  /* plain C: the same sums */
@@ -201,20 +203,16 @@ static void w4a8_matmul(const int8_t *qx, const float *d, const int32_t *c8, con
         for (; t + 8 <= tokens; t += 8) {
             for (int64_t j = t; j < t + 8; j++)
                 for (int64_t r = p0; r < p1; r++) y[j * out + r] = 0.f;
+            const int64_t i = t * nb * 16;  /* the 8 tokens' first group */
+            const int8_t *xt = qx + i * G;
             for (int64_t b0 = 0; b0 < nb; b0 += W4A8_CHUNK(G)) {  /* 8 tokens' chunk: in L1 */
-                int64_t b1 = b0 + W4A8_CHUNK(G) < nb ? b0 + W4A8_CHUNK(G) : nb, i = t * nb * 16;
-                for (int64_t r0 = p0; r0 < p1; r0 += 4)
-                    for (int r = 0; r < 4; r++) {
-                        const uint8_t *wb = w + (r0 / 4) * nb * W4A8_BLOCK(G);
-                        const int8_t *xt = qx + i * G;
-                        float *yt = y + t * out + r0 + r;
-                        if (G == 32)
-                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 32, r, yt, out);
-                        else if (G == 64)
-                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 64, r, yt, out);
-                        else
-                            w4a8_tile8(xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, 128, r, yt, out);
-                    }
+                int64_t b1 = b0 + W4A8_CHUNK(G) < nb ? b0 + W4A8_CHUNK(G) : nb;
+                for (int64_t r0 = p0; r0 < p1; r0 += 4) {
+                    const uint8_t *wb = w + (r0 / 4) * nb * W4A8_BLOCK(G);
+                    for (int r = 0; r < 4; r++)
+                        W4A8_WITH_G(G, w4a8_tile8, xt, d + i, c8 + i, sx + i, wb, nb, b0, b1, r,
+                                    y + t * out + r0 + r, out);
+                }
             }
         }
 #endif
@@ -403,6 +401,19 @@ static inline __m512 load16(const void *p, int bf) {  /* 16 floats, from bf16 if
               : _mm512_loadu_ps(p);
 }
 
+static inline __m512 round_bf16x16(__m512 f) {  /* to_bf16 then back, 16 at a time */
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(
+        _mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline void store16(void *p, __m512 f, int bf) {  /* f rounded to bf16 if bf */
+    if (bf) _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                _mm512_castps_si512(round_bf16x16(f)), 16)));
+    else _mm512_storeu_ps(p, f);
+}
+
 /* e^x (x < 88): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (relative error
    under 2e-7), times 2^n exactly (vscalefps) */
 static inline __m512 exp16(__m512 x) {
@@ -512,14 +523,25 @@ int attend_one(const void *q, const void *k, const void *v, int bf, int64_t B, i
 int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, int64_t hd,
                     const float *cs, void *kc, void *vc, int64_t bs, int64_t pos, void *q_out,
                     void *y) {
-    int64_t width = (H + 2 * KV) * hd;
+    int64_t width = (H + 2 * KV) * hd, esize = bf ? 2 : 4;
     for (int64_t b = 0; b < B; b++) {
         const char *row = (const char *)qkv;
         int64_t base = b * width;
         for (int64_t h = 0; h < H + KV; h++) {  /* q heads, then k heads */
             void *dst = h < H ? q_out : kc;
             int64_t out = h < H ? (b * H + h) * hd : b * bs + pos * KV * hd + (h - H) * hd;
-            for (int64_t j = 0; j < hd / 2; j++) {
+            int64_t j = 0;
+#ifdef AVX512
+            for (; j + 8 <= hd / 2; j += 8) {  /* 8 pairs at a time: x (c, c) + (x1, x0) (-s, s) */
+                __m512 x = load16(row + (base + h * hd + 2 * j) * esize, bf);
+                __m512 t = _mm512_loadu_ps(cs + 2 * j);  /* c, s of each pair */
+                __m512 c = _mm512_permute_ps(t, 0xA0), s = _mm512_permute_ps(t, 0xF5);
+                s = _mm512_mask_sub_ps(s, 0x5555, _mm512_setzero_ps(), s);  /* -s, s */
+                store16((char *)dst + (out + 2 * j) * esize, _mm512_add_ps(_mm512_mul_ps(x, c),
+                        _mm512_mul_ps(_mm512_permute_ps(x, 0xB1), s)), bf);
+            }
+#endif
+            for (; j < hd / 2; j++) {
                 float x0 = load1(row, base + h * hd + 2 * j, bf);
                 float x1 = load1(row, base + h * hd + 2 * j + 1, bf);
                 float c = cs[2 * j], s = cs[2 * j + 1];
@@ -527,8 +549,8 @@ int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, i
                 store1(dst, out + 2 * j + 1, x0 * s + x1 * c, bf);
             }
         }
-        for (int64_t i = 0; i < KV * hd; i++)  /* v as it is */
-            store1(vc, b * bs + pos * KV * hd + i, load1(row, base + (H + KV) * hd + i, bf), bf);
+        memcpy((char *)vc + (b * bs + pos * KV * hd) * esize,  /* v as it is */
+               row + (base + (H + KV) * hd) * esize, KV * hd * esize);
     }
     return attend_one(q_out, kc, vc, bf, B, H, KV, hd, pos + 1, bs, y);
 }
@@ -538,20 +560,6 @@ int rope_attend_one(const void *qkv, int bf, int64_t B, int64_t H, int64_t KV, i
    the dtype, then times the weight (n,) and rounded again, as torch's two ops round.
    swiglu: h (rows, 2 m) = [a | b] -> silu(a) rounded, times b, rounded: (rows, m). */
 
-#ifdef AVX512
-static inline __m512 round_bf16x16(__m512 f) {  /* to_bf16 then back, 16 at a time */
-    __m512i u = _mm512_castps_si512(f);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(
-        _mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-
-static inline void store16(void *p, __m512 f, int bf) {  /* f rounded to bf16 if bf */
-    if (bf) _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                _mm512_castps_si512(round_bf16x16(f)), 16)));
-    else _mm512_storeu_ps(p, f);
-}
-#endif
 
 void rms_norm(const void *x, const void *w, int bf, int64_t rows, int64_t n, float eps,
               void *y) {
