@@ -451,9 +451,12 @@ def run_implementations(ckpt, dtype, impls, bandwidth, rates, a):
     if dtype == "bfloat16" and not a.skip_decode:
         save_quantized_once(ckpt, impls, a.group_size)
     runs = {impl: {} for impl in impls if impl not in QUANTIZED or dtype == "bfloat16"}
-    peer = llama_cpp_models(ckpt, a) if a.llama_cpp and dtype == "bfloat16" else {}
+    kinds = {LLAMA_CPP_PEERS[i] for i in runs if i in LLAMA_CPP_PEERS}  # only ours' peers
+    peer = {k: path for k, path in llama_cpp_models(ckpt, a).items() if k in kinds} \
+        if a.llama_cpp and dtype == "bfloat16" else {}
+    ours = list(runs)  # (llama.cpp's rows join runs below: they are not ours to run)
     for _ in range(0 if a.skip_decode else a.rounds):  # in turn: a slow spell hits one run
-        for impl in runs:
+        for impl in ours:
             runs[impl] = best(runs[impl], run_child(impl, ckpt, dtype, a))
         for kind, path in peer.items():
             runs[f"llama.cpp {kind}"] = best(runs.get(f"llama.cpp {kind}", {}),

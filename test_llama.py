@@ -1869,6 +1869,33 @@ def test_bench_reads_llama_bench_and_refuses_a_missing_build(tmp_path):
     assert r.returncode == 2 and "has no build/bin/llama-bench and llama-quantize" in r.stderr
 
 
+def test_bench_rounds_run_ours_and_only_their_llama_cpp_peers_in_turn(tmp_path, monkeypatch):
+    """bench.run_implementations with --llama_cpp: each round runs each of ours, then llama-bench
+    on the peer of each (and no other type); llama.cpp's rows are never run as ours."""
+    import types
+
+    import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_child", lambda impl, *_, **kw: calls.append(impl) or {
+        "decode_b1_tok_s": 10.0 + len(calls)})
+    monkeypatch.setattr(bench, "llama_bench", lambda path, a: calls.append(path.name) or {
+        "decode_b1_tok_s": 1.0})
+    monkeypatch.setattr(bench, "llama_cpp_models", lambda ckpt, a: {
+        k: tmp_path / f"{k}.gguf" for k in ("BF16", "Q8_0", "Q4_0")})
+    monkeypatch.setattr(bench, "save_quantized_once", lambda *_: None)
+    monkeypatch.setattr(bench.checkpoints, "read_args", lambda ckpt: llama.ModelArgs(
+        dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=128))
+    a = types.SimpleNamespace(skip_decode=False, rounds=2, llama_cpp=str(tmp_path),
+                              skip_lora=True, group_size=32)
+    rates = dict.fromkeys(("f32_gemm_gflop_s", "bf16_gemm_gflop_s", "bf16_matvec_gb_s"), 1.0)
+    runs = bench.run_implementations(tmp_path, "bfloat16", ["ours_fast", "ours_w4a8"], 1.0,
+                                     rates, a)
+    one_round = ["ours_fast", "ours_w4a8", "BF16.gguf", "Q4_0.gguf"]
+    assert calls[:8] == one_round * 2, calls
+    assert runs["llama.cpp BF16"] == {"decode_b1_tok_s": 1.0} and "llama.cpp Q8_0" not in runs
+
+
 def test_fast_top_p_sampling_draws_from_metas_nucleus():
     """speed.top_p_sample (--fast) against the nucleus written out in float64: every draw inside
     it, each token's share of the draws within 4 standard errors of its probability there; where
